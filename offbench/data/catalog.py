@@ -1,0 +1,240 @@
+"""Dataset name -> where the data is, how to evaluate on it, and how to score it.
+
+The catalog is plain data: one `DatasetInfo` per name. `resolve` also accepts a path to a D4RL-layout
+HDF5 file, whose env and reference scores come from the arguments or from the file's attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from offbench.data.synthetic import RECIPES
+from offbench.scores import REF_SCORES
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything the suite needs to know about one dataset besides its arrays."""
+
+    name: str  # catalog name, or the file path for bring-your-own data
+    source: Literal["d4rl", "minari", "hdf5", "synthetic"]
+    location: str  # D4RL file name, Minari id, file path, or synthetic recipe id
+    env_id: str  # gymnasium id of the evaluation env
+    ref_min: float  # D4RL normalized score: 100 * (return - ref_min) / (ref_max - ref_min)
+    ref_max: float
+    max_episode_steps: int
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    obs_keys: tuple[str, ...] | None = None  # dict observations: keys concatenated in this order
+    eval_episodes: int = 10  # protocol default: 10 on locomotion, 100 on AntMaze
+    success_scored: bool = False  # AntMaze: an episode scores 1 when the goal is reached
+    note: str = ""  # caveat to print next to results (e.g. not comparable with D4RL tables)
+
+
+# --------------------------------------------------------------------------- the catalog
+
+LOCOMOTION = ("halfcheetah", "hopper", "walker2d")
+GYM_NAME = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+ANTMAZE_OBS_KEYS = ("achieved_goal", "observation")  # D4RL's 29-dim AntMaze observation: xy, then the rest
+
+# AntMaze evaluation maps in gymnasium-robotics' (row, col) indexing with one 'r' (start) and one 'g'
+# (goal) cell: D4RL evaluates from a fixed start to a fixed goal (gymnasium-robotics adds +-1 of
+# position noise to both, D4RL up to 1.5 to the goal). The walls are the maps Minari collected in
+# (gymnasium_robotics maps.U_MAZE, MEDIUM_MAZE, LARGE_MAZE = D4RL's U_MAZE, BIG_MAZE, HARDEST_MAZE, same
+# row order). Start and goal follow D4RL's eval maps (d4rl/locomotion/maze_env.py): BIG_MAZE_TEST
+# (1,1)->(6,6) and HARDEST_MAZE_TEST (1,1)->(7,9), which are also the eval maps Minari stores for medium
+# and large. Umaze uses (3,1)->(1,1), not U_MAZE_TEST's (1,1)->(3,1): D4RL puts row i at y = 4i and
+# gymnasium-robotics at y = -4i, the U is symmetric under that flip, and (3,1)->(1,1) keeps D4RL's
+# geometry (goal 8 up in y from the start); it is also the map Minari's umaze-v1 data was collected in,
+# so that data's rewards refer to this goal. Minari's stored umaze eval map has the walls mirrored
+# (Minari issue #304) and is not used.
+R, G = "r", "g"
+UMAZE_EVAL = [
+    [1, 1, 1, 1, 1],
+    [1, G, 0, 0, 1],
+    [1, 1, 1, 0, 1],
+    [1, R, 0, 0, 1],
+    [1, 1, 1, 1, 1],
+]
+MEDIUM_EVAL = [
+    [1, 1, 1, 1, 1, 1, 1, 1],
+    [1, R, 0, 1, 1, 0, 0, 1],
+    [1, 0, 0, 1, 0, 0, 0, 1],
+    [1, 1, 0, 0, 0, 1, 1, 1],
+    [1, 0, 0, 1, 0, 0, 0, 1],
+    [1, 0, 1, 0, 0, 1, 0, 1],
+    [1, 0, 0, 0, 1, 0, G, 1],
+    [1, 1, 1, 1, 1, 1, 1, 1],
+]
+LARGE_EVAL = [
+    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    [1, R, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+    [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+    [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+    [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
+    [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+    [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
+    [1, 0, 0, 1, 0, 0, 0, 1, 0, G, 0, 1],
+    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+]
+
+# task -> (D4RL v0 file, gymnasium-robotics env Minari collected in, eval map, episode limit)
+V0 = "Ant_maze_{}_noisy_multistart_{}_multigoal_{}_sparse.hdf5"  # D4RL infos.py DATASET_URLS, ant_maze_new/
+ANTMAZE = {
+    "umaze": (V0.format("u-maze", False, False), "AntMaze_UMaze-v4", UMAZE_EVAL, 700),
+    "umaze-diverse": (V0.format("u-maze", True, True), "AntMaze_UMaze-v4", UMAZE_EVAL, 700),
+    "medium-play": (V0.format("big-maze", True, False), "AntMaze_Medium-v4", MEDIUM_EVAL, 1000),
+    "medium-diverse": (V0.format("big-maze", True, True), "AntMaze_Medium_Diverse_GR-v4", MEDIUM_EVAL, 1000),
+    "large-play": (V0.format("hardest-maze", True, False), "AntMaze_Large-v4", LARGE_EVAL, 1000),
+    "large-diverse": (V0.format("hardest-maze", True, True), "AntMaze_Large_Diverse_GR-v4", LARGE_EVAL, 1000),
+}
+
+MINARI_ANTMAZE_NOTE = (
+    "Minari regeneration of D4RL AntMaze in gymnasium-robotics, not byte-identical to D4RL. Its rewards and "
+    "successes refer to each episode's own goal, random per episode except in umaze-v1, whereas D4RL relabelled "
+    "all data to the evaluation goal: compare with D4RL tables only with that caveat"
+)
+
+D4RL_ANTMAZE_NOTE = (
+    "original D4RL file: loading it is not supported until a D4RL->gymnasium-robotics frame transform is "
+    "verified; use the D4RL/antmaze/*-v1 Minari ids"
+)
+
+
+def _antmaze_info(
+    name: str, source: str, location: str, env_id: str, eval_map: list, steps: int, note: str
+) -> DatasetInfo:
+    return DatasetInfo(
+        name, source, location, env_id, *REF_SCORES["antmaze"], steps,
+        env_kwargs={"maze_map": copy.deepcopy(eval_map), "continuing_task": False, "reset_target": False},
+        obs_keys=ANTMAZE_OBS_KEYS, eval_episodes=100, success_scored=True, note=note,
+    )
+
+
+def _build_catalog() -> dict[str, DatasetInfo]:
+    catalog: dict[str, DatasetInfo] = {}
+    for env in LOCOMOTION:
+        refs = REF_SCORES[env]
+        for kind in ("medium", "medium-replay", "medium-expert", "expert", "random"):
+            name = f"{env}-{kind}-v2"
+            file_name = f"{env}_{kind.replace('-', '_')}-v2.hdf5"
+            catalog[name] = DatasetInfo(name, "d4rl", file_name, f"{GYM_NAME[env]}-v4", *refs, 1000)
+        for kind in ("simple", "medium", "expert"):
+            name = f"mujoco/{env}/{kind}-v0"
+            catalog[name] = DatasetInfo(
+                name, "minari", name, f"{GYM_NAME[env]}-v5", *refs, 1000,
+                note="Minari data from the v5 env, scored with D4RL's references: not comparable with D4RL tables",
+            )
+    for task, (file_name, env_id, eval_map, steps) in ANTMAZE.items():
+        d4rl_name, minari_id = f"antmaze-{task}-v0", f"D4RL/antmaze/{task}-v1"
+        catalog[d4rl_name] = _antmaze_info(d4rl_name, "d4rl", file_name, env_id, eval_map, steps, D4RL_ANTMAZE_NOTE)
+        catalog[minari_id] = _antmaze_info(minari_id, "minari", minari_id, env_id, eval_map, steps, MINARI_ANTMAZE_NOTE)
+    for recipe_name, r in RECIPES.items():
+        name = f"synthetic/{recipe_name}"
+        catalog[name] = DatasetInfo(
+            name, "synthetic", recipe_name, r.env_id, r.ref_min, r.ref_max, r.max_episode_steps, note=r.note
+        )
+    return catalog
+
+
+CATALOG: dict[str, DatasetInfo] = _build_catalog()
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve(
+    name: str,
+    *,
+    env_id: str | None = None,
+    ref_family: str | None = None,
+    ref_min: float | None = None,
+    ref_max: float | None = None,
+    max_episode_steps: int | None = None,
+) -> DatasetInfo:
+    """The `DatasetInfo` of a catalog name or of a path to a D4RL-layout HDF5 file.
+
+    Arguments that are given replace the catalog's (or the file's) values: `env_id`, the reference
+    scores (`ref_family` from offbench.scores.REF_SCORES, or `ref_min` and `ref_max`) and
+    `max_episode_steps`.
+    """
+    refs = _refs_from_args(ref_family, ref_min, ref_max)
+    if name in CATALOG:
+        info = CATALOG[name]
+    elif name.endswith((".hdf5", ".h5")) or Path(name).is_file():
+        info = _hdf5_info(name, env_id, refs, max_episode_steps)
+    else:
+        close = difflib.get_close_matches(name, list(CATALOG), n=5, cutoff=0.5)
+        suggestion = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown dataset {name!r}.{suggestion} Run `offbench data info NAME` to check a name; for your own "
+            "data pass a path to a D4RL-layout .hdf5 file with --data.env_id and --data.ref_family "
+            "(or --data.ref_min/--data.ref_max)."
+        )
+    changes: dict[str, Any] = {}
+    if env_id is not None:
+        changes["env_id"] = env_id
+    if refs is not None:
+        changes["ref_min"], changes["ref_max"] = refs
+    if max_episode_steps is not None:
+        changes["max_episode_steps"] = int(max_episode_steps)
+    return replace(info, **changes)
+
+
+def _refs_from_args(ref_family: str | None, ref_min: float | None, ref_max: float | None) -> tuple[float, float] | None:
+    if ref_family is not None:
+        if ref_min is not None or ref_max is not None:
+            raise ValueError("pass either --data.ref_family or --data.ref_min/--data.ref_max, not both")
+        if ref_family not in REF_SCORES:
+            raise ValueError(f"unknown ref_family {ref_family!r}; known families: {sorted(REF_SCORES)}")
+        return REF_SCORES[ref_family]
+    if (ref_min is None) != (ref_max is None):
+        raise ValueError("pass both --data.ref_min and --data.ref_max (or --data.ref_family)")
+    if ref_min is None:
+        return None
+    return float(ref_min), float(ref_max)
+
+
+def _hdf5_info(
+    path: str, env_id: str | None, refs: tuple[float, float] | None, max_episode_steps: int | None
+) -> DatasetInfo:
+    """A bring-your-own file: env and references from the arguments, else from the file's attributes
+    (`env_id`, `ref_min`, `ref_max`, `max_episode_steps`, as offbench's synthetic writer stores them)."""
+    import h5py
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no HDF5 file at {path}")
+    with h5py.File(path, "r") as f:
+        attrs = {k: f.attrs[k] for k in ("env_id", "ref_min", "ref_max", "max_episode_steps") if k in f.attrs}
+    env_id = env_id or (str(attrs["env_id"]) if "env_id" in attrs else None)
+    if refs is None and "ref_min" in attrs and "ref_max" in attrs:
+        refs = float(attrs["ref_min"]), float(attrs["ref_max"])
+    if env_id is None or refs is None:
+        absent = [what for what, value in (("the evaluation env", env_id), ("reference scores", refs)) if value is None]
+        missing = " and ".join(absent)
+        raise ValueError(
+            f"{path} does not say {missing}: pass them, e.g. --data.env_id Hopper-v4 --data.ref_family hopper "
+            "(or --data.ref_min R_RANDOM --data.ref_max R_EXPERT)"
+        )
+    if max_episode_steps is None:
+        max_episode_steps = int(attrs["max_episode_steps"]) if "max_episode_steps" in attrs else _spec_limit(env_id)
+    return DatasetInfo(path, "hdf5", path, env_id, refs[0], refs[1], max_episode_steps)
+
+
+def _spec_limit(env_id: str) -> int:
+    """The registered episode limit of `env_id` (gymnasium-robotics ids are registered on demand)."""
+    import gymnasium as gym
+
+    if env_id not in gym.registry:
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+    if env_id not in gym.registry:
+        raise ValueError(f"{env_id!r} is not a registered gymnasium or gymnasium-robotics env id")
+    steps = gym.spec(env_id).max_episode_steps
+    if steps is None:
+        raise ValueError(f"{env_id} has no registered episode limit: pass --data.max_episode_steps")
+    return int(steps)

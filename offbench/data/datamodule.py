@@ -1,0 +1,161 @@
+"""OfflineDataModule: one dataset, its transforms, and a seeded sampler that lives on the device.
+
+The whole dataset is moved to the training device once; a batch is `randint` indices drawn from a
+device generator and a gather, so there is no DataLoader, no collation and no host sync. Lightning
+still wants a train dataloader: it yields the number of updates of each block (see
+offbench/module.py), and its length makes one epoch exactly one evaluation interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from offbench.batch import Batch, Transitions
+from offbench.data.catalog import DatasetInfo, resolve
+from offbench.data.sources import load_transitions
+from offbench.envs import action_bounds, observation_dim
+
+RewardTuning = Literal["none", "cql_antmaze", "iql_antmaze", "iql_locomotion"]
+
+
+def tune_rewards(t: Transitions, tuning: RewardTuning) -> Transitions:
+    """Reward transforms of the papers: CQL's AntMaze (r - 0.5) * 4, IQL's AntMaze r - 1, and IQL's
+    locomotion r * 1000 / (max episode return - min episode return). Episode returns follow."""
+    if tuning == "none":
+        return t
+    if tuning == "cql_antmaze":
+        rew = (t.rew - 0.5) * 4.0
+    elif tuning == "iql_antmaze":
+        rew = t.rew - 1.0
+    elif tuning == "iql_locomotion":
+        returns = t.episode_returns()
+        spread = float(returns.max() - returns.min())
+        if spread <= 0:
+            raise ValueError("iql_locomotion reward tuning divides by the spread of episode returns, which is 0 here")
+        rew = t.rew * (1000.0 / spread)
+    else:
+        raise ValueError(f"unknown reward_tuning {tuning!r}; choose one of {RewardTuning.__args__}")
+    rew = rew.astype(np.float32)
+    episode_return = np.bincount(t.episode, weights=rew)[t.episode].astype(np.float32)
+    return replace(t, rew=rew, episode_return=episode_return)
+
+
+def _positive(name: str, value: int) -> int:
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of updates/samples, got {value}")
+    return value
+
+
+class OfflineDataModule(pl.LightningDataModule):
+    """The dataset named by `dataset` (a catalog name, a Minari id, or an HDF5 path), transformed
+    and sampled on the device.
+
+    Args:
+        dataset: catalog name (`hopper-medium-v2`, `D4RL/antmaze/umaze-v1`, `synthetic/hopper-random-v0`)
+            or a path to a D4RL-layout HDF5 file.
+        batch_size: transitions per update.
+        eval_every: updates per epoch, i.e. between two evaluations.
+        block_size: updates run per Lightning `training_step` call.
+        normalize_obs: standardise observations with the dataset's mean and std (+1e-3); the
+            statistics are saved with the checkpoint and applied to observations at evaluation.
+        reward_tuning: "none", "cql_antmaze" ((r-0.5)*4), "iql_antmaze" (r-1),
+            "iql_locomotion" (r*1000/return range).
+        env_id, ref_family, ref_min, ref_max, max_episode_steps: for bring-your-own HDF5 files:
+            the evaluation env and the reference scores of the normalized score.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        batch_size: int = 256,
+        eval_every: int = 5000,
+        block_size: int = 1000,
+        normalize_obs: bool = False,
+        reward_tuning: RewardTuning = "none",
+        env_id: str | None = None,
+        ref_family: str | None = None,
+        ref_min: float | None = None,
+        ref_max: float | None = None,
+        max_episode_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _positive("data.batch_size", batch_size)
+        self.eval_every = _positive("data.eval_every", eval_every)
+        self.block_size = _positive("data.block_size", block_size)
+        self.normalize = normalize_obs
+        self.info: DatasetInfo = resolve(
+            dataset, env_id=env_id, ref_family=ref_family, ref_min=ref_min, ref_max=ref_max,
+            max_episode_steps=max_episode_steps,
+        )
+        transitions = load_transitions(self.info)
+        env_obs_dim = observation_dim(self.info)
+        if transitions.obs_dim != env_obs_dim:
+            raise ValueError(
+                f"dataset {self.info.name!r} has {transitions.obs_dim}-dim observations but its evaluation env "
+                f"{self.info.env_id} gives {env_obs_dim}: pass the env the data was collected in (--data.env_id)"
+            )
+        self.transitions = tune_rewards(transitions, reward_tuning)
+        low, high = action_bounds(self.info)
+        self.max_action = float(np.max(np.abs(np.concatenate([low, high]))))
+        obs = self.transitions.obs
+        self.obs_mean = torch.as_tensor(obs.mean(0) if normalize_obs else np.zeros(obs.shape[1]), dtype=torch.float32)
+        self.obs_std = torch.as_tensor(obs.std(0) + 1e-3 if normalize_obs else np.ones(obs.shape[1]), dtype=torch.float32)
+        self._tensors: tuple[Tensor, ...] | None = None
+        self._generator: torch.Generator | None = None
+
+    @property
+    def obs_dim(self) -> int:
+        return self.transitions.obs_dim
+
+    @property
+    def act_dim(self) -> int:
+        return self.transitions.act_dim
+
+    def normalize_obs(self, obs: Tensor) -> Tensor:
+        """Apply the training data's observation normalisation (identity when it is off)."""
+        if not self.normalize:
+            return obs
+        return (obs - self.obs_mean.to(obs.device)) / self.obs_std.to(obs.device)
+
+    def setup(self, stage: str | None = None) -> None:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self._tensors is not None and self._tensors[0].device == device:
+            return
+        t = self.transitions
+
+        def put(array: np.ndarray) -> Tensor:
+            return torch.as_tensor(array, dtype=torch.float32, device=device)
+
+        self._tensors = (
+            self.normalize_obs(put(t.obs)), put(t.act), put(t.rew), self.normalize_obs(put(t.next_obs)), put(t.done)
+        )
+        # Seeded from torch's seed (set by seed_everything), so the sampler follows the run's seed.
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(torch.initial_seed())
+
+    def sample(self) -> Batch:
+        """A batch of `batch_size` transitions drawn uniformly with replacement, on the device."""
+        obs = self._tensors[0]
+        idx = torch.randint(len(obs), (self.batch_size,), device=obs.device, generator=self._generator)
+        return Batch(*(x[idx] for x in self._tensors))
+
+    def train_dataloader(self) -> list[int]:
+        full, rest = divmod(self.eval_every, self.block_size)
+        return [self.block_size] * full + ([rest] if rest else [])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state(), "obs_mean": self.obs_mean, "obs_std": self.obs_std}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not (torch.equal(state["obs_mean"], self.obs_mean) and torch.equal(state["obs_std"], self.obs_std)):
+            raise ValueError(
+                f"the checkpoint's observation statistics differ from dataset {self.info.name!r}'s: "
+                "the data or --data.normalize_obs changed since the checkpoint was written; resume with the same data"
+            )
+        self._generator.set_state(state["generator"])

@@ -1,0 +1,85 @@
+"""Networks shared by the algorithms: plain `nn.Module`s, batched where there is an ensemble."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...] = (256, 256), activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers of sizes in_dim -> *hidden -> out_dim with `activation` between them."""
+    layers: list[nn.Module] = []
+    sizes = (in_dim, *hidden)
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), activation()]
+    layers.append(nn.Linear(sizes[-1], out_dim))
+    return nn.Sequential(*layers)
+
+
+class DeterministicActor(nn.Module):
+    """a = max_action * tanh(f(s))."""
+
+    def __init__(self, obs_dim: int, act_dim: int, max_action: float, hidden: tuple[int, ...] = (256, 256)):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+
+class GaussianActor(nn.Module):
+    """A Gaussian policy whose mean is squashed into the action bounds, with a state-independent
+    log-std: mean = max_action * tanh(f(s)), std = exp(log_std) (clamped to [-5, 2] in log)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, max_action: float, hidden: tuple[int, ...] = (256, 256)):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> torch.distributions.Normal:
+        mean = self.max_action * torch.tanh(self.net(obs))
+        return torch.distributions.Normal(mean, self.log_std.clamp(-5.0, 2.0).exp())
+
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim))
+        # nn.Linear's default initialisation, member by member.
+        bound = 1.0 / in_dim**0.5
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """`n` Q-functions Q_k(s, a) as one module: forward(obs, act) -> (n, B).
+
+    Inputs of shape (B, d) are shared by all members; (n, B, d) gives each member its own batch.
+    """
+
+    def __init__(
+        self, obs_dim: int, act_dim: int, n: int = 2, hidden: tuple[int, ...] = (256, 256),
+        activation: type[nn.Module] = nn.ReLU,
+    ):
+        super().__init__()
+        self.n = n
+        sizes = (obs_dim + act_dim, *hidden)
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [EnsembleLinear(n, a, b), activation()]
+        layers.append(EnsembleLinear(n, sizes[-1], 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, obs: Tensor, act: Tensor) -> Tensor:
+        x = torch.cat([obs, act], dim=-1)
+        if x.dim() == 2:
+            x = x.expand(self.n, *x.shape)
+        return self.net(x).squeeze(-1)

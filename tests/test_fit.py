@@ -1,0 +1,134 @@
+"""`offbench fit` end to end through the real CLI: run directory, result.json, exact resume,
+algorithms from outside the repo, and bad input failing before training with a useful message."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+import torch
+
+from offbench.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+BC_CONFIG = str(REPO / "configs/algorithms/bc.yaml")
+
+
+def fit_args(dataset: Path, root: Path, *extra: str) -> list[str]:
+    """A small BC run: 3 evaluations of 2 Hopper episodes, 300 updates in blocks of 50."""
+    return [
+        "fit", "--config", BC_CONFIG, "--data.dataset", str(dataset), "--updates", "300",
+        "--data.eval_every", "100", "--data.block_size", "50", "--data.batch_size", "64",
+        "--eval.episodes", "2", "--eval.num_envs", "2", "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra,
+    ]
+
+
+class StopMidEpoch(pl.Callback):
+    """Simulates a crash part-way through the second epoch, after the first epoch's checkpoint."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0:
+            raise KeyboardInterrupt
+
+
+def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
+    main(fit_args(tiny_hopper, tmp_path / "run"))
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    assert result["updates"] == 300
+    assert [h["updates"] for h in result["history"]] == [100, 200, 300]
+    scores = result["scores"]
+    assert scores["last"] == result["history"][-1]["score"]
+    assert scores["best"] == max(h["score"] for h in result["history"])
+    assert (run / "config.yaml").exists() and (run / "checkpoints/last.ckpt").exists()
+    metrics = (run / "metrics.csv").read_text()
+    assert "loss/actor" in metrics and "eval/score" in metrics
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
+    main(fit_args(tiny_hopper, tmp_path / "full"))
+    stopped = fit_args(tiny_hopper, tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch")
+    with pytest.raises(SystemExit):
+        main(stopped)
+    assert not (tmp_path / "resumed/result.json").exists()
+    interrupted = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
+    assert int(interrupted["state_dict"]["updates"]) == 100  # the first epoch's checkpoint, not a fresh start
+    main(fit_args(tiny_hopper, tmp_path / "resumed", "--ckpt_path", "last"))
+
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for name, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][name]), name
+    assert int(resumed["state_dict"]["updates"]) == 300
+    history = [json.loads((tmp_path / d / "result.json").read_text())["history"] for d in ("full", "resumed")]
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
+    assert strip(history[0]) == strip(history[1])
+    # The metric log of the resumed run holds each block once, with the same values.
+    columns = ["updates", "loss/actor", "eval/score", "eval/updates"]
+    logs = [pd.read_csv(tmp_path / d / "metrics.csv")[columns] for d in ("full", "resumed")]
+    pd.testing.assert_frame_equal(logs[0], logs[1])
+
+
+def test_algorithm_from_a_file_outside_the_repo(tiny_hopper, tmp_path, monkeypatch):
+    (tmp_path / "my_algo.py").write_text(textwrap.dedent("""
+        import torch
+        from offbench.module import OfflineRLModule
+
+        class MeanAction(OfflineRLModule):
+            def __init__(self, obs_dim: int, act_dim: int, max_action: float = 1.0, lr: float = 0.1):
+                super().__init__()
+                self.save_hyperparameters()
+                self.mean = torch.nn.Parameter(torch.zeros(act_dim))
+
+            def configure_optimizers(self):
+                self.opt = torch.optim.SGD([self.mean], lr=self.hparams.lr)
+                return self.opt
+
+            def update(self, batch):
+                loss = (self.mean - batch.act).pow(2).mean()
+                self.optimize(self.opt, loss)
+                return {"loss/actor": loss}
+
+            @torch.no_grad()
+            def act(self, obs):
+                return self.mean.expand(len(obs), -1)
+    """))
+    monkeypatch.chdir(tmp_path)
+    main(fit_args(tiny_hopper, tmp_path / "run", "--model", "my_algo.MeanAction"))
+    result = json.loads((tmp_path / "run/result.json").read_text())
+    assert result["algorithm"] == "my_algo.MeanAction"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--updates", "0"], "--updates must be a positive number"),
+        (["--updates", "-5"], "--updates must be a positive number"),
+        (["--updates", "250"], "not a multiple of --data.eval_every 100"),
+        (["--data.batch_size", "0"], "data.batch_size must be a positive"),
+        (["--data.eval_every", "-1"], "data.eval_every must be a positive"),
+        (["--model.init_args.learning_rate", "0.1"], "learning_rate"),
+        (["--data.shuffle", "true"], "shuffle"),
+    ],
+)
+def test_bad_input_fails_before_training(tiny_hopper, tmp_path, capsys, extra, message):
+    with pytest.raises((SystemExit, ValueError)) as failure:
+        main(fit_args(tiny_hopper, tmp_path / "run", *extra))
+    err = capsys.readouterr().err + str(failure.value)
+    assert message in err
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_refuses_to_overwrite_a_finished_or_interrupted_run(tiny_hopper, tmp_path):
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(fit_args(tiny_hopper, root, "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
+    with pytest.raises(SystemExit, match="interrupted run.*--ckpt_path last"):
+        main(fit_args(tiny_hopper, root))
+    main(fit_args(tiny_hopper, root, "--ckpt_path", "last"))
+    with pytest.raises(SystemExit, match="already holds a finished run"):
+        main(fit_args(tiny_hopper, root))
