@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from offbench.data import sources
-from offbench.data.catalog import CATALOG, resolve
+from offbench.data.catalog import CATALOG, maze_goal_xy, resolve
 from offbench.data.commands import main as data_main
 from offbench.data.sources import (
     load_transitions,
@@ -22,6 +22,7 @@ from offbench.data.sources import (
     transitions_from_d4rl,
 )
 from offbench.data.synthetic import write_random_dataset
+from offbench.envs import make_env
 from offbench.scores import REF_SCORES, normalized_score
 
 ANTMAZE_KEYS = ("achieved_goal", "observation")
@@ -314,21 +315,23 @@ def test_minari_id_loads_a_dataset_written_here_and_keeps_truncated_steps(tmp_pa
     np.testing.assert_allclose(t.episode_returns(), [t.rew[:20].sum(), t.rew[20:].sum()], rtol=1e-6)
 
 
-def antmaze_episode(ep_id: int, t: int, success_steps: list[int]):
-    """A hand-made AntMaze episode: T+1 dict observations; infos['success'] has T+1 entries (the reset's
-    first) and is True after the steps in `success_steps`."""
+UMAZE_GOAL = np.array([-4.0, 4.0])  # centre of the umaze evaluation map's 'g' cell
+
+
+def antmaze_episode(ep_id: int, t: int, goal_steps: list[int], own_goal_steps: list[int]):
+    """A hand-made AntMaze episode of T steps: T+1 dict observations, far from the evaluation goal
+    except after the steps in `goal_steps` (within 0.3 of it); Minari's own reward/success is 1
+    after `own_goal_steps`, as when an episode had a goal of its own."""
     from minari.data_collector import EpisodeBuffer
 
     rng = np.random.default_rng(ep_id)
+    xy = np.full((t + 1, 2), 5.0) + rng.normal(size=(t + 1, 2)) * 0.1
+    xy[np.asarray(goal_steps, dtype=int) + 1] = UMAZE_GOAL + 0.2
     success = np.zeros(t + 1, dtype=bool)
-    success[np.asarray(success_steps, dtype=int) + 1] = True
+    success[np.asarray(own_goal_steps, dtype=int) + 1] = True
     return EpisodeBuffer(
         id=ep_id,
-        observations={
-            "achieved_goal": rng.normal(size=(t + 1, 2)),
-            "desired_goal": np.ones((t + 1, 2)),
-            "observation": rng.normal(size=(t + 1, 27)),
-        },
+        observations={"achieved_goal": xy, "desired_goal": np.ones((t + 1, 2)), "observation": rng.normal(size=(t + 1, 27))},
         actions=rng.uniform(-1, 1, size=(t, 8)).astype(np.float32),
         rewards=success[1:].astype(np.float64),
         terminations=np.zeros(t, dtype=bool),
@@ -337,14 +340,22 @@ def antmaze_episode(ep_id: int, t: int, success_steps: list[int]):
     )
 
 
-def test_minari_antmaze_flattens_to_29_dims_and_done_marks_goal_reaching():
+def test_maze_goal_is_the_centre_of_the_g_cell():
+    assert maze_goal_xy(resolve("D4RL/antmaze/umaze-v1").env_kwargs["maze_map"]) == tuple(UMAZE_GOAL)
+    # gymnasium-robotics places the goal within +-1 (noise 0.25 * cell size) of that centre
+    env = make_env(resolve("D4RL/antmaze/medium-play-v1"))
+    goals = np.array([env.reset(seed=s)[0]["desired_goal"] for s in range(5)])
+    assert np.abs(goals - maze_goal_xy(resolve("D4RL/antmaze/medium-play-v1").env_kwargs["maze_map"])).max() <= 1.0
+
+
+def test_minari_antmaze_flattens_to_29_dims_and_relabels_to_the_evaluation_goal():
     import gymnasium_robotics
     import minari
 
     gym.register_envs(gymnasium_robotics)
     minari.create_dataset_from_buffers(
         "D4RL/antmaze/umaze-v1",
-        buffer=[antmaze_episode(0, 6, success_steps=[3, 4]), antmaze_episode(1, 4, success_steps=[])],
+        buffer=[antmaze_episode(0, 6, goal_steps=[3, 4], own_goal_steps=[1]), antmaze_episode(1, 4, [], [2])],
         env="AntMaze_UMaze-v4", eval_env="AntMaze_UMaze-v4", algorithm_name="hand", author="test",
         author_email="test@localhost", code_permalink="tests/test_data.py", description="hand-made",
     )
@@ -354,17 +365,22 @@ def test_minari_antmaze_flattens_to_29_dims_and_done_marks_goal_reaching():
     first = np.r_[ep0.observations["achieved_goal"][0], ep0.observations["observation"][0]]
     np.testing.assert_allclose(t.obs[0], first)
     np.testing.assert_allclose(t.next_obs[5, :2], ep0.observations["achieved_goal"][6])
-    # done where the step reached the goal, as D4RL's AntMaze terminals; a new episode after each done
+    # reward and done where the next position is within 0.5 of the evaluation goal, as D4RL's AntMaze
+    # terminals; Minari's own per-episode rewards (after steps 1 and 2) are replaced; a new episode after each done
     np.testing.assert_array_equal(t.done, [0, 0, 0, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(t.rew, t.done)
     np.testing.assert_array_equal(t.episode, [0, 0, 0, 0, 1, 2, 3, 3, 3, 3])
     np.testing.assert_array_equal(t.step, [0, 1, 2, 3, 0, 0, 0, 1, 2, 3])
     np.testing.assert_array_equal(t.episode_returns(), [1, 1, 0, 0])
-    # without the success rule, done is Minari's terminations (all False in AntMaze)
+    # without relabelling: Minari's terminations (all False) and its own rewards
     plain = read_minari("D4RL/antmaze/umaze-v1", ANTMAZE_KEYS)
     assert plain.done.sum() == 0 and plain.n_episodes == 2
+    np.testing.assert_array_equal(plain.rew, [0, 1, 0, 0, 0, 0, 0, 0, 1, 0])
     keys = r"\['achieved_goal', 'desired_goal', 'observation'\]"
     with pytest.raises(ValueError, match=rf"dict observations with keys {keys}: pass obs_keys"):
         read_minari("D4RL/antmaze/umaze-v1")
+    with pytest.raises(ValueError, match="obs_keys starting with 'achieved_goal'"):
+        read_minari("D4RL/antmaze/umaze-v1", ("observation", "achieved_goal"), goal_xy=(0.0, 0.0))
 
 
 def test_random_antmaze_minari_dataset_from_the_writer(tmp_path):
@@ -378,7 +394,7 @@ def test_random_antmaze_minari_dataset_from_the_writer(tmp_path):
     )
     ep = minari.load_dataset("test/antmaze/random-v0")[0]
     assert steps == 20 and ep.infos["success"].shape == (11,)
-    assert read_minari("test/antmaze/random-v0", ANTMAZE_KEYS, done_from_success=True).obs.shape == (20, 29)
+    assert read_minari("test/antmaze/random-v0", ANTMAZE_KEYS, goal_xy=(-4.0, 4.0)).obs.shape == (20, 29)
     assert read_d4rl_hdf5(tmp_path / "am.hdf5").obs.shape == (18, 29)
 
 

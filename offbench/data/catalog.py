@@ -52,6 +52,15 @@ ANTMAZE_OBS_KEYS = ("achieved_goal", "observation")  # D4RL's 29-dim AntMaze obs
 # so that data's rewards refer to this goal. Minari's stored umaze eval map has the walls mirrored
 # (Minari issue #304) and is not used.
 R, G = "r", "g"
+ANTMAZE_CELL_SIZE = 4.0  # gymnasium-robotics AntMaze's maze_size_scaling
+
+
+def maze_goal_xy(maze_map: list[list], cell_size: float = ANTMAZE_CELL_SIZE) -> tuple[float, float]:
+    """World (x, y) of the centre of the map's 'g' cell, in gymnasium-robotics' frame (maze centred
+    at the origin, row i at y = height/2 - (i + 0.5) * cell_size)."""
+    (row, col), = [(i, j) for i, line in enumerate(maze_map) for j, cell in enumerate(line) if cell == G]
+    height, width = len(maze_map) * cell_size, len(maze_map[0]) * cell_size
+    return (col + 0.5) * cell_size - width / 2, height / 2 - (row + 0.5) * cell_size
 UMAZE_EVAL = [
     [1, 1, 1, 1, 1],
     [1, G, 0, 0, 1],
@@ -93,9 +102,9 @@ ANTMAZE = {
 }
 
 MINARI_ANTMAZE_NOTE = (
-    "Minari regeneration of D4RL AntMaze in gymnasium-robotics, not byte-identical to D4RL. Its rewards and "
-    "successes refer to each episode's own goal, random per episode except in umaze-v1, whereas D4RL relabelled "
-    "all data to the evaluation goal: compare with D4RL tables only with that caveat"
+    "Minari regeneration of D4RL AntMaze in gymnasium-robotics, not byte-identical to D4RL. Minari's own rewards "
+    "refer to each episode's goal (random per episode except in umaze-v1); offbench relabels rewards and done to "
+    "reaching the evaluation goal (within 0.5), as D4RL did: compare with D4RL tables with that caveat"
 )
 
 D4RL_ANTMAZE_NOTE = (

@@ -18,11 +18,12 @@ import h5py
 import numpy as np
 
 from offbench.batch import Transitions
-from offbench.data.catalog import DatasetInfo
+from offbench.data.catalog import DatasetInfo, maze_goal_xy
 
 D4RL_LOCOMOTION_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
 D4RL_ANTMAZE_V0_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/ant_maze_new/"
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+ANTMAZE_GOAL_RADIUS = 0.5  # D4RL's goal test for AntMaze rewards and terminals (gymnasium-robotics uses 0.45)
 REACH_TIMEOUT_S = 3.0  # the reachability check never waits longer than this
 
 
@@ -262,7 +263,7 @@ def _flatten_minari_obs(obs, obs_keys: tuple[str, ...] | None, dataset_id: str) 
 
 
 def read_minari(
-    dataset_id: str, obs_keys: tuple[str, ...] | None = None, done_from_success: bool = False
+    dataset_id: str, obs_keys: tuple[str, ...] | None = None, goal_xy: tuple[float, float] | None = None
 ) -> Transitions:
     """Read Minari dataset `dataset_id` (downloaded first if missing and the remote answers).
 
@@ -271,15 +272,16 @@ def read_minari(
     episodes keep all T transitions. `done` = terminations. Dict observations are concatenated in
     `obs_keys` order (not gymnasium's `spaces.flatten`, which sorts keys and keeps desired_goal).
 
-    `done_from_success` (AntMaze): `done` is also set where the step reached the goal, read from
-    `infos["success"]` after the step. Why: D4RL's AntMaze files mark `terminals` exactly where the
-    next state is within 0.5 of the goal (D4RL scripts/generation/relabel_antmaze_rewards.py sets
-    terminals and sparse rewards both to ||next_xy - goal|| <= 0.5; D4RL issue #199), and
-    qlearning_dataset turns those into `done`. Minari collected AntMaze with continuing_task=True,
-    so its `terminations` are all False and the ant keeps collecting reward 1 at the goal until
-    the episode is truncated (minari-dataset-generation-scripts scripts/antmaze; Minari issue
-    #296); gymnasium-robotics sets info["success"] = ||achieved_goal - goal|| <= 0.45, the same
-    test as its sparse reward. As with the D4RL files, a new episode starts after every `done`.
+    `goal_xy` (AntMaze): rewards and `done` are relabelled to reaching the evaluation goal, as D4RL's
+    data has them: D4RL's AntMaze files set the sparse reward and `terminals` both to
+    ||next_xy - goal|| <= 0.5 for the single evaluation goal (D4RL
+    scripts/generation/relabel_antmaze_rewards.py; D4RL issue #199), and qlearning_dataset turns
+    those terminals into `done`. Minari collected AntMaze with continuing_task=True, so its
+    `terminations` are all False, and its rewards and info["success"] refer to each episode's own
+    goal, which is random per episode except in umaze (minari-dataset-generation-scripts
+    scripts/antmaze; Minari issue #296): without relabelling, a policy would be trained towards other
+    goals than the one it is scored on. next_xy is the next observation's achieved_goal, so `obs_keys`
+    must start with "achieved_goal". As with the D4RL files, a new episode starts after every `done`.
     """
     _ensure_minari_local(dataset_id)
     import minari
@@ -295,14 +297,18 @@ def read_minari(
                 "T+1 observations (a known defect of some old datasets: use a newer version)"
             )
         done = np.asarray(ep.terminations, dtype=bool).copy()
-        if done_from_success:
-            done |= _success_after_step(ep.infos, t, dataset_id, ep.id)
+        rew = np.asarray(ep.rewards, dtype=np.float32)
+        if goal_xy is not None:
+            if not obs_keys or obs_keys[0] != "achieved_goal":
+                raise ValueError(f"{dataset_id}: relabelling to goal_xy needs obs_keys starting with 'achieved_goal'")
+            done = np.linalg.norm(obs[1:, :2] - np.asarray(goal_xy, dtype=np.float32), axis=1) <= ANTMAZE_GOAL_RADIUS
+            rew = done.astype(np.float32)
         boundary = done.copy()
         boundary[-1] = True  # a Minari episode always ends its last transition's episode
         parts["obs"].append(obs[:-1])
         parts["next_obs"].append(obs[1:])
         parts["act"].append(np.asarray(ep.actions, dtype=np.float32).reshape(t, -1))
-        parts["rew"].append(np.asarray(ep.rewards, dtype=np.float32))
+        parts["rew"].append(rew)
         parts["done"].append(done)
         parts["boundary"].append(boundary)
     if not parts["rew"]:
@@ -315,21 +321,6 @@ def read_minari(
         obs=data["obs"], act=data["act"], rew=data["rew"], next_obs=data["next_obs"],
         done=data["done"].astype(np.float32), episode=episode, step=step, episode_return=episode_return,
     )
-
-
-def _success_after_step(infos: dict | None, t: int, dataset_id: str, episode_id: int) -> np.ndarray:
-    """`success` after each of the T steps: Minari records the reset's info too (T+1 entries)."""
-    if not infos or "success" not in infos:
-        raise ValueError(
-            f"{dataset_id} episode {episode_id} has no infos['success'], which done_from_success needs; "
-            f"its infos have {sorted(infos or {})}"
-        )
-    success = np.asarray(infos["success"], dtype=bool).reshape(-1)
-    if len(success) == t + 1:
-        return success[1:]
-    if len(success) == t:
-        return success
-    raise ValueError(f"{dataset_id} episode {episode_id}: infos['success'] has {len(success)} entries for {t} steps")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -362,7 +353,8 @@ def load_transitions(info: DatasetInfo) -> Transitions:
             )
         return read_d4rl_hdf5(d4rl_file(info.location))
     if info.source == "minari":
-        return read_minari(info.location, info.obs_keys, done_from_success=info.success_scored)
+        goal = maze_goal_xy(info.env_kwargs["maze_map"]) if info.success_scored else None
+        return read_minari(info.location, info.obs_keys, goal_xy=goal)
     if info.source == "hdf5":
         return read_d4rl_hdf5(info.location)
     if info.source == "synthetic":
