@@ -32,6 +32,8 @@ USAGE = """usage: offbench COMMAND ...
 commands:
   fit     train one algorithm on one dataset (LightningCLI: offbench fit --help)
   data    make or inspect datasets (offbench data --help)
+  bench   run a grid of algorithm x dataset x seed cells, resumable (offbench bench --help)
+  table   tables and learning curves of a results directory (offbench table --help)
 """
 
 
@@ -190,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         from offbench.data.commands import main as data_main
 
         return data_main(rest)
+    if command == "bench":
+        from offbench.bench import main as bench_main
+
+        return bench_main(rest)
+    if command == "table":
+        from offbench.tables import main as table_main
+
+        return table_main(rest)
     print(f"offbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
