@@ -134,3 +134,21 @@ def test_refuses_to_overwrite_a_finished_or_interrupted_run(tiny_hopper, tmp_pat
     main(fit_args(tiny_hopper, root, "--ckpt_path", "last"))
     with pytest.raises(SystemExit, match="already holds a finished run"):
         main(fit_args(tiny_hopper, root))
+
+
+def test_fit_on_a_d4rl_name_and_a_minari_id_with_the_data_where_the_real_data_goes(tiny_hopper, tmp_path, monkeypatch):
+    """No download here: a D4RL file and a Minari dataset made by the suite are put where the real
+    ones would be, and `offbench fit` finds them by name."""
+    from offbench.data.synthetic import write_random_dataset
+
+    d4rl_dir = tmp_path / "d4rl"
+    d4rl_dir.mkdir()
+    (d4rl_dir / "hopper_medium-v2.hdf5").write_bytes(tiny_hopper.read_bytes())
+    monkeypatch.setenv("OFFBENCH_D4RL_DIR", str(d4rl_dir))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    write_random_dataset("Hopper-v5", tmp_path / "unused.hdf5", episodes=5, seed=1, minari_id="mujoco/hopper/medium-v0")
+    for name in ("hopper-medium-v2", "mujoco/hopper/medium-v0"):
+        root = tmp_path / name.replace("/", "_")
+        main(fit_args(tiny_hopper, root, "--data.dataset", name, "--updates", "100"))
+        result = json.loads((root / "result.json").read_text())
+        assert result["dataset"] == name and result["updates"] == 100
