@@ -1,0 +1,113 @@
+"""Diffusion-QL: Diffusion Policies as an Expressive Policy Class for Offline RL (Wang, Hunt & Zhou,
+ICLR 2023, arXiv:2208.06193; official code github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL).
+
+A TD3+BC-style actor-critic whose actor is a conditional diffusion model: the diffusion loss keeps the
+policy near the data, a Q term pushes its samples up the critic.
+
+    L_d(theta) = E_{i, eps, (s,a)~D} || eps - eps_theta(sqrt(abar_i) a + sqrt(1 - abar_i) eps, s, i) ||^2
+    critic:  y = r + gamma (1 - d) min_j Q'_j(s', a'),  a' ~ mu_ema(.|s')         (max-Q backup: max
+             over 10 a' per head, then min);  L_Q = sum_j E (Q_j(s, a) - y)^2
+    actor (every update):  L_mu = L_d - eta * E Q_i(s, a~mu) / E|Q_j(s, a~mu)|
+             (i one of the twin heads at random, j the other, the normaliser detached)
+    targets: Q' <- (1 - tau) Q' + tau Q every update; EMA actor, decay 0.995, every 5 updates from 1000.
+
+Settings (official main.py, whose per-task table gives lr, eta, max-Q backup, reward tuning and the
+grad-norm): T = 5, VP schedule, eps-model 3 x 256 Mish, 16-d sinusoidal time embedding, twin critics
+3 x 256 Mish, batch 256, gamma 0.99, tau 0.005, Adam 3e-4 (critic always 3e-4), locomotion eta 1.0
+with grad-norm halfcheetah/hopper/walker2d medium 9/9/1, medium-replay 2/4/4, medium-expert 7/5/5;
+AntMaze: reward (r - 0.5) * 4, eta 0.5 / 2 / 2 / 3 / 4.5 / 3.5 for umaze / umaze-diverse / medium-play
+/ medium-diverse / large-play / large-diverse, max-Q backup except on umaze, lr 1e-3 on medium-play.
+Evaluation: 50 candidates from the online actor, one drawn with probabilities softmax(min_j Q'_j).
+2000 epochs x 1000 updates on locomotion, 1000 x 1000 on AntMaze.
+
+Deviations and choices (as in algorithms/diffcps.py, whose code is a fork of this one): the EMA
+actor holds its initial weights until update 1000 (`ema_warmup="hold"`, the code; "copy" offered);
+the README's `--lr_decay` cosine schedule steps once per 50 epochs, i.e. the rate is constant in
+effect, so learning rates are constant; the random head is drawn on the device; the evaluation's
+softmax draw is a Gumbel-max; observations are not normalised.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from offbench.batch import Batch
+from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
+from offbench.module import OfflineRLModule, soft_update
+from offbench.nets import CriticEnsemble
+
+
+class DiffusionQL(OfflineRLModule):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        max_action: float = 1.0,
+        eta: float = 1.0,
+        lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        max_grad_norm: float | None = 1.0,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        max_q_backup: bool = False,
+        n_backup_actions: int = 10,
+        n_timesteps: int = 5,
+        beta_schedule: BetaSchedule = "vp",
+        ema_decay: float = 0.995,
+        ema_start: int = 1000,
+        ema_every: int = 5,
+        ema_warmup: Literal["hold", "copy"] = "hold",
+        n_eval_candidates: int = 50,
+        hidden: int = 256,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, hidden=hidden)
+        self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=(hidden,) * 3, activation=nn.Mish)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr)
+        return [self.critic_opt, self.actor_opt]
+
+    def update(self, batch: Batch) -> dict[str, Tensor]:
+        hp = self.hparams
+        # 1. critic: TD target from the EMA actor's next actions, max over n per head, min over heads
+        with torch.no_grad():
+            n = hp.n_backup_actions if hp.max_q_backup else 1
+            next_obs = repeat_rows(batch.next_obs, n)
+            q_next = self.critic_target(next_obs, self.actor_ema.sample(next_obs))
+            q_next = q_next.view(2, -1, n).amax(-1).amin(0)
+            y = batch.rew + hp.gamma * (1.0 - batch.done) * q_next
+        q = self.critic(batch.obs, batch.act)
+        critic_loss = (q - y).pow(2).mean(1).sum()
+        self.optimize(self.critic_opt, critic_loss, hp.max_grad_norm)
+
+        # 2. actor: diffusion loss + eta * normalised Q term
+        bc_loss = self.actor.loss(batch.act, batch.obs)
+        q_new = self.critic(batch.obs, self.actor(batch.obs))
+        i = torch.randint(2, (1,), device=q_new.device)
+        q_loss = -q_new.index_select(0, i).mean() / q_new.index_select(0, 1 - i).abs().mean().detach()
+        actor_loss = bc_loss + hp.eta * q_loss
+        self.optimize(self.actor_opt, actor_loss, hp.max_grad_norm)
+
+        # 3. targets: EMA actor on the official cadence, Polyak critic
+        update_ema(self.actor_ema, self.actor, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, hp.ema_warmup)
+        soft_update(self.critic_target, self.critic, hp.tau)
+        return {"loss/critic": critic_loss, "loss/actor": actor_loss, "loss/bc": bc_loss, "loss/q": q_loss,
+                "q/mean": q.mean()}
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        """One of `n_eval_candidates` actions of the online actor, drawn with softmax(min_j Q'_j)."""
+        n = self.hparams.n_eval_candidates
+        obs_rep = repeat_rows(obs, n)
+        actions = self.actor.sample(obs_rep)
+        q = self.critic_target(obs_rep, actions).amin(0)
+        return resample(actions.view(obs.shape[0], n, -1), q.view(obs.shape[0], n))
