@@ -35,8 +35,8 @@ Deviations and choices:
   them unclipped); V's candidates are drawn afresh each round (the code caches one draw).
 - the final round is `critic_steps` long (the code's last round is one epoch shorter); updates after
   the schedule keep fitting the last round's targets.
-- the critic stage draws its own row indices on the device (torch RNG): the DataModule's Batch has no
-  row index to look the returns up by. The dataset's rows are read in `setup` (which Lightning runs
+- the critic stage looks the planned returns up by the batch's row indices (`batch.idx`). The
+  dataset's rows are read in `setup` (which Lightning runs
   before restoring a checkpoint, so the `returns` buffer already has its size). The code's AntMaze
   data fixes (dropping episodes shorter than 5 steps, relabelling antmaze-medium-play-v2) are not
   applied.
@@ -231,9 +231,13 @@ class SfBC(OfflineRLModule):
                     torch._foreach_copy_(list(self.critic.parameters()), list(self.critic_init.parameters()))
                 self.critic_opt.state.clear()
         # 3. critic: regression on the (normalised) returns of rows drawn on the device
-        idx = torch.randint(len(self.returns), (batch.obs.shape[0],), device=self.returns.device)
+        if batch.idx is None:  # a batch made by hand: draw rows here, as the DataModule's sampler does
+            idx = torch.randint(len(self.returns), (batch.obs.shape[0],), device=self.returns.device)
+            obs, act = self.data_obs[idx], self.data_act[idx]
+        else:
+            idx, obs, act = batch.idx, batch.obs, batch.act
         target = (self.returns[idx] - self.ret_mean) / self.ret_std
-        q = self.critic(self.data_obs[idx], self.data_act[idx]).squeeze(0)
+        q = self.critic(obs, act).squeeze(0)
         loss = (q - target).pow(2).mean()
         self.optimize(self.critic_opt, loss)
         return {"loss/critic": loss, "q/mean": q.mean()}

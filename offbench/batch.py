@@ -69,10 +69,14 @@ class Transitions:
 
 
 class Batch(NamedTuple):
-    """One sampled minibatch on the training device; shapes (B, obs_dim), (B, act_dim), (B,)..."""
+    """One sampled minibatch on the training device; shapes (B, obs_dim), (B, act_dim), (B,)...
+
+    `idx` holds the dataset rows the batch was drawn from, so that methods keeping per-row
+    quantities (AWR's TD(lambda) returns, SfBC's planned returns) look them up for the same rows."""
 
     obs: Tensor
     act: Tensor
     rew: Tensor
     next_obs: Tensor
     done: Tensor
+    idx: Tensor | None = None

@@ -40,7 +40,8 @@ class GaussianActor(nn.Module):
 
     def forward(self, obs: Tensor) -> torch.distributions.Normal:
         mean = self.max_action * torch.tanh(self.net(obs))
-        return torch.distributions.Normal(mean, self.log_std.clamp(-5.0, 2.0).exp())
+        # validate_args=False: argument checks read tensor values on the host (a sync per call).
+        return torch.distributions.Normal(mean, self.log_std.clamp(-5.0, 2.0).exp(), validate_args=False)
 
 
 class EnsembleLinear(nn.Module):

@@ -143,7 +143,7 @@ class OfflineDataModule(pl.LightningDataModule):
         """A batch of `batch_size` transitions drawn uniformly with replacement, on the device."""
         obs = self._tensors[0]
         idx = torch.randint(len(obs), (self.batch_size,), device=obs.device, generator=self._generator)
-        return Batch(*(x[idx] for x in self._tensors))
+        return Batch(*(x[idx] for x in self._tensors), idx=idx)
 
     def train_dataloader(self) -> list[int]:
         full, rest = divmod(self.eval_every, self.block_size)

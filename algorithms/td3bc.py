@@ -1,0 +1,91 @@
+"""TD3+BC: TD3 with a behaviour-cloning term in the actor loss (Fujimoto & Gu 2021, "A Minimalist
+Approach to Offline Reinforcement Learning").
+
+Critic (TD3, twin Q with clipped double-Q and target policy smoothing):
+    a' = clip(pi_targ(s') + clip(eps, -c, c), -max_action, max_action),   eps ~ N(0, sigma^2)
+    y  = r + gamma * (1 - done) * min_k Q_targ_k(s', a')
+    L_Q = sum_k E (Q_k(s, a) - y)^2
+Actor, every `policy_freq` updates (then both targets move by Polyak averaging):
+    lambda = alpha / mean|Q_1(s, pi(s))|   (detached)
+    L_pi = -lambda * mean Q_1(s, pi(s)) + mean (pi(s) - a)^2
+
+Official settings (paper Table and github.com/sfujimoto/TD3_BC): 2x256 ReLU actor and critics,
+Adam 3e-4 for both, batch 256, gamma 0.99, tau 0.005, policy noise 0.2 and noise clip 0.5 (both
+times max_action), policy frequency 2, alpha 2.5, observations normalised by the dataset's mean
+and std (+1e-3) (`--data.normalize_obs true`), 1M updates.
+
+Deviations: none. The actor update counts like the official `total_it` (incremented before the
+check), so the first actor update is the second update.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from offbench.batch import Batch
+from offbench.module import OfflineRLModule, soft_update
+from offbench.nets import CriticEnsemble, DeterministicActor
+
+
+class TD3BC(OfflineRLModule):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        max_action: float = 1.0,
+        hidden: tuple[int, ...] = (256, 256),
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        policy_noise: float = 0.2,
+        noise_clip: float = 0.5,
+        policy_freq: int = 2,
+        alpha: float = 2.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.actor = DeterministicActor(obs_dim, act_dim, max_action, hidden)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr)
+        return [self.actor_opt, self.critic_opt]
+
+    def update(self, batch: Batch) -> dict[str, Tensor]:
+        h = self.hparams
+        # 1. critic: clipped double-Q target with target policy smoothing
+        with torch.no_grad():
+            noise = (torch.randn_like(batch.act) * h.policy_noise * h.max_action).clamp(
+                -h.noise_clip * h.max_action, h.noise_clip * h.max_action
+            )
+            next_act = (self.actor_target(batch.next_obs) + noise).clamp(-h.max_action, h.max_action)
+            target_q = self.critic_target(batch.next_obs, next_act).min(0).values
+            target = batch.rew + h.gamma * (1.0 - batch.done) * target_q
+        q = self.critic(batch.obs, batch.act)  # (2, B)
+        critic_loss = (q - target).pow(2).mean(1).sum()
+        self.optimize(self.critic_opt, critic_loss)
+        metrics = {"loss/critic": critic_loss, "q/mean": q.mean()}
+
+        # 2. every policy_freq updates: actor = -lambda Q_1 + BC, then both targets follow
+        if (self.step + 1) % h.policy_freq == 0:
+            pi = self.actor(batch.obs)
+            q_pi = self.critic(batch.obs, pi)[0]
+            lmbda = h.alpha / q_pi.abs().mean().detach()
+            actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch.act)
+            self.optimize(self.actor_opt, actor_loss)
+            soft_update(self.critic_target, self.critic, h.tau)
+            soft_update(self.actor_target, self.actor, h.tau)
+            metrics |= {"loss/actor": actor_loss, "lambda": lmbda}
+        return metrics
+
+    @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        return self.actor(obs)
