@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU wheel; an open `torch` requirement would pull the newest CUDA build (several GB).
 TORCH ?= torch==2.13.0
+# `make benchmark GRID=table1 WORKERS=8`: the grid file configs/grids/$(GRID).yaml, cells run at once.
+GRID ?= quick
+WORKERS ?= 2
 
-.PHONY: help install test test-all lint clean-venv
+.PHONY: help install test test-all lint benchmark table perf clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +32,19 @@ test-all: $(STAMP)  ## every test, including the slow ones
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
+
+benchmark: $(STAMP)  ## run configs/grids/$(GRID).yaml (GRID=quick|table1, WORKERS=N); re-run to resume
+	$(BIN)/offbench bench configs/grids/$(GRID).yaml --workers $(WORKERS)
+
+table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX)
+	$(BIN)/offbench table results/$(GRID) --latex
+
+perf: $(STAMP)  ## training updates/s with and without Lightning, eval env-steps/s -> results/perf/
+	$(BIN)/offbench perf
+
+.PHONY: toy
+toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model; hours on 2 CPU cores) -> results/toy/
+	$(BIN)/offbench toy
 
 clean-venv:  ## remove the virtualenv
 	rm -rf $(VENV)

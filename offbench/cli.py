@@ -32,8 +32,10 @@ USAGE = """usage: offbench COMMAND ...
 commands:
   fit     train one algorithm on one dataset (LightningCLI: offbench fit --help)
   data    make or inspect datasets (offbench data --help)
+  perf    measure training and evaluation throughput (offbench perf --help)
   bench   run a grid of algorithm x dataset x seed cells, resumable (offbench bench --help)
   table   tables and learning curves of a results directory (offbench table --help)
+  toy     the DiffCPS toy bandit: train, sample, figure and score table (offbench toy --help)
 """
 
 
@@ -192,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from offbench.data.commands import main as data_main
 
         return data_main(rest)
+    if command == "perf":
+        from offbench.perf import main as perf_main
+
+        return perf_main(rest)
     if command == "bench":
         from offbench.bench import main as bench_main
 
@@ -200,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         from offbench.tables import main as table_main
 
         return table_main(rest)
+    if command == "toy":
+        from offbench.toy import main as toy_main
+
+        return toy_main(rest)
     print(f"offbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,742 @@
+"""`offbench bench GRID.yaml`: run a grid of (algorithm x dataset x seed) cells and tabulate them.
+
+Every cell is one `offbench fit` in its own subprocess and its own run directory
+`<output>/runs/<algorithm>/<dataset>/seed<k>`, so a crash, a NaN loss or a kill stays inside its
+cell. The run directory is the state: a cell with `result.json` (written atomically at the end of
+a fit) is finished and skipped, a cell with `checkpoints/last.ckpt` but no result is continued with
+`--ckpt_path last`, anything else starts fresh. Re-running the same command therefore resumes an
+interrupted grid. Failed cells are listed with their reason in `<output>/failures.json` (their
+full output is in `<run dir>/bench.log`) and are tried again on the next run.
+
+A grid file (YAML; relative paths are relative to the working directory):
+
+    name: quick                        # output goes to results/<name>/ unless `output:` is given
+    seeds: 2                           # a count (0..n-1) or a list of seeds
+    updates: 10000                     # the settings below may appear at the top level, in an
+    eval_every: 2000                   #   algorithm entry, and in `overrides` blocks (per dataset,
+    eval_episodes: 5                   #   at the top level or inside an algorithm); the most
+    block_size: 500                    #   specific one wins; `args` and `config` accumulate
+    args: [--eval.num_envs, 5]         # extra `offbench fit` arguments
+    algorithms:
+      - name: bc
+        config: configs/algorithms/bc.yaml
+      - name: diffcps
+        config: configs/algorithms/diffcps.yaml
+        overrides:
+          hopper-medium-v2: {config: configs/tasks/diffcps/hopper-medium-v2.yaml}
+    datasets: [synthetic/hopper-random-v0, hopper-medium-v2]
+    overrides:
+      hopper-medium-v2: {updates: 2000000}
+    references: configs/references/table1.yaml   # optional paper numbers for the tables
+
+The fit arguments of a cell are, in order: the algorithm config, the extra configs (top level,
+top-level dataset override, the algorithm's dataset override), dataset, seed, budget, evaluation
+protocol, run directory, then `args` (top level, dataset override, algorithm, algorithm's dataset
+override): later arguments win, as in `offbench fit`.
+
+Launchers: local subprocesses only (`--workers N`). Ray is not implemented here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
+GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", *SETTING_KEYS)
+ALGORITHM_KEYS = ("name", "overrides", *SETTING_KEYS)
+LOG_TAIL_LINES = 25  # lines of a failed cell's output kept as its reason in failures.json
+
+CellState = Literal["finished", "resume", "fresh"]
+
+
+class GridError(ValueError):
+    """A grid file that cannot be expanded; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (algorithm, dataset, seed) run: its run directory and its `offbench` argument list."""
+
+    algorithm: str
+    dataset: str
+    seed: int
+    run_dir: Path
+    args: list[str]  # `offbench` argv, starting with "fit"; `--ckpt_path last` is added when resuming
+    updates: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.algorithm}/{dataset_slug(self.dataset)}/seed{self.seed}"
+
+
+@dataclass
+class Grid:
+    """An expanded grid file."""
+
+    name: str
+    path: Path
+    output: Path
+    seeds: list[int]
+    algorithms: list[str]
+    datasets: list[str]
+    cells: list[Cell]
+    references: Path | None = None
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- grid files
+
+
+def dataset_slug(dataset: str) -> str:
+    """A directory name for a dataset: `D4RL/antmaze/umaze-v1` -> `D4RL-antmaze-umaze-v1`; a file path
+    -> its stem."""
+    if dataset.endswith((".hdf5", ".h5")):
+        dataset = Path(dataset).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-")
+
+
+def expand_grid(path: str | os.PathLike) -> list[Cell]:
+    """The cells of a grid file (algorithms x datasets x seeds, in that nesting order)."""
+    return load_grid(path).cells
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read and check a grid file; raises GridError naming every problem (unknown keys, missing
+    config files, unknown datasets, budgets that do not fit) before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"no grid file at {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise GridError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: a grid file is a YAML mapping (name, algorithms, datasets, seeds, ...)")
+    problems: list[str] = []
+    _check_keys(raw, GRID_KEYS, "the grid", problems)
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        problems.append(f"`name` must be a plain name (letters, digits, _ . -), got {name!r}")
+        name = path.stem
+    output = Path(raw.get("output") or Path("results") / name)
+    seeds = _seeds(raw.get("seeds"), problems)
+
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list) or not datasets or not all(isinstance(d, str) for d in datasets):
+        problems.append("`datasets` must be a non-empty list of dataset names (catalog names or .hdf5 paths)")
+        datasets = []
+    _check_datasets(datasets, problems)
+
+    overrides = _overrides(raw.get("overrides"), datasets, "the grid's `overrides`", problems)
+    references = raw.get("references")
+    if references is not None and not Path(references).is_file():
+        problems.append(f"`references`: no file at {references}")
+
+    algorithms = raw.get("algorithms")
+    if not isinstance(algorithms, list) or not algorithms:
+        problems.append("`algorithms` must be a non-empty list of {name, config, ...} entries")
+        algorithms = []
+    names: list[str] = []
+    cells: list[Cell] = []
+    for i, entry in enumerate(algorithms):
+        where = f"algorithms[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected a mapping with `name` and `config`, got {entry!r}")
+            continue
+        algo = entry.get("name")
+        where = f"algorithms[{i}] ({algo})"
+        _check_keys(entry, ALGORITHM_KEYS, where, problems)
+        if not isinstance(algo, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", algo):
+            problems.append(f"{where}: `name` must be a plain name (letters, digits, _ . -)")
+            continue
+        if algo in names:
+            problems.append(f"{where}: the name {algo!r} appears twice (it names the results column and directory)")
+        names.append(algo)
+        if not entry.get("config"):
+            problems.append(f"{where}: `config` (the algorithm's YAML, e.g. configs/algorithms/bc.yaml) is required")
+            continue
+        algo_overrides = _overrides(entry.get("overrides"), datasets, f"{where} `overrides`", problems)
+        for dataset in datasets:
+            # The most specific level wins for scalars; configs and args accumulate in this order.
+            levels = [raw, overrides.get(dataset, {}), entry, algo_overrides.get(dataset, {})]
+            settings = _merge(levels, where, problems)
+            # The algorithm's config first, then the extra configs from general to specific.
+            extra_levels = (raw, overrides.get(dataset, {}), algo_overrides.get(dataset, {}))
+            configs = [*_list(entry.get("config"))] + [c for level in extra_levels for c in _list(level.get("config"))]
+            for config in configs:
+                _check_config(config, where, problems)
+            for seed in seeds:
+                run_dir = output / "runs" / algo / dataset_slug(dataset) / f"seed{seed}"
+                cells.append(_cell(algo, dataset, seed, run_dir, configs, settings))
+    if problems:
+        # Many identical messages come from one bad setting repeated over datasets: report each once.
+        unique = list(dict.fromkeys(problems))
+        raise GridError(f"{path}: {len(unique)} problem(s):\n  - " + "\n  - ".join(unique))
+    return Grid(
+        name, path, output, seeds, names, list(datasets), cells,
+        Path(references) if references else None, str(raw.get("description") or ""),
+    )
+
+
+def _cell(algo: str, dataset: str, seed: int, run_dir: Path, configs: list[str], s: dict[str, Any]) -> Cell:
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(config)]
+    args += ["--data.dataset", dataset, "--seed_everything", str(seed)]
+    args += ["--updates", str(s["updates"]), "--data.eval_every", str(s["eval_every"])]
+    if s.get("block_size") is not None:
+        args += ["--data.block_size", str(s["block_size"])]
+    if s.get("eval_episodes") is not None:  # None: the dataset's protocol (10 locomotion, 100 AntMaze)
+        args += ["--eval.episodes", str(s["eval_episodes"])]
+    # The grid's own progress display replaces the per-cell bar (it would fill the cell's log).
+    args += ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
+    args += s["args"]
+    return Cell(algo, dataset, seed, run_dir, args, int(s["updates"]))
+
+
+def _merge(levels: list[dict[str, Any]], where: str, problems: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {"args": []}
+    for level in levels:
+        for key in ("updates", "eval_every", "eval_episodes", "block_size"):
+            if key in level:
+                settings[key] = level[key]
+        settings["args"] += _args(level.get("args"), where, problems)
+    for key in ("updates", "eval_every"):
+        value = settings.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{where}: `{key}` must be a positive integer (set it at the top level), got {value!r}")
+            settings[key] = 1
+    for key in ("eval_episodes", "block_size"):
+        value = settings.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            problems.append(f"{where}: `{key}` must be a positive integer or null, got {value!r}")
+    if settings["updates"] % settings["eval_every"]:
+        problems.append(
+            f"{where}: updates {settings['updates']} is not a multiple of eval_every {settings['eval_every']} "
+            "(every run ends on an evaluation)"
+        )
+    return settings
+
+
+def _check_keys(mapping: dict[str, Any], allowed: tuple[str, ...], where: str, problems: list[str]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _seeds(value: Any, problems: list[str]) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        if len(set(value)) != len(value):
+            problems.append(f"`seeds` lists a seed twice: {value}")
+        return list(value)
+    problems.append(f"`seeds` must be a positive count or a non-empty list of integers, got {value!r}")
+    return []
+
+
+def _check_datasets(datasets: list[str], problems: list[str]) -> None:
+    from offbench.data.catalog import resolve
+
+    if len(set(datasets)) != len(datasets):
+        problems.append(f"`datasets` lists a name twice: {datasets}")
+    for name in datasets:
+        try:
+            resolve(name)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            problems.append(f"dataset {name!r}: {e}")
+
+
+def _overrides(value: Any, datasets: list[str], where: str, problems: list[str]) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{where} must map dataset names to settings ({', '.join(SETTING_KEYS)})")
+        return {}
+    for dataset, settings in value.items():
+        if dataset not in datasets:
+            problems.append(f"{where}: {dataset!r} is not in `datasets` (overrides apply to listed datasets only)")
+        if not isinstance(settings, dict):
+            problems.append(f"{where}[{dataset!r}] must be a mapping of settings ({', '.join(SETTING_KEYS)})")
+            continue
+        _check_keys(settings, SETTING_KEYS, f"{where}[{dataset!r}]", problems)
+    return {d: s for d, s in value.items() if isinstance(s, dict)}
+
+
+def _args(value: Any, where: str, problems: list[str]) -> list[str]:
+    """`args` as a list (numbers allowed) or one shell-quoted string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, list) and all(isinstance(a, str | int | float | bool) for a in value):
+        return [str(a).lower() if isinstance(a, bool) else str(a) for a in value]
+    problems.append(f"{where}: `args` must be a list of command-line arguments or one string, got {value!r}")
+    return []
+
+
+def _list(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _check_config(config: Any, where: str, problems: list[str]) -> None:
+    if not isinstance(config, str):
+        problems.append(f"{where}: a config must be a path, got {config!r}")
+    elif not Path(config).is_file():
+        problems.append(f"{where}: config file {config} does not exist (paths are relative to {Path.cwd()})")
+    else:
+        try:
+            loaded = yaml.safe_load(Path(config).read_text())
+        except yaml.YAMLError as e:
+            problems.append(f"{where}: config {config} is not valid YAML: {e}")
+            return
+        if not isinstance(loaded, dict):
+            problems.append(f"{where}: config {config} is not a YAML mapping of `offbench fit` settings")
+
+
+# --------------------------------------------------------------------------- state of a cell
+
+
+def cell_state(cell: Cell) -> CellState:
+    """finished: result.json exists; resume: a checkpoint but no result; fresh: nothing to continue."""
+    if (cell.run_dir / "result.json").exists():
+        return "finished"
+    if (cell.run_dir / "checkpoints" / "last.ckpt").exists():
+        return "resume"
+    return "fresh"
+
+
+def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str]:
+    """The subprocess command of a cell: `python -m offbench.cli fit ...` (the interpreter running
+    the grid, so the cell sees the same environment), resumed from its last checkpoint if it has one."""
+    command = [sys.executable, "-m", "offbench.cli", *cell.args]
+    if devices == "cpu":
+        command += ["--trainer.accelerator", "cpu"]
+    elif devices == "cuda":
+        command += ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
+    if state == "resume":
+        command += ["--ckpt_path", "last"]
+    return command
+
+
+def start_cell(cell: Cell, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`."""
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)})
+    # A crash while a checkpoint was being written leaves only `last.ckpt.part`; `fit` would take the
+    # directory for an interrupted run with nothing to resume. The partial file holds nothing usable.
+    if not (cell.run_dir / "checkpoints" / "last.ckpt").exists():
+        for part in (cell.run_dir / "checkpoints").glob("*.part"):
+            part.unlink()
+    with open(cell.run_dir / "bench.log", "a") as log:
+        log.write(f"\n### offbench bench {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of the cell's latest attempt (the reason a failed cell failed)."""
+    if not path.exists():
+        return ""
+    text = path.read_text(errors="replace")
+    attempt = text.rsplit("\n### offbench bench ", 1)[-1]
+    return "\n".join(attempt.splitlines()[1:][-lines:])
+
+
+def _updates_done(run_dir: Path) -> int | None:
+    """The latest `updates` value in the cell's metrics.csv (read from its header and tail only)."""
+    path = run_dir / "metrics.csv"
+    try:
+        with open(path, "rb") as f:
+            header = f.readline().decode().strip().split(",")
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode(errors="replace").splitlines()[1:]
+    except OSError:
+        return None
+    if "updates" not in header:
+        return None
+    column = header.index("updates")
+    for line in reversed(tail):
+        values = line.split(",")
+        if len(values) == len(header) and values[column]:
+            try:
+                return int(float(values[column]))
+            except ValueError:
+                return None
+    return None
+
+
+# --------------------------------------------------------------------------- running a grid
+
+
+@dataclass
+class Running:
+    cell: Cell
+    process: subprocess.Popen
+    state: CellState
+    gpu: int | None
+    started: float = field(default_factory=time.monotonic)
+    first_updates: tuple[float, int] | None = None  # (time, updates) when progress was first seen
+    updates: int | None = None
+
+
+@dataclass
+class GridReport:
+    finished: list[str] = field(default_factory=list)  # cells that finished in this run
+    skipped: list[str] = field(default_factory=list)  # cells already finished before this run
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    launched: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _gpu_count(devices: str) -> int:
+    if devices == "cpu":
+        return 0
+    import torch  # only here: the dry run and the grid checks need no torch
+
+    count = torch.cuda.device_count()
+    if devices == "cuda" and count == 0:
+        raise SystemExit("error: --devices cuda, but no CUDA device is visible")
+    return count
+
+
+def _prepare_datasets(datasets: list[str]) -> None:
+    """Generate the suite's synthetic datasets once, here: cells running in parallel would otherwise
+    all try to write the same file on first use."""
+    from offbench.data.synthetic import ensure_synthetic
+
+    for name in datasets:
+        if name.startswith("synthetic/"):
+            ensure_synthetic(name.removeprefix("synthetic/"))
+
+
+def run_grid(
+    grid: Grid,
+    workers: int = 1,
+    devices: Literal["auto", "cpu", "cuda"] = "auto",
+    console: Any = None,
+    tables: bool = True,
+) -> GridReport:
+    """Run every unfinished cell of `grid` in local subprocesses, at most `workers` at a time,
+    then write the tables. GPUs (when used) go to the least-loaded device, so cells spread
+    round-robin and several cells may share one GPU."""
+    from rich.console import Console
+
+    console = console or Console()
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    gpus = _gpu_count(devices)
+    mode = "cuda" if gpus else "cpu"
+    grid.output.mkdir(parents=True, exist_ok=True)
+    lock = _lock(grid.output)
+    try:
+        return _run(grid, workers, gpus, mode, console, tables)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock(output: Path) -> Path:
+    """One runner per output directory: two would start the same cells in the same run directories."""
+    lock = output / "bench.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        text = lock.read_text().strip()
+        pid = int(text) if text.isdigit() else 0
+        if pid and _alive(pid):
+            raise SystemExit(
+                f"error: another `offbench bench` (pid {pid}) is running into {output}; wait for it or stop it "
+                f"(if that pid is not a bench run, delete {lock})"
+            ) from None
+        lock.unlink(missing_ok=True)  # left by a runner that was killed
+        return _lock(output)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: bool) -> GridReport:
+    from rich.live import Live
+
+    _write_grid_json(grid)
+    failures_path = grid.output / "failures.json"
+    failures: dict[str, Any] = _read_json(failures_path) or {}
+
+    report = GridReport()
+    pending: deque[tuple[Cell, CellState]] = deque()
+    for cell in grid.cells:
+        state = cell_state(cell)
+        if state == "finished":
+            report.skipped.append(cell.id)
+            failures.pop(cell.id, None)  # finished since (e.g. by hand): no longer a failure
+        else:
+            pending.append((cell, state))
+    _atomic_write_json(failures_path, failures)
+    if pending:
+        _prepare_datasets(sorted({c.dataset for c, _ in pending}))
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Unset, every torch process would use all cores: N workers would oversubscribe the CPU N times.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    running: list[Running] = []
+    start = time.monotonic()
+    console.print(
+        f"grid {grid.name}: {len(grid.cells)} cells, {len(report.skipped)} already finished, "
+        f"{len(pending)} to run on {workers} worker(s) ({mode}{f', {gpus} GPU(s)' if gpus else ''}); "
+        f"results in {grid.output}"
+    )
+
+    def render() -> Any:
+        return _render(grid, report, running, len(pending), time.monotonic() - start)
+
+    try:
+        with Live(render(), console=console, refresh_per_second=1, transient=False) as live:
+            while pending or running:
+                while pending and len(running) < workers:
+                    cell, state = pending.popleft()
+                    cell_env = dict(env)
+                    gpu = None
+                    if gpus:
+                        load = [sum(r.gpu == g for r in running) for g in range(gpus)]
+                        gpu = load.index(min(load))
+                        cell_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                    else:
+                        cell_env["CUDA_VISIBLE_DEVICES"] = ""
+                    process = start_cell(cell, cell_command(cell, state, mode), cell_env)
+                    running.append(Running(cell, process, state, gpu))
+                    report.launched.append(cell.id)
+                for r in list(running):
+                    _poll_progress(r)
+                    code = r.process.poll()
+                    if code is None:
+                        continue
+                    running.remove(r)
+                    elapsed = time.monotonic() - r.started
+                    if code == 0 and (r.cell.run_dir / "result.json").exists():
+                        report.finished.append(r.cell.id)
+                        failures.pop(r.cell.id, None)
+                        console.print(f"[green]done[/green]   {r.cell.id} ({_hms(elapsed)})")
+                    else:
+                        failures[r.cell.id] = report.failed[r.cell.id] = _failure(r, code, elapsed)
+                        console.print(f"[red]failed[/red] {r.cell.id} ({_exit_text(code)}); log: {r.cell.run_dir / 'bench.log'}")
+                    _atomic_write_json(failures_path, failures)
+                live.update(render())
+                if running:
+                    time.sleep(0.5)
+        if not console.is_terminal:
+            console.print()  # a non-terminal Live leaves its last line unterminated
+    except KeyboardInterrupt:
+        report.interrupted = True
+        _stop(running)
+        console.print(
+            f"[yellow]interrupted[/yellow]: stopped {len(running)} running cell(s); run the same command again "
+            "to resume them from their last checkpoints"
+        )
+        return report
+
+    console.print(
+        f"grid {grid.name}: {len(report.finished)} finished, {len(report.skipped)} skipped (finished before), "
+        f"{len(report.failed)} failed in {_hms(time.monotonic() - start)}"
+        + (f"; failures listed in {failures_path}" if failures else "")
+    )
+    if tables:
+        from offbench.tables import write_tables
+
+        written = write_tables(grid.output)
+        console.print("tables: " + ", ".join(str(p) for p in written))
+    return report
+
+
+def _failure(r: Running, code: int, elapsed: float) -> dict[str, Any]:
+    return {
+        "algorithm": r.cell.algorithm,
+        "dataset": r.cell.dataset,
+        "seed": r.cell.seed,
+        "run_dir": str(r.cell.run_dir),
+        "exit": _exit_text(code),
+        "returncode": code,
+        "resumed": r.state == "resume",
+        "seconds": round(elapsed, 1),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "log": str(r.cell.run_dir / "bench.log"),
+        "reason": _log_tail(r.cell.run_dir / "bench.log")
+        or "the cell exited without output" + ("" if code else " and without a result.json"),
+    }
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}" + (" (but no result.json)" if code == 0 else "")
+
+
+def _stop(running: list[Running], grace: float = 30.0) -> None:
+    """Stop running cells (SIGINT first, so Lightning shuts down cleanly), then kill stragglers.
+    Their last checkpoints stay, so the next run resumes them."""
+    for r in running:
+        if r.process.poll() is None:
+            r.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for r in running:
+        try:
+            r.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.process.kill()
+            r.process.wait()
+
+
+def _poll_progress(r: Running) -> None:
+    updates = _updates_done(r.cell.run_dir)
+    if updates is None:
+        return
+    if r.first_updates is None or updates < r.first_updates[1]:
+        r.first_updates = (time.monotonic(), updates)
+    r.updates = updates
+
+
+def _render(grid: Grid, report: GridReport, running: list[Running], pending: int, elapsed: float) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    total = len(grid.cells)
+    summary = Text.assemble(
+        (f"{grid.name} ", "bold"),
+        f"{len(report.finished) + len(report.skipped)}/{total} done ",
+        (f"({len(report.skipped)} skipped) ", "dim"),
+        (f"{len(running)} running ", "cyan"),
+        (f"{len(report.failed)} failed ", "red" if report.failed else "dim"),
+        f"{pending} waiting, elapsed {_hms(elapsed)}",
+    )
+    if not running:
+        return summary
+    table = Table(box=None, pad_edge=False)
+    for column in ("cell", "updates", "updates/s", "elapsed", "ETA", "gpu"):
+        table.add_column(column, justify="left" if column == "cell" else "right")
+    for r in running:
+        now = time.monotonic()
+        rate = eta = None
+        if r.first_updates is not None and r.updates is not None and now > r.first_updates[0] + 1:
+            rate = (r.updates - r.first_updates[1]) / (now - r.first_updates[0])
+            eta = (r.cell.updates - r.updates) / rate if rate > 0 else None
+        table.add_row(
+            r.cell.id + (" (resumed)" if r.state == "resume" else ""),
+            f"{r.updates or 0}/{r.cell.updates}",
+            f"{rate:.0f}" if rate else "-",
+            _hms(now - r.started),
+            _hms(eta) if eta is not None else "-",
+            "-" if r.gpu is None else str(r.gpu),
+        )
+    return Group(summary, table)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file and os.replace: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _write_grid_json(grid: Grid) -> None:
+    """What the tables need to know about the grid: the expected seeds, the row and column order,
+    the paper references."""
+    _atomic_write_json(grid.output / "grid.json", {
+        "name": grid.name,
+        "grid_file": str(grid.path),
+        "description": grid.description,
+        "seeds": grid.seeds,
+        "algorithms": grid.algorithms,
+        "datasets": grid.datasets,
+        "references": str(grid.references) if grid.references else None,
+        "cells": [{"id": c.id, "algorithm": c.algorithm, "dataset": c.dataset, "seed": c.seed,
+                   "run_dir": str(c.run_dir), "updates": c.updates, "args": c.args} for c in grid.cells],
+    })
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offbench bench",
+        description="Run a grid of (algorithm x dataset x seed) cells, one `offbench fit` subprocess each; "
+        "finished cells are skipped, interrupted ones resumed from their last checkpoint; tables at the end.",
+    )
+    parser.add_argument("grid", help="grid file, e.g. configs/grids/quick.yaml")
+    parser.add_argument("--workers", type=int, default=1, help="cells run at the same time (default 1)")
+    parser.add_argument(
+        "--devices", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto: CUDA when available (cells spread over the visible GPUs, several per GPU allowed), else CPU",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
+    parser.add_argument("--no-tables", action="store_true", help="do not write the tables at the end")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        grid = load_grid(args.grid)
+    except GridError as e:
+        print(f"offbench bench: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        states = {c.id: cell_state(c) for c in grid.cells}
+        for cell in grid.cells:
+            print(f"[{states[cell.id]:8}] {cell.id}\n    offbench {shlex.join(cell_command(cell, states[cell.id], 'auto')[3:])}")
+        counts = {s: list(states.values()).count(s) for s in ("finished", "resume", "fresh")}
+        print(f"grid {grid.name}: {len(grid.cells)} cells: {counts['finished']} finished (skipped), "
+              f"{counts['resume']} to resume, {counts['fresh']} to start; output {grid.output}")
+        return 0
+    report = run_grid(grid, args.workers, args.devices, tables=not args.no_tables)
+    if report.interrupted:
+        return 130
+    return 1 if report.failed else 0

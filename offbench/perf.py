@@ -1,0 +1,200 @@
+"""`offbench perf`: training throughput of every algorithm, with Lightning and without, and
+evaluation env-steps/s with vectorised envs against one env at a time.
+
+For each algorithm config: one OfflineDataModule and one module at the config's batch size and the
+class's default network sizes. Lightning runs two epochs of `updates` updates (the first is the
+warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
+updates in a plain Python loop (`module.update(dm.sample())`), timed the same way. The ratio of the
+two is Lightning's overhead. On CUDA the clock is read after a device synchronisation.
+Results go to results/perf/perf.json and perf.md with the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+
+from offbench.data.datamodule import OfflineDataModule
+from offbench.evaluation import evaluate
+from offbench.module import OfflineRLModule
+from offbench.nets import DeterministicActor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch, read after a device sync."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, Any], dict[str, Any]]:
+    """(module class, its init_args, the data section) of a configs/algorithms/*.yaml file."""
+    config = yaml.safe_load(path.read_text())
+    module_name, class_name = config["model"]["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {})
+
+
+def measure_training(config: Path, dataset: str, updates: int, block_size: int, accelerator: str) -> dict[str, Any]:
+    cls, init_args, data = load_algorithm_config(config)
+    dm = OfflineDataModule(
+        dataset, batch_size=data.get("batch_size", 256), eval_every=updates, block_size=block_size,
+        normalize_obs=data.get("normalize_obs", False),
+    )
+    model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **init_args)
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = pl.Trainer(
+            max_epochs=2, accelerator=accelerator, devices=1, logger=CSVLogger(logs), callbacks=[timer],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            log_every_n_steps=1,
+        )
+        trainer.fit(model, dm)
+    lightning_seconds = timer.seconds[1]  # epoch 0 was the warm-up
+
+    # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning.
+    device = model.device
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        model.update(dm.sample())
+        model.step += 1
+        model.updates += 1
+    _sync(device)
+    plain_seconds = time.perf_counter() - start
+    return {
+        "algorithm": f"{cls.__module__}.{cls.__qualname__}",
+        "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
+        "batch_size": dm.batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "updates_timed": updates,
+        "block_size": block_size,
+        "lightning_updates_per_s": updates / lightning_seconds,
+        "plain_updates_per_s": updates / plain_seconds,
+        "lightning_overhead_pct": 100.0 * (lightning_seconds / plain_seconds - 1.0),
+    }
+
+
+def measure_evaluation(dataset: str, episodes: int, num_envs: int, accelerator: str) -> dict[str, Any]:
+    """Env steps/s of the evaluation loop with `num_envs` envs and with one, for an MLP policy."""
+    dm = OfflineDataModule(dataset)
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+    policy = DeterministicActor(dm.obs_dim, dm.act_dim, dm.max_action).to(device).eval()
+    rates = {}
+    for n in (num_envs, 1):
+        result = evaluate(policy, dm.info, episodes, num_envs=n, seed=0, device=device)
+        rates[n] = result["env_steps"] / result["seconds"]
+    return {
+        "dataset": dataset, "env_id": dm.info.env_id, "episodes": episodes,
+        "policy": "untrained 2x256 MLP (DeterministicActor)",
+        f"env_steps_per_s_{num_envs}_envs": rates[num_envs], "env_steps_per_s_1_env": rates[1],
+    }
+
+
+def machine() -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    m = report["machine"]
+    lines = [
+        "# Training throughput",
+        "",
+        f"Measured on {m['device']}, {m['torch_threads']} torch threads, torch {m['torch']}, Lightning "
+        f"{m['lightning']}, dataset `{report['dataset']}`. Each algorithm: its config's batch size and "
+        "default network sizes; Lightning = second of two epochs of `updates` updates (the first is warm-up), "
+        "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
+        "sampler calling update() in a Python loop. Overhead = Lightning time / plain time - 1.",
+        "",
+        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["training"]:
+        lines.append(
+            f"| {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
+            f"| {r['lightning_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['lightning_overhead_pct']:+.1f}% |"
+        )
+    e = report["evaluation"]
+    n = report["eval_envs"]
+    lines += [
+        "",
+        "# Evaluation",
+        "",
+        f"{e['episodes']} episodes of `{e['env_id']}` with an {e['policy']}: "
+        f"{e[f'env_steps_per_s_{n}_envs']:.0f} env steps/s with {n} vectorised envs (one policy call per "
+        f"step for all), {e['env_steps_per_s_1_env']:.0f} env steps/s with one env.",
+        "",
+    ]
+    for name, text in (("perf.json", json.dumps(report, indent=2)), ("perf.md", "\n".join(lines))):
+        partial = out_dir / f"{name}.part"
+        partial.write_text(text)
+        os.replace(partial, out_dir / name)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="offbench perf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")))
+    parser.add_argument("--dataset", default="synthetic/hopper-random-v0")
+    parser.add_argument("--updates", type=int, default=500, help="updates timed per measurement")
+    parser.add_argument("--block-size", type=int, default=250, help="updates per Lightning training_step")
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--eval-envs", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=REPO / "results/perf")
+    args = parser.parse_args(argv)
+    if args.updates <= 0 or args.block_size <= 0:
+        parser.error("--updates and --block-size must be positive")
+    training = []
+    for config in args.configs:
+        result = measure_training(config, args.dataset, args.updates, args.block_size, args.accelerator)
+        print(
+            f"{result['algorithm']}: Lightning {result['lightning_updates_per_s']:.1f} upd/s, plain "
+            f"{result['plain_updates_per_s']:.1f} upd/s, overhead {result['lightning_overhead_pct']:+.1f}%",
+            flush=True,
+        )
+        training.append(result)
+    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator)
+    report = {
+        "machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation,
+        "eval_envs": args.eval_envs,
+    }
+    write_report(report, args.out)
+    print(f"wrote {args.out / 'perf.md'} and perf.json")
+    return 0
