@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from offbench.data.synthetic import RECIPES
+from offbench.data.synthetic import RECIPES, data_root
 from offbench.scores import REF_SCORES
 
 
@@ -152,6 +155,113 @@ def _build_catalog() -> dict[str, DatasetInfo]:
 CATALOG: dict[str, DatasetInfo] = _build_catalog()
 
 
+# --------------------------------------------------------------------------- forged datasets
+#
+# `offbench data forge` (offbench/forge.py) writes D4RL's five datasets for an env into
+# <data root>/forge/<slug>/ with a manifest.json written last; the names below resolve there, with
+# the reference scores the forge measured. A missing family is not forged on demand (it takes
+# minutes to hours): the error gives the exact command.
+
+FORGE_KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+FORGE_VERSION = 0  # the `-v0` of forged dataset names and Minari ids
+
+
+@dataclass(frozen=True)
+class ForgeEnv:
+    """An env the forge has a preset for: its short catalog name, default preset and measured cost."""
+
+    env_id: str
+    preset: str
+    cost: str  # wall time of the preset, as measured (README, "Dataset forge")
+
+
+FORGE_ENVS: dict[str, ForgeEnv] = {
+    "pendulum": ForgeEnv("Pendulum-v1", "small", "about 2 minutes on a free CPU core (5 on a busy 2-core machine)"),
+    "invertedpendulum": ForgeEnv(
+        "InvertedPendulum-v5", "small", "about 5 minutes on a free CPU core (10 on a busy 2-core machine)"
+    ),
+    "hopper": ForgeEnv("Hopper-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; see the README)"),
+    "halfcheetah": ForgeEnv("HalfCheetah-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; see the README)"),
+    "walker2d": ForgeEnv("Walker2d-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; see the README)"),
+}
+_FORGE_NAME = re.compile(
+    r"forge/(?P<slug>[\w.-]+?)-(?P<kind>random|medium-replay|medium-expert|medium|expert)-v(?P<version>\d+)"
+)
+
+
+def forge_slug(env_id: str) -> str:
+    """Short name of an env in forge names and folders: `pendulum` for Pendulum-v1 (the preset envs),
+    else the lower-cased id (`ant-v4`)."""
+    for slug, entry in FORGE_ENVS.items():
+        if entry.env_id == env_id:
+            return slug
+    return env_id.lower()
+
+
+def forge_dir(env_id: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Where `offbench data forge --env ENV_ID` writes by default and where forge names are looked up:
+    <data root>/forge/<slug> (data root: $OFFBENCH_DATA_DIR, else ~/.offbench/datasets)."""
+    return data_root(data_dir) / "forge" / forge_slug(env_id)
+
+
+def forge_name(env_id: str, kind: str) -> str:
+    """Catalog name of a forged dataset: forge/<slug>-<kind>-v0."""
+    return f"forge/{forge_slug(env_id)}-{kind}-v{FORGE_VERSION}"
+
+
+def forge_minari_id(env_id: str, kind: str) -> str:
+    """Minari id of a forged dataset: offbench/<slug>/<kind>-v0."""
+    return f"offbench/{forge_slug(env_id)}/{kind}-v{FORGE_VERSION}"
+
+
+def forge_command(env_id: str, directory: str | os.PathLike | None = None) -> str:
+    """The command that forges `env_id`'s family where the catalog looks for it."""
+    entry = next((e for e in FORGE_ENVS.values() if e.env_id == env_id), None)
+    preset = f" --preset {entry.preset}" if entry else " --preset d4rl"
+    return f"offbench data forge --env {env_id}{preset} --out {directory or forge_dir(env_id)}"
+
+
+def _env_of_slug(slug: str) -> str | None:
+    if slug in FORGE_ENVS:
+        return FORGE_ENVS[slug].env_id
+    import gymnasium as gym
+
+    return next((env_id for env_id in gym.registry if env_id.lower() == slug), None)
+
+
+def _forge_info(name: str) -> DatasetInfo:
+    match = _FORGE_NAME.fullmatch(name)
+    if match is None or int(match["version"]) != FORGE_VERSION:
+        examples = ", ".join(forge_name(e.env_id, "medium") for e in list(FORGE_ENVS.values())[:2])
+        raise ValueError(
+            f"{name!r} is not a forge name: forge/<env>-<kind>-v{FORGE_VERSION} with kind one of "
+            f"{', '.join(FORGE_KINDS)} (e.g. {examples})"
+        )
+    slug, kind = match["slug"], match["kind"]
+    directory = data_root() / "forge" / slug
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        env_id = _env_of_slug(slug)
+        if env_id is None:
+            raise ValueError(f"{name!r}: no forged data at {directory} and {slug!r} names no known env")
+        entry = FORGE_ENVS.get(slug)
+        cost = f"\nIt takes {entry.cost}." if entry else ""
+        raise FileNotFoundError(
+            f"{name} has not been forged on this machine (no {manifest_path}). Make the family (random, medium, "
+            f"medium-replay, expert, medium-expert) with:\n  {forge_command(env_id, directory)}{cost}"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    refs = manifest["references"]
+    return DatasetInfo(
+        name, "hdf5", str(directory / manifest["datasets"][kind]["hdf5"]), manifest["env_id"],
+        float(refs["ref_min"]), float(refs["ref_max"]), int(manifest["max_episode_steps"]),
+        note=(
+            f"forged by offbench data forge (SAC, seed {manifest['config']['seed']}); scored with the forge's own "
+            "references (mean returns of the random and the expert policy), not D4RL's"
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- resolve
 
 
@@ -164,7 +274,9 @@ def resolve(
     ref_max: float | None = None,
     max_episode_steps: int | None = None,
 ) -> DatasetInfo:
-    """The `DatasetInfo` of a catalog name or of a path to a D4RL-layout HDF5 file.
+    """The `DatasetInfo` of a catalog name, a forged dataset (`forge/<env>-<kind>-v0`, read from the
+    forge's manifest; FileNotFoundError with the command that makes it when it is missing) or a path
+    to a D4RL-layout HDF5 file.
 
     Arguments that are given replace the catalog's (or the file's) values: `env_id`, the reference
     scores (`ref_family` from offbench.scores.REF_SCORES, or `ref_min` and `ref_max`) and
@@ -173,6 +285,8 @@ def resolve(
     refs = _refs_from_args(ref_family, ref_min, ref_max)
     if name in CATALOG:
         info = CATALOG[name]
+    elif name.startswith("forge/"):
+        info = _forge_info(name)
     elif name.endswith((".hdf5", ".h5")) or Path(name).is_file():
         info = _hdf5_info(name, env_id, refs, max_episode_steps)
     else:

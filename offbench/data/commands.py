@@ -1,13 +1,15 @@
-"""`offbench data ...`: make a synthetic dataset, or show what a dataset name resolves to."""
+"""`offbench data ...`: make a synthetic dataset, forge D4RL's five datasets for an env, or show what a
+dataset name resolves to."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 
-from offbench.data.catalog import CATALOG, resolve
+from offbench.data.catalog import CATALOG, FORGE_ENVS, FORGE_KINDS, forge_dir, forge_name, resolve
 from offbench.data.sources import load_transitions, local_path
 from offbench.data.synthetic import write_random_dataset
 from offbench.scores import REF_SCORES, normalized_score
@@ -28,6 +30,38 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--ref-min", type=float, default=None)
     synth.add_argument("--ref-max", type=float, default=None)
 
+    forge = sub.add_parser(
+        "forge", help="train SAC online and write D4RL's five datasets (random, medium, medium-replay, expert, "
+        "medium-expert) in the D4RL HDF5 layout and as Minari datasets",
+        description="D4RL's recipe on any gymnasium env with flat Box spaces (offbench/forge.py). Settings not "
+        "given come from the preset: small (Pendulum-v1, InvertedPendulum-v5: minutes on a CPU) or d4rl (1M SAC "
+        "steps and 1M-step datasets, as D4RL: hours). An interrupted run resumes its SAC run when rerun with the "
+        "same settings.",
+    )
+    forge.add_argument("--env", required=True, help="gymnasium env id, e.g. Pendulum-v1, Hopper-v4")
+    forge.add_argument("--out", default=None, help="output folder (default: where the catalog looks, "
+                       "$OFFBENCH_DATA_DIR/forge/<env> or ~/.offbench/datasets/forge/<env>)")
+    forge.add_argument("--preset", default=None, help="small or d4rl (default: small for Pendulum-v1 and "
+                       "InvertedPendulum-v5, else d4rl)")
+    forge.add_argument("--seed", type=int, default=None, help="default 0")
+    forge.add_argument("--sac-steps", type=int, default=None, help="env steps of the SAC run (one update per step after --start-steps)")
+    forge.add_argument("--start-steps", type=int, default=None, help="uniform random actions first, no updates")
+    forge.add_argument("--checkpoint-every", type=int, default=None, help="env steps between evaluated checkpoints")
+    forge.add_argument("--eval-episodes", type=int, default=None, help="episodes per checkpoint evaluation (default 10)")
+    forge.add_argument("--dataset-steps", type=int, default=None, help="steps of the random, medium and expert datasets")
+    forge.add_argument("--ref-episodes", type=int, default=None, help="episodes of the reference scores (default 100)")
+    forge.add_argument("--expert-candidates", type=int, default=None, help="best-evaluated checkpoints re-evaluated to pick the expert (default 3)")
+    forge.add_argument("--select-episodes", type=int, default=None, help="episodes of that re-evaluation (default 30)")
+    forge.add_argument("--medium-fraction", type=float, default=None, help="medium's target between random (0) and expert (1); default 1/3")
+    forge.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes (default 256 256)")
+    forge.add_argument("--batch-size", type=int, default=None, help="SAC minibatch (default 256)")
+    forge.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's registered limit")
+    forge.add_argument("--num-envs", type=int, default=None, help="parallel envs in evaluations and rollouts (default 10)")
+    forge.add_argument("--device", default=None, help="cpu (default; deterministic) or cuda")
+    forge.add_argument("--minari-namespace", default=None, help="Minari ids <namespace>/<kind>-v0 (default offbench/<env>)")
+    forge.add_argument("--force", action="store_true", help="delete this folder's forge files and start again")
+    forge.add_argument("--quiet", action="store_true", help="no progress bars")
+
     info = sub.add_parser("info", help="what a dataset name resolves to, and its statistics if it is on this machine")
     info.add_argument("name", help="catalog name or .hdf5 path; `offbench data info list` lists the catalog")
     info.add_argument("--env-id", default=None)
@@ -43,6 +77,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "synth":
         return _synth(args)
+    if args.command == "forge":
+        return _forge(args)
     return _info(args)
 
 
@@ -60,15 +96,52 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forge(args: argparse.Namespace) -> int:
+    from offbench.forge import forge, forge_config
+
+    config = forge_config(
+        args.env, args.preset, seed=args.seed, sac_steps=args.sac_steps, start_steps=args.start_steps,
+        checkpoint_every=args.checkpoint_every, eval_episodes=args.eval_episodes, dataset_steps=args.dataset_steps,
+        ref_episodes=args.ref_episodes, expert_candidates=args.expert_candidates, select_episodes=args.select_episodes,
+        medium_fraction=args.medium_fraction, hidden=args.hidden,
+        batch_size=args.batch_size, max_episode_steps=args.max_episode_steps, num_envs=args.num_envs, device=args.device,
+    )
+    out = args.out or str(forge_dir(args.env))
+    manifest = forge(config, out, minari_namespace=args.minari_namespace, force=args.force, progress=not args.quiet)
+    refs = manifest["references"]
+    print(f"forged {args.env} in {out} (preset {config.preset}, seed {config.seed}; manifest.json says how)")
+    print(
+        f"references over {refs['episodes']} episodes: random {refs['ref_min']:.2f}, expert {refs['ref_max']:.2f}; "
+        f"medium = checkpoint at {manifest['medium']['env_steps']} env steps, expert = {manifest['expert']['env_steps']}"
+    )
+    print(f"{'dataset':14s} {'steps':>9s} {'episodes':>9s} {'mean return':>12s} {'normalized':>10s}  name")
+    for kind, d in manifest["datasets"].items():
+        print(
+            f"{kind:14s} {d['steps']:9d} {d['episodes']:9d} {d['mean_return']:12.2f} {d['normalized_mean']:10.1f}  "
+            f"{d['name'] or Path(out) / d['hdf5']} | Minari {d['minari_id']}"
+        )
+    for warning in manifest.get("warnings", []):
+        print(f"warning: {warning}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     if args.name == "list":
         for name, entry in CATALOG.items():
             print(f"{name:42s} {entry.source:9s} {entry.env_id}")
+        for entry in FORGE_ENVS.values():
+            made = "forged" if (forge_dir(entry.env_id) / "manifest.json").is_file() else "not forged"
+            for kind in FORGE_KINDS:
+                print(f"{forge_name(entry.env_id, kind):42s} {'forge':9s} {entry.env_id} ({made})")
         return 0
-    info = resolve(
-        args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
-        max_episode_steps=args.max_episode_steps,
-    )
+    try:
+        info = resolve(
+            args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
+            max_episode_steps=args.max_episode_steps,
+        )
+    except FileNotFoundError as e:  # a forged family that is not there yet: the message says how to make it
+        print(e)
+        return 1
     for f in fields(info):
         print(f"{f.name:18s} {getattr(info, f.name)}")
     path = local_path(info)

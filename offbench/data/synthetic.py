@@ -2,14 +2,17 @@
 in the D4RL HDF5 layout (and, if asked, as a Minari dataset with the same episodes).
 
 They make tests and offline demos possible where D4RL and Minari cannot be downloaded. The
-`synthetic/*` catalog names are generated on first use from the recipes below.
+`synthetic/*` catalog names are generated on first use from the recipes below. The writers at the
+end (`Episode`, `write_d4rl_hdf5`, `write_minari_dataset`) are shared with the dataset forge
+(offbench/forge.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
@@ -54,10 +57,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """Root of the datasets the suite makes: `data_dir`, else $OFFBENCH_DATA_DIR, else ~/.offbench/datasets."""
+    return Path(data_dir or os.environ.get("OFFBENCH_DATA_DIR") or Path.home() / ".offbench" / "datasets")
+
+
 def synthetic_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Where generated datasets live: `data_dir`, else $OFFBENCH_DATA_DIR, else ~/.offbench/datasets."""
-    root = data_dir or os.environ.get("OFFBENCH_DATA_DIR") or Path.home() / ".offbench" / "datasets"
-    return Path(root) / "synthetic"
+    """Where generated datasets live: `data_root(data_dir)/synthetic`."""
+    return data_root(data_dir) / "synthetic"
 
 
 def ensure_synthetic(name: str, data_dir: str | os.PathLike | None = None) -> Path:
@@ -121,32 +128,90 @@ def write_random_dataset(
         raise ValueError(f"random datasets need a continuous (Box) action space; {env_id} has {space}")
     rng = np.random.default_rng(seed)
 
-    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    buffers = []
+    collected = []
     for ep in range(episodes):
         # Seed the env once; later resets continue its generator, so the whole run follows `seed`.
         obs, info = env.reset(seed=seed if ep == 0 else None)
-        ep_obs, ep_act, ep_rew, ep_term, ep_trunc, ep_success = [obs], [], [], [], [], [info.get("success")]
+        episode = Episode([obs], [], [], [], [], [info.get("success")])
         done = False
         while not done:
             action = rng.uniform(space.low, space.high).astype(space.dtype)
             obs, reward, terminated, truncated, info = env.step(action)
-            ep_act.append(action)
-            ep_rew.append(float(reward))
-            ep_term.append(bool(terminated))
-            ep_trunc.append(bool(truncated))
-            ep_obs.append(obs)
-            ep_success.append(info.get("success"))
+            episode.add(obs, action, reward, terminated, truncated, info.get("success"))
             done = terminated or truncated
-        rows["observations"] += [_flat(o, obs_keys) for o in ep_obs[:-1]]
-        rows["actions"] += ep_act
-        rows["rewards"] += ep_rew
-        rows["terminals"] += ep_term
-        rows["timeouts"] += ep_trunc
-        if minari_id is not None:
-            buffers.append(_episode_buffer(ep, ep_obs, ep_act, ep_rew, ep_term, ep_trunc, ep_success))
+        collected.append(episode)
 
-    out = Path(out_hdf5)
+    n = write_d4rl_hdf5(
+        out_hdf5, collected, env_id=env_id, max_episode_steps=int(limit), ref_min=ref_min, ref_max=ref_max,
+        obs_keys=obs_keys,
+        attrs={"generator": f"offbench.data.synthetic.write_random_dataset(seed={seed}, episodes={episodes})"},
+    )
+    if minari_id is not None:
+        write_minari_dataset(
+            minari_id, collected, env, algorithm_name="uniform random policy",
+            code_permalink="offbench/data/synthetic.py", description=f"{episodes} random-policy episodes in {env_id}",
+        )
+    env.close()
+    return n
+
+
+# --------------------------------------------------------------------------- writing (shared with the forge)
+
+
+@dataclass
+class Episode:
+    """One episode as collected: T+1 observations (the final one included; arrays or dicts of arrays),
+    T actions, rewards, terminations and truncations, and T+1 `info["success"]` values (None when
+    the env reports none)."""
+
+    observations: list
+    actions: list = field(default_factory=list)
+    rewards: list = field(default_factory=list)
+    terminations: list = field(default_factory=list)
+    truncations: list = field(default_factory=list)
+    success: list | None = None
+
+    def add(self, obs, action, reward, terminated, truncated, success=None) -> None:
+        """Append one step: the action taken, what it gave, and the observation it led to."""
+        self.observations.append(obs)
+        self.actions.append(action)
+        self.rewards.append(float(reward))
+        self.terminations.append(bool(terminated))
+        self.truncations.append(bool(truncated))
+        if self.success is not None:
+            self.success.append(success)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def ret(self) -> float:
+        """Undiscounted return."""
+        return float(np.sum(self.rewards))
+
+
+def write_d4rl_hdf5(
+    path: str | os.PathLike,
+    episodes: list[Episode],
+    *,
+    env_id: str,
+    max_episode_steps: int,
+    ref_min: float | None = None,
+    ref_max: float | None = None,
+    obs_keys: tuple[str, ...] | None = None,
+    attrs: dict | None = None,
+) -> int:
+    """Write `episodes` in D4RL's HDF5 layout, atomically (to `path.part`, then renamed): a reader
+    never sees a half-written file. Attributes: env_id, max_episode_steps, ref_min/ref_max when both
+    are given, then `attrs`. Returns the number of rows (steps) written."""
+    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    for ep in episodes:
+        rows["observations"] += [_flat(o, obs_keys) for o in ep.observations[:-1]]
+        rows["actions"] += ep.actions
+        rows["rewards"] += ep.rewards
+        rows["terminals"] += ep.terminations
+        rows["timeouts"] += ep.truncations
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     with h5py.File(part, "w") as f:
@@ -156,36 +221,101 @@ def write_random_dataset(
         f["terminals"] = np.asarray(rows["terminals"], dtype=bool)
         f["timeouts"] = np.asarray(rows["timeouts"], dtype=bool)
         f.attrs["env_id"] = env_id
-        f.attrs["max_episode_steps"] = int(limit)
+        f.attrs["max_episode_steps"] = int(max_episode_steps)
         if ref_min is not None and ref_max is not None:
             f.attrs["ref_min"] = float(ref_min)
             f.attrs["ref_max"] = float(ref_max)
-        f.attrs["generator"] = f"offbench.data.synthetic.write_random_dataset(seed={seed}, episodes={episodes})"
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
     os.replace(part, out)  # atomic: a reader never sees a half-written file
-
-    if minari_id is not None:
-        import minari
-
-        minari.create_dataset_from_buffers(
-            minari_id, buffer=buffers, env=env, eval_env=env.spec,
-            algorithm_name="uniform random policy", author="offbench", author_email="offbench@localhost",
-            code_permalink="offbench/data/synthetic.py", description=f"{episodes} random-policy episodes in {env_id}",
-        )
-    env.close()
     return len(rows["rewards"])
 
 
-def _episode_buffer(ep, obs, act, rew, term, trunc, success):
+def write_minari_dataset(
+    minari_id: str,
+    episodes: list[Episode],
+    env: gym.Env,
+    *,
+    algorithm_name: str,
+    description: str,
+    code_permalink: str,
+    ref_min: float | None = None,
+    ref_max: float | None = None,
+    ref_episodes: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `episodes` as Minari dataset `minari_id` under $MINARI_DATASETS_PATH (or ~/.minari/datasets).
+
+    Minari writes into its final folder step by step, so the dataset is built under a staging root
+    next to the datasets root and then renamed into place: an interrupted write never leaves a
+    half-written dataset under `minari_id`. An existing dataset is replaced only with `overwrite`
+    (Minari itself refuses). `ref_min`/`ref_max` (with the `ref_episodes` they were measured over)
+    are stored as Minari's reference scores. Returns the dataset's folder.
+    """
+    import shutil
+    import uuid
+
+    import minari
+
+    root = _minari_datasets_root()
+    final = root / minari_id
+    if final.exists() and not overwrite:
+        raise ValueError(
+            f"A Minari dataset with ID {minari_id} already exists and it cannot be overridden. Please use a "
+            "different dataset name or version."
+        )
+    stage_root = Path(f"{root}.staging") / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    refs = {}
+    if ref_min is not None and ref_max is not None:
+        refs = dict(ref_min_score=float(ref_min), ref_max_score=float(ref_max))
+        if ref_episodes is not None:
+            refs["num_episodes_average_score"] = int(ref_episodes)
+    buffers = [_episode_buffer(i, ep) for i, ep in enumerate(episodes)]
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(stage_root)
+    try:
+        minari.create_dataset_from_buffers(
+            minari_id, buffer=buffers, env=env, eval_env=env.spec, algorithm_name=algorithm_name,
+            author="offbench", author_email="offbench@localhost", code_permalink=code_permalink,
+            description=description, **refs,
+        )
+    finally:
+        if previous is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = final.with_name(f"{final.name}.old-{stage_root.name}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(stage_root / minari_id, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            stage_root.parent.rmdir()  # only when no other write is staging there
+    return final
+
+
+def _minari_datasets_root() -> Path:
+    """Minari's local root, as Minari finds it: $MINARI_DATASETS_PATH, else ~/.minari/datasets."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+def _episode_buffer(ep_id: int, ep: Episode):
     from minari.data_collector import EpisodeBuffer
 
+    obs = ep.observations
     if isinstance(obs[0], dict):
         observations = {k: np.stack([o[k] for o in obs]) for k in obs[0]}
     else:
         observations = np.stack(obs)
-    infos = {"success": np.asarray(success, dtype=bool)} if success[0] is not None else None
+    has_success = ep.success is not None and ep.success[0] is not None
+    infos = {"success": np.asarray(ep.success, dtype=bool)} if has_success else None
     return EpisodeBuffer(
-        id=ep, observations=observations, actions=np.stack(act), rewards=np.asarray(rew),
-        terminations=np.asarray(term), truncations=np.asarray(trunc), infos=infos,
+        id=ep_id, observations=observations, actions=np.stack(ep.actions), rewards=np.asarray(ep.rewards),
+        terminations=np.asarray(ep.terminations), truncations=np.asarray(ep.truncations), infos=infos,
     )
 
 
