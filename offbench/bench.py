@@ -254,11 +254,14 @@ def _seeds(value: Any, problems: list[str]) -> list[int]:
 
 
 def _check_datasets(datasets: list[str], problems: list[str]) -> None:
-    from offbench.data.catalog import resolve
+    from offbench.data.catalog import resolve, unforged_family
 
     if len(set(datasets)) != len(datasets):
         problems.append(f"`datasets` lists a name twice: {datasets}")
     for name in datasets:
+        family = unforged_family(name)
+        if family is not None and family.preset == "small":
+            continue  # forged (minutes) before the cells start, see _prepare_datasets
         try:
             resolve(name)
         except (ValueError, FileNotFoundError, OSError) as e:
@@ -421,12 +424,19 @@ def _gpu_count(devices: str) -> int:
 
 def _prepare_datasets(datasets: list[str]) -> None:
     """Generate the suite's synthetic datasets once, here: cells running in parallel would otherwise
-    all try to write the same file on first use."""
+    all try to write the same file on first use. Forge the families of `small` forge presets that are
+    not forged yet (a few minutes each; larger presets must be forged by hand, see the README)."""
+    from offbench.data.catalog import unforged_family
     from offbench.data.synthetic import ensure_synthetic
+    from offbench.forge import forge, forge_config
 
     for name in datasets:
         if name.startswith("synthetic/"):
             ensure_synthetic(name.removeprefix("synthetic/"))
+        family = unforged_family(name)
+        if family is not None:
+            print(f"forging {family.env_id} for {name} ({family.cost}) ...", flush=True)
+            forge(forge_config(family.env_id, family.preset))
 
 
 def run_grid(

@@ -130,8 +130,9 @@ def test_shipped_grids_expand(monkeypatch):
     monkeypatch.chdir(REPO)  # grid paths are relative to the repository root
     quick = load_grid("configs/grids/quick.yaml")
     assert quick.name == "quick" and len(quick.seeds) == 2
-    assert set(quick.datasets) == {"synthetic/pendulum-random-v0", "synthetic/hopper-random-v0"}
-    assert "bc" in quick.algorithms
+    assert set(quick.datasets) == {"forge/pendulum-medium-replay-v0", "forge/pendulum-medium-v0"}
+    configs = {p.stem for p in (REPO / "configs/algorithms").glob("*.yaml")}
+    assert set(quick.algorithms) == configs  # every algorithm of the suite
     table1 = load_grid("configs/grids/table1.yaml")
     assert table1.seeds == [0, 1, 2, 3, 4] and len(table1.datasets) == 15
     diffcps = {c.dataset: c for c in table1.cells if c.algorithm == "diffcps" and c.seed == 0}
@@ -140,6 +141,19 @@ def test_shipped_grids_expand(monkeypatch):
     assert diffcps["D4RL/antmaze/large-play-v1"].updates == 1_000_000
     assert "configs/tasks/diffcps/antmaze-large-play.yaml" in diffcps["D4RL/antmaze/large-play-v1"].args
     assert table1.references == Path("configs/references/table1.yaml")
+
+
+def test_unforged_small_family_is_left_to_the_runner_but_a_large_one_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))  # nothing forged here
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        f"name: g\nseeds: 1\neval_every: 10\ndatasets: [forge/pendulum-medium-v0]\n"
+        f"algorithms: [{{name: bc, config: {REPO / 'configs/algorithms/bc.yaml'}, updates: 20}}]\n"
+    )
+    assert [c.dataset for c in load_grid(grid).cells] == ["forge/pendulum-medium-v0"]  # forged before the cells
+    grid.write_text(grid.read_text().replace("forge/pendulum-medium-v0", "forge/hopper-medium-v0"))
+    with pytest.raises(bench.GridError, match="offbench data forge --env Hopper-v4 --preset d4rl"):
+        load_grid(grid)
 
 
 def test_cell_state_and_resume_command(tmp_path):

@@ -214,6 +214,14 @@ def forge_minari_id(env_id: str, kind: str) -> str:
     return f"offbench/{forge_slug(env_id)}/{kind}-v{FORGE_VERSION}"
 
 
+def unforged_family(name: str) -> ForgeEnv | None:
+    """The preset env behind forge name `name` when its family has not been forged here yet, else None."""
+    match = _FORGE_NAME.fullmatch(name)
+    if match is None or (data_root() / "forge" / match["slug"] / "manifest.json").is_file():
+        return None
+    return FORGE_ENVS.get(match["slug"])
+
+
 def forge_command(env_id: str, directory: str | os.PathLike | None = None) -> str:
     """The command that forges `env_id`'s family where the catalog looks for it."""
     entry = next((e for e in FORGE_ENVS.values() if e.env_id == env_id), None)
