@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 import re
 import shlex
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from offbench.files import read_json, write_json_atomic
 
 SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", *SETTING_KEYS)
@@ -343,7 +344,7 @@ def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str
 def start_cell(cell: Cell, command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`."""
     cell.run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)})
+    write_json_atomic(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)}, default=str)
     # A crash while a checkpoint was being written leaves only `last.ckpt.part`; `fit` would take the
     # directory for an interrupted run with nothing to resume. The partial file holds nothing usable.
     if not (cell.run_dir / "checkpoints" / "last.ckpt").exists():
@@ -499,7 +500,7 @@ def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: b
 
     _write_grid_json(grid)
     failures_path = grid.output / "failures.json"
-    failures: dict[str, Any] = _read_json(failures_path) or {}
+    failures: dict[str, Any] = read_json(failures_path) or {}
 
     report = GridReport()
     pending: deque[tuple[Cell, CellState]] = deque()
@@ -510,7 +511,7 @@ def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: b
             failures.pop(cell.id, None)  # finished since (e.g. by hand): no longer a failure
         else:
             pending.append((cell, state))
-    _atomic_write_json(failures_path, failures)
+    write_json_atomic(failures_path, failures, default=str)
     if pending:
         _prepare_datasets(sorted({c.dataset for c, _ in pending}))
 
@@ -558,7 +559,7 @@ def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: b
                     else:
                         failures[r.cell.id] = report.failed[r.cell.id] = _failure(r, code, elapsed)
                         console.print(f"[red]failed[/red] {r.cell.id} ({_exit_text(code)}); log: {r.cell.run_dir / 'bench.log'}")
-                    _atomic_write_json(failures_path, failures)
+                    write_json_atomic(failures_path, failures, default=str)
                 live.update(render())
                 if running:
                     time.sleep(0.5)
@@ -680,25 +681,10 @@ def _hms(seconds: float) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-
-
 def _write_grid_json(grid: Grid) -> None:
     """What the tables need to know about the grid: the expected seeds, the row and column order,
     the paper references."""
-    _atomic_write_json(grid.output / "grid.json", {
+    write_json_atomic(grid.output / "grid.json", {
         "name": grid.name,
         "grid_file": str(grid.path),
         "description": grid.description,

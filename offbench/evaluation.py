@@ -11,7 +11,6 @@ evaluations: online model selection, optimistic) and `final_mean` (mean of the l
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ from torch import Tensor
 import offbench
 from offbench.data.catalog import DatasetInfo
 from offbench.envs import flatten_obs, make_vector_env
+from offbench.files import write_json_atomic
 from offbench.scores import normalized_score
 
 Policy = Callable[[Tensor], Tensor]
@@ -312,15 +312,7 @@ class EvalCallback(Callback):
             },
             "versions": _versions(),
         }
-        root = str(trainer.default_root_dir)
-        os.makedirs(root, exist_ok=True)
-        path = os.path.join(root, "result.json")
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return str(write_json_atomic(os.path.join(str(trainer.default_root_dir), "result.json"), result))
 
     def _close_envs(self) -> None:
         if self._envs is not None:

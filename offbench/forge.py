@@ -61,6 +61,7 @@ from offbench.batch import Batch
 from offbench.data.catalog import DatasetInfo, forge_dir, forge_minari_id, forge_name, forge_slug
 from offbench.data.synthetic import Episode, write_d4rl_hdf5, write_minari_dataset
 from offbench.evaluation import evaluate, isolated_rng
+from offbench.files import write_json_atomic
 from offbench.module import OfflineRLModule, soft_update
 from offbench.nets import CriticEnsemble
 from offbench.sac import TanhGaussianActor
@@ -821,9 +822,7 @@ def forge(
         },
         "versions": _versions(),
     }
-    tmp = manifest_path.with_name(f"{MANIFEST}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 

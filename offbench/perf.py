@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import tempfile
@@ -29,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from offbench.data.datamodule import OfflineDataModule
 from offbench.evaluation import evaluate
+from offbench.files import write_json_atomic, write_text_atomic
 from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor
 
@@ -132,7 +132,6 @@ def machine() -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     m = report["machine"]
     lines = [
         "# Training throughput",
@@ -162,10 +161,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         f"step for all), {e['env_steps_per_s_1_env']:.0f} env steps/s with one env.",
         "",
     ]
-    for name, text in (("perf.json", json.dumps(report, indent=2)), ("perf.md", "\n".join(lines))):
-        partial = out_dir / f"{name}.part"
-        partial.write_text(text)
-        os.replace(partial, out_dir / name)
+    write_json_atomic(out_dir / "perf.json", report)
+    write_text_atomic(out_dir / "perf.md", "\n".join(lines))
 
 
 def main(argv: list[str]) -> int:

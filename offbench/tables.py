@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from offbench.files import read_json, write_text_atomic
+
 KINDS = ("last", "best", "final_mean")
 DIFF_KINDS = ("best", "last", "final_mean")  # the paper's numbers are best-style: that comparison first
 KIND_TEXT = {
@@ -133,7 +135,7 @@ def collect_runs(results_dir: str | os.PathLike) -> list[Run]:
     runs = []
     for path in sorted(Path(results_dir).rglob("result.json")):
         result = json.loads(path.read_text())
-        cell = _read_json(path.parent / "cell.json") or {}
+        cell = read_json(path.parent / "cell.json") or {}
         algorithm = cell.get("algorithm") or str(result.get("algorithm", "?")).rsplit(".", 1)[-1].lower()
         dataset = cell.get("dataset") or result.get("dataset", "?")
         runs.append(Run(algorithm, dataset, cell.get("seed", result.get("seed")), result, path.parent))
@@ -193,7 +195,7 @@ class Tables:
 
 def build(results_dir: str | os.PathLike, references: str | os.PathLike | None = None) -> Tables:
     results_dir = Path(results_dir)
-    grid = _read_json(results_dir / "grid.json") or {}
+    grid = read_json(results_dir / "grid.json") or {}
     runs = collect_runs(results_dir)
     if references is None and grid.get("references"):
         references = grid["references"]
@@ -221,7 +223,7 @@ def build(results_dir: str | os.PathLike, references: str | os.PathLike | None =
         columns.insert(after[0] + 1 if after else len(columns), column)
 
     failed: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for entry in (_read_json(results_dir / "failures.json") or {}).values():
+    for entry in (read_json(results_dir / "failures.json") or {}).values():
         failed[(entry.get("dataset"), entry.get("algorithm"))].append(entry)
     return Tables(runs, datasets, algorithms, columns, expected, cells, dict(failed), refs, bool(seeds))
 
@@ -557,7 +559,7 @@ def write_tables(
     written = []
     for name, text in files.items():
         path = results_dir / name
-        _atomic_write_text(path, text)
+        write_text_atomic(path, text)
         written.append(path)
     written += plot_curves(t, results_dir / "curves")
     return written
@@ -567,19 +569,6 @@ def _slug(text: str) -> str:
     if text.endswith((".hdf5", ".h5")):
         text = Path(text).stem
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
 
 
 def main(argv: list[str]) -> int:
