@@ -34,21 +34,35 @@ top-level dataset override, the algorithm's dataset override), dataset, seed, bu
 protocol, run directory, then `args` (top level, dataset override, algorithm, algorithm's dataset
 override): later arguments win, as in `offbench fit`.
 
-Launchers: local subprocesses only (`--workers N`). Ray is not implemented here.
+Launchers. `local` (the default) runs the cells as subprocesses of this machine, `--workers N` at a
+time, GPUs round-robin. `ray` (`--launcher ray`; `pip install 'offbench[ray]'`) hands each cell to a
+Ray cluster as one task, which runs the same `offbench fit` subprocess on whichever node has room:
+`--address` names the cluster (default: $RAY_ADDRESS, else the cluster that `ray start` made on this
+machine, else a new local Ray instance), `--cpus-per-cell` and `--gpus-per-cell` are each task's
+resources (a GPU share such as 0.5 lets several cells use one GPU at once), and `--workers` caps the
+cells in flight (default: whatever the cluster fits). The nodes must share the filesystem with this
+machine (repository, datasets, output directory) and its Python environment: a cell runs in this
+working directory and writes the same run directory and files as a local one, so skipping, resuming
+and the failure records are the same. The runner itself (its lock, progress display, failures.json
+and tables) stays on this machine; a cell is never retried by Ray (a failure is recorded, and the
+next run tries it again), and Ctrl+C stops the running cells before the lock goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +75,8 @@ SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "blo
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", *SETTING_KEYS)
 ALGORITHM_KEYS = ("name", "overrides", *SETTING_KEYS)
 LOG_TAIL_LINES = 25  # lines of a failed cell's output kept as its reason in failures.json
+# The driver's variables that a Ray cell gets too: where the datasets are (the nodes share the disk).
+RAY_FORWARD_ENV = ("OFFBENCH_", "MINARI_", "OMP_NUM_THREADS")
 
 CellState = Literal["finished", "resume", "fresh"]
 
@@ -394,11 +410,15 @@ def _updates_done(run_dir: Path) -> int | None:
 
 @dataclass
 class Running:
+    """A launched cell: a local subprocess or a Ray task."""
+
     cell: Cell
-    process: subprocess.Popen
     state: CellState
-    gpu: int | None
-    started: float = field(default_factory=time.monotonic)
+    process: subprocess.Popen | None = None  # local launcher
+    task: Any = None  # Ray launcher: the task's ObjectRefGenerator (see _ray_cell)
+    gpu: int | str | None = None
+    node: str | None = None  # Ray: the host the cell runs on
+    started: float | None = field(default_factory=time.monotonic)  # None: a Ray task waiting for resources
     first_updates: tuple[float, int] | None = None  # (time, updates) when progress was first seen
     updates: int | None = None
 
@@ -410,6 +430,16 @@ class GridReport:
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     launched: list[str] = field(default_factory=list)
     interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """`--launcher ray`: the cluster and each cell's task resources (gpus_per_cell None: one GPU when
+    the cluster has GPUs and --devices allows them, else none)."""
+
+    address: str | None = None
+    cpus_per_cell: float = 1.0
+    gpus_per_cell: float | None = None
 
 
 def _gpu_count(devices: str) -> int:
@@ -451,25 +481,29 @@ def _prepare_datasets(datasets: list[str]) -> None:
 
 def run_grid(
     grid: Grid,
-    workers: int = 1,
+    workers: int | None = None,
     devices: Literal["auto", "cpu", "cuda"] = "auto",
     console: Any = None,
     tables: bool = True,
+    ray_options: RayOptions | None = None,
 ) -> GridReport:
-    """Run every unfinished cell of `grid` in local subprocesses, at most `workers` at a time,
-    then write the tables. GPUs (when used) go to the least-loaded device, so cells spread
-    round-robin and several cells may share one GPU."""
+    """Run every unfinished cell of `grid`, then write the tables. Locally (no `ray_options`): subprocesses,
+    at most `workers` (None: 1) at a time; GPUs (when used) go to the least-loaded device, so cells
+    spread round-robin and several cells may share one GPU. On Ray: one Ray task per cell, at most
+    `workers` at a time (None: as many as the cluster's resources allow)."""
     from rich.console import Console
 
     console = console or Console()
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
-    gpus = _gpu_count(devices)
-    mode = "cuda" if gpus else "cpu"
+    if ray_options is not None:
+        _check_ray_options(ray_options, devices)  # and that Ray is installed, before anything is written
+    gpus = _gpu_count(devices) if ray_options is None else 0
+    workers = workers or (1 if ray_options is None else len(grid.cells))
     grid.output.mkdir(parents=True, exist_ok=True)
     lock = _lock(grid.output)
     try:
-        return _run(grid, workers, gpus, mode, console, tables)
+        return _run(grid, workers, devices, gpus, ray_options, console, tables)
     finally:
         lock.unlink(missing_ok=True)
 
@@ -504,7 +538,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: bool) -> GridReport:
+def _run(
+    grid: Grid, workers: int, devices: str, gpus: int, ray_options: RayOptions | None, console: Any, tables: bool
+) -> GridReport:
     from rich.live import Live
 
     _write_grid_json(grid)
@@ -527,58 +563,70 @@ def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: b
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Unset, every torch process would use all cores: N workers would oversubscribe the CPU N times.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    mode = "cuda" if gpus else "cpu"
+    where = f"{workers} worker(s) ({mode}{f', {gpus} GPU(s)' if gpus else ''})"
+    cluster = _ray_connect(ray_options, devices) if ray_options is not None and pending else None
+    if cluster is not None:
+        mode, where = cluster.mode, cluster.description
+    elif ray_options is not None:
+        where = "Ray"  # nothing to run: not connected
     running: list[Running] = []
     start = time.monotonic()
     console.print(
         f"grid {grid.name}: {len(grid.cells)} cells, {len(report.skipped)} already finished, "
-        f"{len(pending)} to run on {workers} worker(s) ({mode}{f', {gpus} GPU(s)' if gpus else ''}); "
-        f"results in {grid.output}"
+        f"{len(pending)} to run on {where}; results in {grid.output}"
     )
 
     def render() -> Any:
-        return _render(grid, report, running, len(pending), time.monotonic() - start)
+        started = [r for r in running if r.started is not None]
+        return _render(grid, report, started, len(pending) + len(running) - len(started), time.monotonic() - start)
 
     try:
         with Live(render(), console=console, refresh_per_second=1, transient=False) as live:
             while pending or running:
                 while pending and len(running) < workers:
                     cell, state = pending.popleft()
-                    cell_env = dict(env)
-                    gpu = None
-                    if gpus:
-                        load = [sum(r.gpu == g for r in running) for g in range(gpus)]
-                        gpu = load.index(min(load))
-                        cell_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                    if cluster is not None:
+                        running.append(_ray_start(cluster, cell, state))
                     else:
-                        cell_env["CUDA_VISIBLE_DEVICES"] = ""
-                    process = start_cell(cell, cell_command(cell, state, mode), cell_env)
-                    running.append(Running(cell, process, state, gpu))
+                        running.append(_start_local(cell, state, mode, env, gpus, running))
                     report.launched.append(cell.id)
                 for r in list(running):
                     _poll_progress(r)
-                    code = r.process.poll()
-                    if code is None:
+                    outcome = _poll_local(r) if cluster is None else _ray_poll(r)
+                    if outcome is None:
                         continue
                     running.remove(r)
-                    elapsed = time.monotonic() - r.started
+                    code, elapsed, log_tail = outcome
+                    on = f" on {r.node}" if r.node else ""
                     if code == 0 and (r.cell.run_dir / "result.json").exists():
                         report.finished.append(r.cell.id)
                         failures.pop(r.cell.id, None)
-                        console.print(f"[green]done[/green]   {r.cell.id} ({_hms(elapsed)})")
+                        console.print(f"[green]done[/green]   {r.cell.id} ({_hms(elapsed)}{on})")
                     else:
-                        failures[r.cell.id] = report.failed[r.cell.id] = _failure(r, code, elapsed)
-                        console.print(f"[red]failed[/red] {r.cell.id} ({_exit_text(code)}); log: {r.cell.run_dir / 'bench.log'}")
+                        failures[r.cell.id] = report.failed[r.cell.id] = _failure(r, code, elapsed, log_tail)
+                        console.print(
+                            f"[red]failed[/red] {r.cell.id} ({_exit_text(code)}{on}); log: {r.cell.run_dir / 'bench.log'}"
+                        )
                     write_json_atomic(failures_path, failures, default=str)
                 live.update(render())
                 if running:
                     time.sleep(0.5)
-        if not console.is_terminal:
-            console.print()  # a non-terminal Live leaves its last line unterminated
     except KeyboardInterrupt:
         report.interrupted = True
-        _stop(running)
+        stopped = sum(r.started is not None for r in running)
+        if cluster is not None:
+            _ray_stop(running)
+        else:
+            _stop([r.process for r in running])
+    finally:
+        if cluster is not None and cluster.disconnect:
+            _import_ray().shutdown()
+    if not console.is_terminal:
+        console.print()  # a non-terminal Live leaves its last line unterminated
+    if report.interrupted:
         console.print(
-            f"[yellow]interrupted[/yellow]: stopped {len(running)} running cell(s); run the same command again "
+            f"[yellow]interrupted[/yellow]: stopped {stopped} running cell(s); run the same command again "
             "to resume them from their last checkpoints"
         )
         return report
@@ -596,24 +644,47 @@ def _run(grid: Grid, workers: int, gpus: int, mode: str, console: Any, tables: b
     return report
 
 
-def _failure(r: Running, code: int, elapsed: float) -> dict[str, Any]:
+def _start_local(cell: Cell, state: CellState, mode: str, env: dict[str, str], gpus: int, running: list[Running]) -> Running:
+    """Start a cell as a subprocess here, on the least-loaded GPU when there are GPUs."""
+    cell_env = dict(env)
+    gpu = None
+    if gpus:
+        load = [sum(r.gpu == g for r in running) for g in range(gpus)]
+        gpu = load.index(min(load))
+        cell_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    else:
+        cell_env["CUDA_VISIBLE_DEVICES"] = ""
+    return Running(cell, state, process=start_cell(cell, cell_command(cell, state, mode), cell_env), gpu=gpu)
+
+
+def _poll_local(r: Running) -> tuple[int, float, str] | None:
+    """(exit code, seconds, log tail) once the cell's subprocess has ended, else None."""
+    code = r.process.poll()
+    if code is None:
+        return None
+    return code, time.monotonic() - r.started, _log_tail(r.cell.run_dir / "bench.log")
+
+
+def _failure(r: Running, code: int | None, elapsed: float, log_tail: str) -> dict[str, Any]:
     return {
         "algorithm": r.cell.algorithm,
         "dataset": r.cell.dataset,
         "seed": r.cell.seed,
         "run_dir": str(r.cell.run_dir),
+        **({"node": r.node} if r.node else {}),
         "exit": _exit_text(code),
         "returncode": code,
         "resumed": r.state == "resume",
         "seconds": round(elapsed, 1),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "log": str(r.cell.run_dir / "bench.log"),
-        "reason": _log_tail(r.cell.run_dir / "bench.log")
-        or "the cell exited without output" + ("" if code else " and without a result.json"),
+        "reason": log_tail or "the cell exited without output" + ("" if code else " and without a result.json"),
     }
 
 
-def _exit_text(code: int) -> str:
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "its Ray task failed"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -622,22 +693,24 @@ def _exit_text(code: int) -> str:
     return f"exit code {code}" + (" (but no result.json)" if code == 0 else "")
 
 
-def _stop(running: list[Running], grace: float = 30.0) -> None:
+def _stop(processes: list[subprocess.Popen], grace: float = 30.0) -> None:
     """Stop running cells (SIGINT first, so Lightning shuts down cleanly), then kill stragglers.
     Their last checkpoints stay, so the next run resumes them."""
-    for r in running:
-        if r.process.poll() is None:
-            r.process.send_signal(signal.SIGINT)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace
-    for r in running:
+    for process in processes:
         try:
-            r.process.wait(max(0.0, deadline - time.monotonic()))
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            r.process.kill()
-            r.process.wait()
+            process.kill()
+            process.wait()
 
 
 def _poll_progress(r: Running) -> None:
+    if r.started is None:
+        return
     updates = _updates_done(r.cell.run_dir)
     if updates is None:
         return
@@ -646,7 +719,7 @@ def _poll_progress(r: Running) -> None:
     r.updates = updates
 
 
-def _render(grid: Grid, report: GridReport, running: list[Running], pending: int, elapsed: float) -> Any:
+def _render(grid: Grid, report: GridReport, running: list[Running], waiting: int, elapsed: float) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -658,13 +731,14 @@ def _render(grid: Grid, report: GridReport, running: list[Running], pending: int
         (f"({len(report.skipped)} skipped) ", "dim"),
         (f"{len(running)} running ", "cyan"),
         (f"{len(report.failed)} failed ", "red" if report.failed else "dim"),
-        f"{pending} waiting, elapsed {_hms(elapsed)}",
+        f"{waiting} waiting, elapsed {_hms(elapsed)}",
     )
     if not running:
         return summary
+    nodes = any(r.node for r in running)
     table = Table(box=None, pad_edge=False)
-    for column in ("cell", "updates", "updates/s", "elapsed", "ETA", "gpu"):
-        table.add_column(column, justify="left" if column == "cell" else "right")
+    for column in ("cell", "updates", "updates/s", "elapsed", "ETA", "gpu", *(("node",) if nodes else ())):
+        table.add_column(column, justify="left" if column in ("cell", "node") else "right")
     for r in running:
         now = time.monotonic()
         rate = eta = None
@@ -678,6 +752,7 @@ def _render(grid: Grid, report: GridReport, running: list[Running], pending: int
             _hms(now - r.started),
             _hms(eta) if eta is not None else "-",
             "-" if r.gpu is None else str(r.gpu),
+            *((r.node or "-",) if nodes else ()),
         )
     return Group(summary, table)
 
@@ -685,6 +760,139 @@ def _render(grid: Grid, report: GridReport, running: list[Running], pending: int
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------- the Ray launcher
+
+
+@dataclass
+class RayCluster:
+    """The connection one grid run made to Ray, and what its cells are given."""
+
+    task: Any  # ray.remote(_ray_cell) with the cells' resources
+    mode: str  # the cells' accelerator: "cuda" when they have a GPU (fraction), else "cpu"
+    env: dict[str, str]  # set in each cell's environment, over the node's own
+    description: str
+    disconnect: bool  # this run connected (or started the local instance), so it disconnects at the end
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit(
+            "error: --launcher ray needs Ray, which is not installed here: pip install 'offbench[ray]'"
+        ) from None
+    return ray
+
+
+def _check_ray_options(options: RayOptions, devices: str) -> None:
+    """Everything that can be checked before connecting (Ray installed, sensible resources)."""
+    _import_ray()
+    if options.cpus_per_cell <= 0:
+        raise SystemExit(f"error: --cpus-per-cell must be positive, got {options.cpus_per_cell:g}")
+    if options.gpus_per_cell is not None and not 0 <= options.gpus_per_cell <= 1:
+        raise SystemExit(
+            f"error: --gpus-per-cell is a share of one GPU, from 0 to 1 (a cell runs on one device), "
+            f"got {options.gpus_per_cell:g}"
+        )
+    if devices == "cpu" and options.gpus_per_cell:
+        raise SystemExit("error: --gpus-per-cell asks for GPUs, but --devices cpu runs the cells on CPUs")
+
+
+def _ray_connect(options: RayOptions, devices: str) -> RayCluster:
+    """Connect to the Ray cluster (or start a local instance) and size the cells' tasks."""
+    ray = _import_ray()
+    disconnect = not ray.is_initialized()  # a connection the caller made (a notebook, a test) stays theirs
+    if disconnect:
+        # The cells' output goes to their bench.log files; the driver shows only the grid's progress.
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    resources = ray.cluster_resources()
+    cluster_gpus = resources.get("GPU", 0)
+    if devices == "cuda" and not cluster_gpus:
+        if disconnect:
+            ray.shutdown()
+        raise SystemExit("error: --devices cuda, but the Ray cluster has no GPU")
+    gpus = options.gpus_per_cell
+    if gpus is None:
+        gpus = 1.0 if devices != "cpu" and cluster_gpus else 0.0
+    # max_retries=0: Ray would rerun a task whose worker or node died, while that cell's first
+    # `offbench fit` might still write its run directory (a node cut off from the cluster, say). A failed
+    # cell is recorded and tried again by the next run, as locally: never two runs of one cell at once.
+    task = ray.remote(_ray_cell).options(num_cpus=options.cpus_per_cell, num_gpus=gpus, max_retries=0)
+    env = {name: value for name, value in os.environ.items() if name.startswith(RAY_FORWARD_ENV)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(options.cpus_per_cell))))
+    per_cell = f"{options.cpus_per_cell:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    description = (
+        f"Ray at {ray.get_runtime_context().gcs_address} ({resources.get('CPU', 0):g} CPUs, "
+        f"{cluster_gpus:g} GPUs; {per_cell} per cell)"
+    )
+    return RayCluster(task, "cuda" if gpus else "cpu", env, description, disconnect)
+
+
+def _ray_start(cluster: RayCluster, cell: Cell, state: CellState) -> Running:
+    """Submit a cell; it waits in Ray's queue until a node has its resources."""
+    task = cluster.task.remote(cell, state, cluster.mode, os.getcwd(), cluster.env)
+    return Running(cell, state, task=task, started=None)
+
+
+def _ray_cell(cell: Cell, state: CellState, mode: str, cwd: str, env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """A cell as a Ray task, on the node Ray chose: the local launcher's `offbench fit` subprocess, run
+    in the driver's working directory (the filesystem is shared, so the grid's relative paths hold).
+    A generator, so that the driver learns where and when the cell started before how it ended."""
+    import ray
+
+    os.chdir(cwd)
+    yield {"node": socket.gethostname(), "gpu": ",".join(map(str, ray.get_gpu_ids())) or None}
+    # Ray has set CUDA_VISIBLE_DEVICES to the GPU it gave this task (others may share it). Its worker
+    # processes block SIGINT and a child inherits that: unblock it for the cell, so that the stop below
+    # is the local launcher's (SIGINT, Lightning shuts down cleanly) instead of a kill after the grace.
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        process = start_cell(cell, cell_command(cell, state, mode), {**os.environ, **env})
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    started = time.monotonic()
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)  # not process.wait(): ray.cancel's KeyboardInterrupt arrives between Python calls
+    except KeyboardInterrupt:  # the grid run was interrupted (_ray_stop)
+        _stop([process])
+        raise
+    yield {"returncode": process.returncode, "seconds": time.monotonic() - started,
+           "log_tail": _log_tail(cell.run_dir / "bench.log")}
+
+
+def _ray_poll(r: Running) -> tuple[int | None, float, str] | None:
+    """Take what the cell's task has yielded: where it started (kept in `r`), then how it ended, as
+    (exit code, seconds, log tail); the exit code is None when the task itself failed (its node died)."""
+    import ray
+
+    while ray.wait([r.task], timeout=0)[0]:
+        try:
+            item = ray.get(next(r.task))
+        except ray.exceptions.RayError as e:
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # without the terminal colours
+            elapsed = time.monotonic() - r.started if r.started is not None else 0.0
+            return None, elapsed, "\n".join(reason.splitlines()[-LOG_TAIL_LINES:])
+        if "returncode" in item:
+            return item["returncode"], item["seconds"], item["log_tail"]
+        r.node, r.gpu, r.started = item["node"], item["gpu"], time.monotonic()
+    return None
+
+
+def _ray_stop(running: list[Running]) -> None:
+    """Cancel the cells' tasks: a waiting one never starts, a running one stops its `offbench fit` as the
+    local launcher does. Wait for them to end, so that no cell outlives this run and its lock."""
+    import ray
+
+    for r in running:
+        ray.cancel(r.task)
+    for r in running:
+        with contextlib.suppress(ray.exceptions.RayError):  # the cancelled tasks end with TaskCancelledError
+            for item in r.task:
+                ray.get(item)
 
 
 # --------------------------------------------------------------------------- files
@@ -716,10 +924,31 @@ def _parser() -> argparse.ArgumentParser:
         "finished cells are skipped, interrupted ones resumed from their last checkpoint; tables at the end.",
     )
     parser.add_argument("grid", help="grid file, e.g. configs/grids/quick.yaml")
-    parser.add_argument("--workers", type=int, default=1, help="cells run at the same time (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="cells run at the same time (default: 1 locally; with Ray, as many as the cluster's resources allow)",
+    )
     parser.add_argument(
         "--devices", choices=("auto", "cpu", "cuda"), default="auto",
         help="auto: CUDA when available (cells spread over the visible GPUs, several per GPU allowed), else CPU",
+    )
+    parser.add_argument(
+        "--launcher", choices=("local", "ray"), default="local",
+        help="local: subprocesses of this machine; ray: one Ray task per cell on a Ray cluster whose nodes share "
+        "this machine's filesystem (repository, datasets, results) and Python environment "
+        "(needs pip install 'offbench[ray]')",
+    )
+    ray = parser.add_argument_group("Ray (--launcher ray)")
+    ray.add_argument(
+        "--address", default=None,
+        help="the Ray cluster, as ray.init(address=...) takes it: 'auto' or HOST:PORT run on a node of the cluster, 'local' for a new local instance "
+        "(default: $RAY_ADDRESS, else the cluster that `ray start` made on this machine, else a new local Ray instance)",
+    )
+    ray.add_argument("--cpus-per-cell", type=float, default=None, help="CPUs reserved for each cell (default 1)")
+    ray.add_argument(
+        "--gpus-per-cell", type=float, default=None,
+        help="share of a GPU reserved for each cell, e.g. 0.5: two cells per GPU (default: 1 when the cluster "
+        "has GPUs, else 0)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
     parser.add_argument("--no-tables", action="store_true", help="do not write the tables at the end")
@@ -727,7 +956,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    ray_args = {"--address": args.address, "--cpus-per-cell": args.cpus_per_cell, "--gpus-per-cell": args.gpus_per_cell}
+    if args.launcher != "ray" and any(value is not None for value in ray_args.values()):
+        given = [name for name, value in ray_args.items() if value is not None]
+        parser.error(f"{', '.join(given)}: only with --launcher ray")
     try:
         grid = load_grid(args.grid)
     except GridError as e:
@@ -741,7 +975,11 @@ def main(argv: list[str]) -> int:
         print(f"grid {grid.name}: {len(grid.cells)} cells: {counts['finished']} finished (skipped), "
               f"{counts['resume']} to resume, {counts['fresh']} to start; output {grid.output}")
         return 0
-    report = run_grid(grid, args.workers, args.devices, tables=not args.no_tables)
+    ray_options = None
+    if args.launcher == "ray":
+        cpus = 1.0 if args.cpus_per_cell is None else args.cpus_per_cell
+        ray_options = RayOptions(args.address, cpus, args.gpus_per_cell)
+    report = run_grid(grid, args.workers, args.devices, tables=not args.no_tables, ray_options=ray_options)
     if report.interrupted:
         return 130
     return 1 if report.failed else 0
