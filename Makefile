@@ -43,7 +43,7 @@ perf: $(STAMP)  ## training updates/s with and without Lightning, eval env-steps
 	$(BIN)/offbench perf
 
 .PHONY: toy
-toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model; hours on 2 CPU cores) -> results/toy/
+toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model, 11 models: ~2 h on one CPU core) -> results/toy/
 	$(BIN)/offbench toy
 
 clean-venv:  ## remove the virtualenv
