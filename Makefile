@@ -39,8 +39,8 @@ benchmark: $(STAMP)  ## run configs/grids/$(GRID).yaml (GRID=quick|table1, WORKE
 table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX)
 	$(BIN)/offbench table results/$(GRID) --latex
 
-perf: $(STAMP)  ## training updates/s with and without Lightning, eval env-steps/s -> results/perf/
-	$(BIN)/offbench perf
+perf: $(STAMP)  ## training updates/s with and without Lightning and compiled, eval env-steps/s -> results/perf/
+	$(BIN)/offbench perf --compile
 
 .PHONY: toy
 toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model, 11 models: ~2 h on one CPU core) -> results/toy/

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from offbench.batch import Batch, Transitions
-from offbench.module import OfflineRLModule
+from offbench.module import OfflineRLModule, compilable
 from offbench.nets import mlp
 
 
@@ -159,20 +159,28 @@ class AWR(OfflineRLModule):
         idx = getattr(batch, "idx", None)
         if idx is None:  # Batch has no row indices yet: draw uniform rows, as the DataModule's sampler
             idx = torch.randint(len(d["obs"]), (batch.obs.shape[0],), device=d["obs"].device)
-        obs = d["obs"][idx]
+        # The rows are gathered here, so that a compiled step (and a CUDA graph) gets the batch, not the dataset.
+        if phase < h.critic_steps:
+            return self.value_update(d["obs"][idx], self.returns[idx])
+        return self.actor_update(d["obs"][idx], d["act"][idx], self.weights[idx])
 
-        if phase < h.critic_steps:  # value regression onto the TD(lambda) returns
-            prediction = self.value(obs).squeeze(-1)
-            value_loss = 0.5 * (prediction - (1.0 - h.gamma) * self.returns[idx]).pow(2).mean()
-            self.optimize(self.critic_opt, value_loss)
-            return {"loss/value": value_loss, "v/mean": prediction.detach().mean() / (1.0 - h.gamma)}
+    @compilable
+    def value_update(self, obs: Tensor, returns: Tensor) -> dict[str, Tensor]:
+        """Value regression onto the rows' TD(lambda) returns."""
+        h = self.hparams
+        prediction = self.value(obs).squeeze(-1)
+        value_loss = 0.5 * (prediction - (1.0 - h.gamma) * returns).pow(2).mean()
+        self.optimize(self.critic_opt, value_loss)
+        return {"loss/value": value_loss, "v/mean": prediction.detach().mean() / (1.0 - h.gamma)}
 
-        # advantage-weighted maximum likelihood of the dataset action, fixed std
+    @compilable
+    def actor_update(self, obs: Tensor, act: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        """Advantage-weighted maximum likelihood of the rows' actions, fixed std."""
+        h = self.hparams
         mean = self.actor(obs)
         policy = torch.distributions.Normal(mean, h.action_std, validate_args=False)  # validation would sync
-        log_prob = policy.log_prob(d["act"][idx] / h.max_action).sum(-1)
+        log_prob = policy.log_prob(act / h.max_action).sum(-1)
         bound_loss = 0.5 * ((mean - 1.0).clamp(min=0).pow(2) + (-1.0 - mean).clamp(min=0).pow(2)).sum(-1).mean()
-        weights = self.weights[idx]
         actor_loss = -(weights * log_prob).mean() + h.bound_loss_weight * bound_loss
         self.optimize(self.actor_opt, actor_loss)
         return {"loss/actor": actor_loss, "adv/weight_mean": weights.mean()}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from offbench.batch import Batch
-from offbench.module import OfflineRLModule
+from offbench.module import OfflineRLModule, compilable
 from offbench.nets import DeterministicActor, GaussianActor
 
 
@@ -40,6 +40,7 @@ class BC(OfflineRLModule):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr)
         return self.actor_opt
 
+    @compilable  # no cadence: the whole update is one compiled step
     def update(self, batch: Batch) -> dict[str, Tensor]:
         if self.hparams.policy == "deterministic":
             loss = (self.actor(batch.obs) - batch.act).pow(2).mean()

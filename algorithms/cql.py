@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from offbench.batch import Batch
-from offbench.module import OfflineRLModule, soft_update
+from offbench.module import OfflineRLModule, compilable, graph_break, soft_update
 from offbench.nets import CriticEnsemble
 from offbench.sac import TanhGaussianActor
 
@@ -96,6 +96,12 @@ class CQL(OfflineRLModule):
         return opts
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        # the first bc_steps updates clone the behaviour (a flag: the compiled steps never read the counter)
+        return self.gradient_steps(batch, bc_warmup=self.step < self.hparams.bc_steps)
+
+    @compilable
+    def gradient_steps(self, batch: Batch, bc_warmup: bool) -> dict[str, Tensor]:
+        """Temperature, actor, (Lagrange) and critic steps of one update."""
         h = self.hparams
         obs, act = batch.obs, batch.act
         B, m, d = obs.shape[0], h.num_random, act.shape[-1]
@@ -111,12 +117,13 @@ class CQL(OfflineRLModule):
 
         # 1. entropy temperature: keep the policy's entropy near -act_dim
         new_act, log_pi = self.actor(obs)
+        graph_break()  # the actor loss backpropagates through this forward pass after the temperature's step
         alpha_loss = -(self.log_alpha * (log_pi + self.target_entropy).detach()).mean()
         self.optimize(self.alpha_opt, alpha_loss)
         alpha = self.log_alpha.exp().detach()
 
         # 2. actor: SAC's loss, or behaviour cloning during the warm-up
-        if self.step < h.bc_steps:
+        if bc_warmup:
             actor_loss = (alpha * log_pi - self.actor.log_prob(obs, act)).mean()
         else:
             actor_loss = (alpha * log_pi - self.critic(obs, new_act).min(0).values).mean()
@@ -140,10 +147,11 @@ class CQL(OfflineRLModule):
         # 4. Lagrange (AntMaze): alpha' rises while the gap exceeds its target, and scales the penalty
         metrics = {}
         if h.with_lagrange:
+            graph_break()  # the critic loss backpropagates through the critic's forward passes after this step
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
-            penalty = alpha_prime.detach() * (gap - h.target_action_gap)
             alpha_prime_loss = -(alpha_prime * (gap.detach() - h.target_action_gap)).mean()
             self.optimize(self.alpha_prime_opt, alpha_prime_loss)
+            penalty = alpha_prime.detach() * (gap - h.target_action_gap)  # alpha' as it was before its step
             metrics = {"alpha_prime": alpha_prime.detach(), "loss/alpha_prime": alpha_prime_loss}
         else:
             penalty = gap

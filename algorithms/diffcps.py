@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
-from offbench.module import OfflineRLModule, soft_update
+from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble
 
 
@@ -99,7 +99,18 @@ class DiffCPS(OfflineRLModule):
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         hp = self.hparams
-        # 1. critic: TD target from the (EMA) actor's next actions, max over n per head, min over heads
+        metrics = self.critic_update(batch)
+        if self.step % hp.policy_every == 0:  # every policy_every updates: the actor, then lambda
+            metrics |= self.actor_update(batch)
+        # 4. targets: EMA actor on the official cadence, Polyak critic
+        update_ema(self.actor_ema, self.actor, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, hp.ema_warmup)
+        soft_update(self.critic_target, self.critic, hp.tau)
+        return metrics
+
+    @compilable
+    def critic_update(self, batch: Batch) -> dict[str, Tensor]:
+        """1. critic: TD target from the (EMA) actor's next actions, max over n per head, min over heads."""
+        hp = self.hparams
         with torch.no_grad():
             n = hp.n_backup_actions if hp.max_q_backup else 1
             next_obs = repeat_rows(batch.next_obs, n)
@@ -110,33 +121,30 @@ class DiffCPS(OfflineRLModule):
         q = self.critic(batch.obs, batch.act)
         critic_loss = (q - y).pow(2).mean(1).sum()
         self.optimize(self.critic_opt, critic_loss, hp.max_grad_norm)
-        metrics = {"loss/critic": critic_loss, "q/mean": q.mean()}
+        return {"loss/critic": critic_loss, "q/mean": q.mean()}
 
-        if self.step % hp.policy_every == 0:
-            # 2. actor: normalised Q term + clamped lambda * L_c
-            l_c = self.actor.loss(batch.act, batch.obs)
-            if hp.lc_reduction == "sum":
-                l_c = l_c * hp.act_dim
-            new_act = self.actor(batch.obs)
-            q_new = self.critic(batch.obs, new_act)
-            q_den = q_new if hp.q_normalizer == "online" else self.critic_target(batch.obs, new_act.detach())
-            i = torch.randint(2, (1,), device=q_new.device)
-            q_loss = -q_new.index_select(0, i).mean() / q_den.index_select(0, 1 - i).abs().mean().detach()
-            lam = self.lagrange.clamp(hp.lambda_clip, hp.lambda_max).detach()
-            actor_loss = q_loss + lam * l_c
-            self.optimize(self.actor_opt, actor_loss, hp.max_grad_norm)
-            # 3. dual ascent on lambda: minimise lambda * (kappa - L_c)
-            lambda_loss = self.lagrange * (hp.kappa - l_c.detach())
-            self.optimize(self.lambda_opt, lambda_loss, hp.max_grad_norm)
-            metrics.update({
-                "loss/actor": actor_loss, "loss/q": q_loss, "loss/lambda": lambda_loss, "lambda": lam,
-                "L_c": l_c, "slack": hp.kappa - l_c,
-            })
-
-        # 4. targets: EMA actor on the official cadence, Polyak critic
-        update_ema(self.actor_ema, self.actor, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, hp.ema_warmup)
-        soft_update(self.critic_target, self.critic, hp.tau)
-        return metrics
+    @compilable
+    def actor_update(self, batch: Batch) -> dict[str, Tensor]:
+        """2. actor: normalised Q term + clamped lambda * L_c; 3. dual ascent on lambda."""
+        hp = self.hparams
+        l_c = self.actor.loss(batch.act, batch.obs)
+        if hp.lc_reduction == "sum":
+            l_c = l_c * hp.act_dim
+        new_act = self.actor(batch.obs)
+        q_new = self.critic(batch.obs, new_act)
+        q_den = q_new if hp.q_normalizer == "online" else self.critic_target(batch.obs, new_act.detach())
+        i = torch.randint(2, (1,), device=q_new.device)
+        q_loss = -q_new.index_select(0, i).mean() / q_den.index_select(0, 1 - i).abs().mean().detach()
+        lam = self.lagrange.clamp(hp.lambda_clip, hp.lambda_max).detach()
+        actor_loss = q_loss + lam * l_c
+        self.optimize(self.actor_opt, actor_loss, hp.max_grad_norm)
+        # minimise lambda * (kappa - L_c)
+        lambda_loss = self.lagrange * (hp.kappa - l_c.detach())
+        self.optimize(self.lambda_opt, lambda_loss, hp.max_grad_norm)
+        return {
+            "loss/actor": actor_loss, "loss/q": q_loss, "loss/lambda": lambda_loss, "lambda": lam,
+            "L_c": l_c, "slack": hp.kappa - l_c,
+        }
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
-from offbench.module import OfflineRLModule, soft_update
+from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble
 
 
@@ -78,6 +78,16 @@ class DiffusionQL(OfflineRLModule):
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         hp = self.hparams
+        metrics = self.gradient_steps(batch)
+        # 3. targets: EMA actor on the official cadence, Polyak critic
+        update_ema(self.actor_ema, self.actor, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, hp.ema_warmup)
+        soft_update(self.critic_target, self.critic, hp.tau)
+        return metrics
+
+    @compilable
+    def gradient_steps(self, batch: Batch) -> dict[str, Tensor]:
+        """The critic step, then the actor step."""
+        hp = self.hparams
         # 1. critic: TD target from the EMA actor's next actions, max over n per head, min over heads
         with torch.no_grad():
             n = hp.n_backup_actions if hp.max_q_backup else 1
@@ -96,10 +106,6 @@ class DiffusionQL(OfflineRLModule):
         q_loss = -q_new.index_select(0, i).mean() / q_new.index_select(0, 1 - i).abs().mean().detach()
         actor_loss = bc_loss + hp.eta * q_loss
         self.optimize(self.actor_opt, actor_loss, hp.max_grad_norm)
-
-        # 3. targets: EMA actor on the official cadence, Polyak critic
-        update_ema(self.actor_ema, self.actor, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, hp.ema_warmup)
-        soft_update(self.critic_target, self.critic, hp.tau)
         return {"loss/critic": critic_loss, "loss/actor": actor_loss, "loss/bc": bc_loss, "loss/q": q_loss,
                 "q/mean": q.mean()}
 

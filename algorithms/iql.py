@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from offbench.batch import Batch
-from offbench.module import OfflineRLModule, soft_update
+from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, GaussianActor, mlp
 
 
@@ -89,6 +89,15 @@ class IQL(OfflineRLModule):
         return self.value(obs).squeeze(-1)
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        metrics = self.gradient_steps(batch)
+        # The schedule counts updates in a Python int: outside the compiled steps. It changes only the
+        # actor's lr, which the critic step after the actor's does not use.
+        self.actor_sched.step()
+        return metrics
+
+    @compilable
+    def gradient_steps(self, batch: Batch) -> dict[str, Tensor]:
+        """Value, actor and critic steps of one update, in the official order."""
         h = self.hparams
         with torch.no_grad():
             q_target = self.critic_target(batch.obs, batch.act).min(0).values
@@ -104,7 +113,6 @@ class IQL(OfflineRLModule):
         log_prob = self.actor(batch.obs).log_prob(batch.act).sum(-1)
         actor_loss = -(weights * log_prob).mean()
         self.optimize(self.actor_opt, actor_loss)
-        self.actor_sched.step()
 
         # 3. critic: one-step TD onto the updated V(s'), then the target follows
         with torch.no_grad():

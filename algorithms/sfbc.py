@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import ScoreDiffusion, repeat_rows, resample
-from offbench.module import OfflineRLModule
+from offbench.module import OfflineRLModule, compilable
 from offbench.nets import CriticEnsemble
 
 
@@ -217,9 +217,7 @@ class SfBC(OfflineRLModule):
         hp = self.hparams
         # 1. behaviour model: denoising score matching on the batch
         if self.step < hp.behavior_steps:
-            loss = self.behavior.loss(batch.act, batch.obs)
-            self.optimize(self.behavior_opt, loss)
-            return {"loss/behavior": loss}
+            return self.behavior_update(batch)
         # 2. at the start of rounds 1..K-1: plan new returns with the last round's critic, reset it
         round_, offset = divmod(self.step - hp.behavior_steps, hp.critic_steps)
         if offset == 0 and 0 < round_ < hp.planning_iterations:
@@ -231,6 +229,18 @@ class SfBC(OfflineRLModule):
                     torch._foreach_copy_(list(self.critic.parameters()), list(self.critic_init.parameters()))
                 self.critic_opt.state.clear()
         # 3. critic: regression on the (normalised) returns of rows drawn on the device
+        return self.critic_update(batch)
+
+    @compilable
+    def behavior_update(self, batch: Batch) -> dict[str, Tensor]:
+        """One step of the behaviour model on the batch."""
+        loss = self.behavior.loss(batch.act, batch.obs)
+        self.optimize(self.behavior_opt, loss)
+        return {"loss/behavior": loss}
+
+    @compilable
+    def critic_update(self, batch: Batch) -> dict[str, Tensor]:
+        """One step of the critic on the current round's returns."""
         if batch.idx is None:  # a batch made by hand: draw rows here, as the DataModule's sampler does
             idx = torch.randint(len(self.returns), (batch.obs.shape[0],), device=self.returns.device)
             obs, act = self.data_obs[idx], self.data_act[idx]

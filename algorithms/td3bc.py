@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offbench.batch import Batch
-from offbench.module import OfflineRLModule, soft_update
+from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, DeterministicActor
 
 
@@ -60,8 +60,16 @@ class TD3BC(OfflineRLModule):
         return [self.actor_opt, self.critic_opt]
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
+        metrics = self.critic_update(batch)
+        # every policy_freq updates (counted like the official total_it): the actor, then both targets
+        if (self.step + 1) % self.hparams.policy_freq == 0:
+            metrics |= self.actor_update(batch)
+        return metrics
+
+    @compilable
+    def critic_update(self, batch: Batch) -> dict[str, Tensor]:
+        """Clipped double-Q target with target policy smoothing, one critic step."""
         h = self.hparams
-        # 1. critic: clipped double-Q target with target policy smoothing
         with torch.no_grad():
             noise = (torch.randn_like(batch.act) * h.policy_noise * h.max_action).clamp(
                 -h.noise_clip * h.max_action, h.noise_clip * h.max_action
@@ -72,19 +80,20 @@ class TD3BC(OfflineRLModule):
         q = self.critic(batch.obs, batch.act)  # (2, B)
         critic_loss = (q - target).pow(2).mean(1).sum()
         self.optimize(self.critic_opt, critic_loss)
-        metrics = {"loss/critic": critic_loss, "q/mean": q.mean()}
+        return {"loss/critic": critic_loss, "q/mean": q.mean()}
 
-        # 2. every policy_freq updates: actor = -lambda Q_1 + BC, then both targets follow
-        if (self.step + 1) % h.policy_freq == 0:
-            pi = self.actor(batch.obs)
-            q_pi = self.critic(batch.obs, pi)[0]
-            lmbda = h.alpha / q_pi.abs().mean().detach()
-            actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch.act)
-            self.optimize(self.actor_opt, actor_loss)
-            soft_update(self.critic_target, self.critic, h.tau)
-            soft_update(self.actor_target, self.actor, h.tau)
-            metrics |= {"loss/actor": actor_loss, "lambda": lmbda}
-        return metrics
+    @compilable
+    def actor_update(self, batch: Batch) -> dict[str, Tensor]:
+        """Actor = -lambda Q_1 + BC, one step; then both targets follow."""
+        h = self.hparams
+        pi = self.actor(batch.obs)
+        q_pi = self.critic(batch.obs, pi)[0]
+        lmbda = h.alpha / q_pi.abs().mean().detach()
+        actor_loss = -lmbda * q_pi.mean() + F.mse_loss(pi, batch.act)
+        self.optimize(self.actor_opt, actor_loss)
+        soft_update(self.critic_target, self.critic, h.tau)
+        soft_update(self.actor_target, self.actor, h.tau)
+        return {"loss/actor": actor_loss, "lambda": lmbda}
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:

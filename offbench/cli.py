@@ -1,6 +1,7 @@
 """The `offbench` command: a small dispatcher.
 
     offbench fit --config configs/algorithms/bc.yaml --data.dataset synthetic/hopper-random-v0
+    offbench fit ... --compile true        # the update through torch.compile (CUDA graphs on CUDA)
     offbench data synth|info ...
 
 `fit` goes to LightningCLI (model by class path, DataModule arguments, Trainer arguments, one run
@@ -61,6 +62,10 @@ class OffbenchCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--updates", type=int, required=True, help="total gradient updates (multiple of data.eval_every)")
+        parser.add_argument(
+            "--compile", type=bool, default=False,
+            help="run the update through torch.compile (CUDA graphs on CUDA): OfflineRLModule.enable_compile",
+        )
         parser.add_lightning_class_args(EvalCallback, "eval")
         parser.link_arguments(("updates", "data.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse")
         for name in ("obs_dim", "act_dim", "max_action"):
@@ -81,6 +86,9 @@ class OffbenchCLI(LightningCLI):
         else:
             checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
             self.resumed_updates = int(checkpoint["state_dict"]["updates"])
+
+    def before_fit(self) -> None:
+        self.model.compile_update = bool(self._get(self.config_init, "compile", default=False))
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_config = self._get(self.config_init, "trainer", default={})

@@ -5,7 +5,11 @@ For each algorithm config: one OfflineDataModule and one module at the config's 
 class's default network sizes. Lightning runs two epochs of `updates` updates (the first is the
 warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
 updates in a plain Python loop (`module.update(dm.sample())`), timed the same way. The ratio of the
-two is Lightning's overhead. On CUDA the clock is read after a device synchronisation.
+two is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches to
+the compiled path (`enable_compile`: torch.compile, CUDA graphs on CUDA) and runs the plain loop's
+update numbers again, twice: the first pass compiles every graph those updates need and warms up,
+the second is timed; the compile time reported is the first pass's time minus the second's.
+On CUDA the clock is read after a device synchronisation.
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
@@ -63,7 +67,9 @@ def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, 
     return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {})
 
 
-def measure_training(config: Path, dataset: str, updates: int, block_size: int, accelerator: str) -> dict[str, Any]:
+def measure_training(
+    config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False
+) -> dict[str, Any]:
     cls, init_args, data = load_algorithm_config(config)
     dm = OfflineDataModule(
         dataset, batch_size=data.get("batch_size", 256), eval_every=updates, block_size=block_size,
@@ -81,15 +87,17 @@ def measure_training(config: Path, dataset: str, updates: int, block_size: int, 
     lightning_seconds = timer.seconds[1]  # epoch 0 was the warm-up
 
     # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning.
-    device = model.device
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(updates):
-        model.update(dm.sample())
-        model.step += 1
-        model.updates += 1
-    _sync(device)
-    plain_seconds = time.perf_counter() - start
+    first = model.step
+    plain_seconds = _time_updates(model, dm, updates)
+    compiled: dict[str, Any] = {"compiled_updates_per_s": None, "compile_seconds": None}
+    if compile_update:
+        # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
+        model.enable_compile()
+        warmup_seconds, compiled_seconds = (_time_updates(model, dm, updates, first) for _ in range(2))
+        compiled = {
+            "compiled_updates_per_s": updates / compiled_seconds,
+            "compile_seconds": warmup_seconds - compiled_seconds,
+        }
     return {
         "algorithm": f"{cls.__module__}.{cls.__qualname__}",
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
@@ -100,7 +108,21 @@ def measure_training(config: Path, dataset: str, updates: int, block_size: int, 
         "lightning_updates_per_s": updates / lightning_seconds,
         "plain_updates_per_s": updates / plain_seconds,
         "lightning_overhead_pct": 100.0 * (lightning_seconds / plain_seconds - 1.0),
+        **compiled,
     }
+
+
+def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, first: int | None = None) -> float:
+    """Seconds for `updates` updates in a plain loop, from update number `first` (default: where the module is)."""
+    if first is not None:
+        model.step = first
+        model.updates.fill_(first)
+    _sync(model.device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        model.run_update(dm.sample())
+    _sync(model.device)
+    return time.perf_counter() - start
 
 
 def measure_evaluation(dataset: str, episodes: int, num_envs: int, accelerator: str) -> dict[str, Any]:
@@ -140,15 +162,21 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         f"{m['lightning']}, dataset `{report['dataset']}`. Each algorithm: its config's batch size and "
         "default network sizes; Lightning = second of two epochs of `updates` updates (the first is warm-up), "
         "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
-        "sampler calling update() in a Python loop. Overhead = Lightning time / plain time - 1.",
+        "sampler calling update() in a Python loop. Overhead = Lightning time / plain time - 1. Compiled = the "
+        "plain loop's update numbers again after `enable_compile()` (torch.compile; CUDA graphs on CUDA), timed "
+        "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's "
+        "(n/a: run without --compile).",
         "",
-        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead |",
-        "|---|---|---|---|---|---|---|---|",
+        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead | compiled upd/s "
+        "| compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["training"]:
+        rate, seconds = r.get("compiled_updates_per_s"), r.get("compile_seconds")
         lines.append(
             f"| {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
-            f"| {r['lightning_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['lightning_overhead_pct']:+.1f}% |"
+            f"| {r['lightning_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['lightning_overhead_pct']:+.1f}% "
+            f"| {'n/a' if rate is None else f'{rate:.1f}'} | {'n/a' if seconds is None else f'{seconds:.1f}'} |"
         )
     e = report["evaluation"]
     n = report["eval_envs"]
@@ -175,15 +203,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--eval-envs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "results/perf")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled update (enable_compile)")
     args = parser.parse_args(argv)
     if args.updates <= 0 or args.block_size <= 0:
         parser.error("--updates and --block-size must be positive")
     training = []
     for config in args.configs:
-        result = measure_training(config, args.dataset, args.updates, args.block_size, args.accelerator)
+        result = measure_training(config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile)
+        compiled = (
+            f", compiled {result['compiled_updates_per_s']:.1f} upd/s (compile {result['compile_seconds']:.0f} s)"
+            if args.compile else ""
+        )
         print(
             f"{result['algorithm']}: Lightning {result['lightning_updates_per_s']:.1f} upd/s, plain "
-            f"{result['plain_updates_per_s']:.1f} upd/s, overhead {result['lightning_overhead_pct']:+.1f}%",
+            f"{result['plain_updates_per_s']:.1f} upd/s, overhead {result['lightning_overhead_pct']:+.1f}%{compiled}",
             flush=True,
         )
         training.append(result)
