@@ -9,6 +9,9 @@ TORCH ?= torch==2.13.0
 # `make benchmark GRID=table1 WORKERS=8`: the grid file configs/grids/$(GRID).yaml, cells run at once.
 GRID ?= quick
 WORKERS ?= 2
+# `make perf`: updates timed per measurement. 300: 18 minutes on this 2-core CPU (SfBC's batch-4096
+# update takes about a second on a CPU core); use PERF_UPDATES=1000 on a GPU.
+PERF_UPDATES ?= 300
 
 .PHONY: help install test test-all lint benchmark table perf clean-venv
 
@@ -40,7 +43,7 @@ table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX
 	$(BIN)/offbench table results/$(GRID) --latex
 
 perf: $(STAMP)  ## training updates/s with and without Lightning and compiled, eval env-steps/s -> results/perf/
-	$(BIN)/offbench perf --compile
+	$(BIN)/offbench perf --compile --updates $(PERF_UPDATES) --block-size $(PERF_UPDATES)
 
 .PHONY: toy
 toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model, 11 models: ~2 h on one CPU core) -> results/toy/

@@ -94,7 +94,9 @@ class OfflineRLModule(pl.LightningModule):
         `capturable=True` and `foreach=True` (their step counters move to the device, as CUDA graphs
         need). Call it after the optimisers exist and any checkpoint is loaded (training does it in
         on_train_start). A recompilation past torch._dynamo.config.recompile_limit raises instead of
-        falling back to eager code. Known limit (torch 2.13): compiled Adam divides by the learning
+        falling back to eager code; that limit counts per process, and `optimize` is compiled once per
+        optimiser, so a process that compiles several modules calls torch._dynamo.reset() between them
+        (as `offbench perf` does). Known limit (torch 2.13): compiled Adam divides by the learning
         rate, so a rate of exactly 0 gives NaN (IQL's cosine schedule reaches 0 after its last update)."""
         scalars = [n for n, p in self.named_parameters() if p.dim() == 0 and p.dtype == torch.float64 and not p.is_cuda]
         if scalars:  # seen with torch 2.13 on the CPU: the compiled Adam step leaves them unchanged

@@ -86,12 +86,17 @@ def measure_training(
         trainer.fit(model, dm)
     lightning_seconds = timer.seconds[1]  # epoch 0 was the warm-up
 
-    # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning.
-    first = model.step
-    plain_seconds = _time_updates(model, dm, updates)
+    # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning,
+    # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
+    # phases or a policy delay, make some updates cost more than others).
+    first = updates
+    plain_seconds = _time_updates(model, dm, updates, first)
     compiled: dict[str, Any] = {"compiled_updates_per_s": None, "compile_seconds": None}
     if compile_update:
         # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
+        # Dynamo's recompile limit counts per code object and process: the shared `optimize` is compiled
+        # once per optimiser, so every algorithm starts from a clean slate rather than the last ones' count.
+        torch._dynamo.reset()
         model.enable_compile()
         warmup_seconds, compiled_seconds = (_time_updates(model, dm, updates, first) for _ in range(2))
         compiled = {
@@ -162,7 +167,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         f"{m['lightning']}, dataset `{report['dataset']}`. Each algorithm: its config's batch size and "
         "default network sizes; Lightning = second of two epochs of `updates` updates (the first is warm-up), "
         "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
-        "sampler calling update() in a Python loop. Overhead = Lightning time / plain time - 1. Compiled = the "
+        "sampler calling update() in a Python loop over the same update numbers (the same phases). One timing "
+        "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
         "plain loop's update numbers again after `enable_compile()` (torch.compile; CUDA graphs on CUDA), timed "
         "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's "
         "(n/a: run without --compile).",
