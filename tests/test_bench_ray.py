@@ -109,11 +109,18 @@ def test_an_interrupted_run_stops_its_cells_before_it_ends(tiny_hopper, tmp_path
     grid = load_grid(write_grid(tmp_path / "g.yaml", name="g", output=str(tmp_path / "out"), datasets=[str(tiny_hopper)],
                                 seeds=[0], algorithms=[{"name": "bc", "config": BC}], **{**TINY, "updates": 20_000}))
     run_dir = grid.cells[0].run_dir
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "offbench.cli", "bench", str(grid.path), "--launcher", "ray", "--address", "local",
-         "--devices", "cpu"],
-        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    # A user's Ctrl+C reaches a driver whose SIGINT is at its default. Run as a background job (`make
+    # test &`, some CI runners) pytest ignores SIGINT and a child would inherit that; a handler is not
+    # inherited, so install one while the driver starts.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "offbench.cli", "bench", str(grid.path), "--launcher", "ray", "--address", "local",
+             "--devices", "cpu"],
+            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 180
     while not (run_dir / "checkpoints/last.ckpt").exists() and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
