@@ -30,6 +30,10 @@ Where the official code departs from the paper, the default is the code's, the p
 - L_c averaged over batch and action dims, the scale kappa is tuned on (`lc_reduction="mean"`;
   "sum" sums over action dims as ||.||^2 reads, inflating L_c by act_dim);
 - constant learning rates (the code's cosine option, off by default, steps once per 50 epochs).
+With `action_approximation: true` (EDP, Kang et al. 2023, arXiv:2305.20081; off by default) the Q
+term is taken at the one-step reconstruction a0_hat of L_c's own noised dataset action, so L_c and
+the Q term share one noise-model pass (see algorithms/diffusion_ql.py).
+
 Verified against the official code as Diffusion-QL is (tests/test_golden.py): one whole update,
 lambda's dual step included, equals the official one on its weights, batch and random draws.
 
@@ -82,6 +86,7 @@ class DiffCPS(DiffusionQL):
         sampling_variance: Literal["posterior", "beta"] = "posterior",
         q_normalizer: Literal["online", "target"] = "online",
         lc_reduction: Literal["mean", "sum"] = "mean",
+        action_approximation: bool = False,
         n_eval_candidates: int = 50,
         hidden: int = 256,
     ) -> None:
@@ -89,8 +94,8 @@ class DiffCPS(DiffusionQL):
             obs_dim, act_dim, max_action, lr=lr, critic_lr=critic_lr, max_grad_norm=max_grad_norm, gamma=gamma,
             tau=tau, max_q_backup=max_q_backup, n_backup_actions=n_backup_actions, n_timesteps=n_timesteps,
             beta_schedule=beta_schedule, sampling_variance=sampling_variance, ema_decay=ema_decay,
-            ema_start=ema_start, ema_every=ema_every, ema_warmup=ema_warmup, n_eval_candidates=n_eval_candidates,
-            hidden=hidden,
+            ema_start=ema_start, ema_every=ema_every, ema_warmup=ema_warmup,
+            action_approximation=action_approximation, n_eval_candidates=n_eval_candidates, hidden=hidden,
         )
         self.remove_ignored_hparams(["eta"])  # Diffusion-QL's fixed weight: lambda takes its place
         self.save_hyperparameters()  # now hparams (and hparams_initial) are exactly DiffCPS's arguments
@@ -114,10 +119,9 @@ class DiffCPS(DiffusionQL):
     def actor_update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """2. actor: normalised Q term + clamped lambda * L_c; 3. dual ascent on lambda."""
         hp = self.hparams
-        l_c = self.actor.loss(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
-        if hp.lc_reduction == "sum":
-            l_c = l_c * hp.act_dim
-        new_act = self.actor.sample(batch.obs, grad=True, noise=draws.new_chain)
+        terms = self.actor.denoise(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
+        l_c = terms.loss() * (hp.act_dim if hp.lc_reduction == "sum" else 1)
+        new_act = self.policy_action(batch.obs, terms, draws.new_chain)  # the chain's sample, or EDP's a0_hat
         normalizer = self.critic_target if hp.q_normalizer == "target" else None
         q_loss = self.q_loss(batch.obs, new_act, draws.head, normalizer)
         lam = self.lagrange.clamp(hp.lambda_clip, hp.lambda_max).detach()

@@ -25,6 +25,12 @@ module, feeds the official run's recorded random draws through `UpdateDraws` and
 schedule, the denoising loss, the reverse chain, one whole update (with and without max-Q backup) and
 the evaluation's action choice (float32 tolerance, tests/data/golden/README.md).
 
+EDP's action approximation (Kang et al. 2023, "Efficient Diffusion Policies for Offline RL",
+arXiv:2305.20081, Section 4.1) as an option, `action_approximation: true` (default false, the paper's
+chain): the Q term is taken at a0_hat = (a_i - sqrt(1 - abar_i) eps_theta(a_i, i, s)) / sqrt(abar_i),
+clipped, from the same noised dataset action, step and noise as L_d, so the actor step makes one
+noise-model pass instead of T + 1 (the TD target's a' still comes from the EMA actor's full chain).
+
 Deviations and choices (shared with algorithms/diffcps.py, which subclasses this module as its code
 forks this one): the EMA actor holds its initial weights until update 1000 (`ema_warmup="hold"`, the
 code; "copy" offered);
@@ -42,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from offbench.batch import Batch
-from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
+from offbench.diffusion import BetaSchedule, DenoisingTerms, DiffusionPolicy, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble
 
@@ -82,6 +88,7 @@ class DiffusionQL(OfflineRLModule):
         ema_start: int = 1000,
         ema_every: int = 5,
         ema_warmup: Literal["hold", "copy"] = "hold",
+        action_approximation: bool = False,
         n_eval_candidates: int = 50,
         hidden: int = 256,
     ) -> None:
@@ -126,11 +133,17 @@ class DiffusionQL(OfflineRLModule):
     def actor_update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """2. actor: diffusion loss + eta * normalised Q term."""
         hp = self.hparams
-        bc_loss = self.actor.loss(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
-        q_loss = self.q_loss(batch.obs, self.actor.sample(batch.obs, grad=True, noise=draws.new_chain), draws.head)
+        terms = self.actor.denoise(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
+        bc_loss = terms.loss()
+        q_loss = self.q_loss(batch.obs, self.policy_action(batch.obs, terms, draws.new_chain), draws.head)
         actor_loss = bc_loss + hp.eta * q_loss
         self.optimize(self.actor_opt, actor_loss, hp.max_grad_norm)
         return {"loss/actor": actor_loss, "loss/bc": bc_loss, "loss/q": q_loss}
+
+    def policy_action(self, obs: Tensor, terms: DenoisingTerms, chain: Tensor | None) -> Tensor:
+        """The action a~mu(s) whose Q is maximised: the reverse chain's sample (the paper), or with
+        `action_approximation` EDP's one-step reconstruction a0_hat from the denoising loss's own pass."""
+        return terms.a0_hat if self.hparams.action_approximation else self.actor.sample(obs, grad=True, noise=chain)
 
     def q_loss(self, obs: Tensor, new_act: Tensor, head: Tensor | None = None, normalizer: nn.Module | None = None) -> Tensor:
         """-E Q_i(s, a~mu) / E|Q_j(s, a~mu)|: i = `head` (drawn at random by default), j the other head,
