@@ -53,8 +53,7 @@ class AWAC(OfflineRLModule):
         self.optimize(self.critic_opt, critic_loss)
 
         with torch.no_grad():  # 2. actor: advantage-weighted log-likelihood of the dataset's actions
-            pi = self.actor(batch.obs)
-            adv = self.critic(batch.obs, batch.act).amin(0) - self.critic(batch.obs, pi.mean).amin(0)
+            adv = q.detach().amin(0) - self.critic(batch.obs, self.actor(batch.obs).mean).amin(0)
             weights = torch.exp(adv / hp.awac_lambda).clamp(max=hp.weight_clip)
         actor_loss = -(weights * self.actor(batch.obs).log_prob(batch.act).sum(-1)).mean()
         self.optimize(self.actor_opt, actor_loss)
