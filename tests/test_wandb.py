@@ -1,15 +1,18 @@
 """W&B logging through the real `offbench fit` CLI, offline (no network): a complete, syncable
 offline run in the run directory, named algorithm/dataset/seed, with the resolved config, config.yaml,
-result.json and the scores; and one clear message when wandb is missing."""
+result.json and the scores; a grid's `wandb:` as cell arguments; one clear message when wandb is missing."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from offbench import wandb_logging
+from offbench import bench, wandb_logging
+from offbench.bench import GridError, load_grid
 from offbench.cli import main
+from tests.test_bench import BC, write_grid
 from tests.test_fit import fit_args
 
 wandb = pytest.importorskip("wandb", reason="the wandb extra: pip install 'offbench[wandb]'")
@@ -65,3 +68,40 @@ def test_a_resumed_fit_continues_the_same_wandb_run(tmp_path):
     assert again.version == first.version and len(first.version) == 8
     other = wandb_logging.RunWandbLogger(tmp_path / "other", wandb_logging.WandbOptions(), "n", {}, resumed=False)
     assert other.version != first.version
+
+
+def grid_with(tmp_path, **extra) -> Path:
+    return write_grid(tmp_path / "g.yaml", name="demo", seeds=2, updates=10, eval_every=10,
+                      datasets=["synthetic/pendulum-random-v0"], algorithms=[{"name": "bc", "config": BC}], **extra)
+
+
+def test_grid_logs_every_cell_into_one_wandb_group(tmp_path):
+    grid = load_grid(grid_with(tmp_path, wandb={"project": "p", "tags": ["quick", 1]}, args=["--wandb.mode", "online"]))
+    args = grid.cells[1].args
+    assert args[args.index("--logger"):] == [
+        "--logger", "wandb", "--wandb.group", "demo", "--wandb.project", "p", "--wandb.tags", '["quick", "1"]',
+        "--wandb.name", "bc/synthetic/pendulum-random-v0/seed1",
+        "--wandb.mode", "online",  # the grid's `args` come after, so they can override
+    ]
+    assert "--logger" not in load_grid(grid_with(tmp_path, wandb=False)).cells[0].args
+    assert load_grid(grid_with(tmp_path, wandb=True)).cells[0].args[-6:] == [
+        "--logger", "wandb", "--wandb.group", "demo", "--wandb.name", "bc/synthetic/pendulum-random-v0/seed0"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"projekt": "p"}, "unknown key 'projekt' (did you mean 'project'?)"),
+    ({"mode": "cloud"}, "`wandb.mode` must be offline or online, got 'cloud'"),
+    ("yes", "`wandb` must be true, false or a mapping of project, entity, tags, mode"),
+])
+def test_bad_wandb_settings_in_a_grid(tmp_path, value, message):
+    with pytest.raises(GridError) as e:
+        load_grid(grid_with(tmp_path, wandb=value))
+    assert message in str(e.value)
+
+
+def test_a_grid_with_wandb_but_no_wandb_package_stops_before_running(monkeypatch, tmp_path):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    with pytest.raises(GridError) as e:
+        load_grid(grid_with(tmp_path, wandb=True))
+    assert "pip install 'offbench[wandb]'" in str(e.value)
