@@ -7,9 +7,9 @@ one algorithm's score matrix of shape (runs, datasets); from it this module take
 - the aggregate metrics IQM, mean, median and optimality gap (rliable.metrics), each with a 95%
   percentile confidence interval from rliable's stratified bootstrap (runs resampled with
   replacement within each dataset: rliable.library.get_interval_estimates);
-- the probability of improvement P(X > Y) between two algorithms (Section 4.3 of the paper) with
-  rliable's stratified independent bootstrap;
-- performance profiles, the fraction of runs scoring above tau (Section 4.1), with rliable's
+- the probability of improvement P(X > Y) between two algorithms, with rliable's stratified
+  independent bootstrap;
+- performance profiles, the fraction of runs scoring above tau, with rliable's
   bootstrap bands (rliable.library.create_performance_profile) and its plot (rliable.plot_utils).
 
 Scores are D4RL normalized scores (expert = 100), so the optimality gap is 100 - mean(min(score, 100))
