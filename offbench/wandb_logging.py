@@ -7,7 +7,8 @@ named algorithm/dataset/seed, holds the resolved config, continues under the sam
 resumes from its checkpoint, and gets config.yaml, result.json and the final scores at the end.
 
 Offline by default (`--wandb.mode online` or WANDB_MODE=online to stream): a run never waits on the
-network, and `wandb sync <run>/wandb/offline-run-*` uploads it later. See docs/logging.md.
+network, and `wandb sync <run>/wandb/offline-run-*` uploads it later. Online with an unreachable
+server (or no login) waits ONLINE_INIT_TIMEOUT seconds, warns and logs offline. See docs/logging.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,7 @@ INSTALL = "pip install 'offbench[wandb]'"
 MODES = ("offline", "online")
 ID_FILE = "wandb-run.json"  # in the run directory: the W&B run id a resumed fit continues
 UPLOADED = ("config.yaml", "result.json")
+ONLINE_INIT_TIMEOUT = 30.0  # seconds
 
 
 def require_wandb(what: str) -> None:
@@ -69,6 +72,8 @@ class RunWandbLogger(WandbLogger):
 
     def __init__(self, root: str | os.PathLike, options: WandbOptions, name: str, config: dict[str, Any],
                  resumed: bool) -> None:
+        import wandb
+
         self.root = Path(root)
         id_path = self.root / ID_FILE
         saved = json.loads(id_path.read_text()) if resumed and id_path.exists() else None
@@ -78,6 +83,8 @@ class RunWandbLogger(WandbLogger):
             name=options.name or name, save_dir=str(self.root), id=run_id, project=options.project,
             entity=options.entity, group=options.group, tags=list(options.tags) or None, config=config,
             mode=mode, job_type="fit",
+            # online: give up on an unreachable server after 30 s (then log offline), not W&B's 90 s
+            settings=wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT),
         )
         self._wandb_init.pop("anonymous", None)  # Lightning's default; wandb warns that it has no effect
         self.root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,20 @@ class RunWandbLogger(WandbLogger):
         if self._experiment is None:
             import wandb
 
-            self._experiment = wandb.init(**self._wandb_init)
+            try:
+                self._experiment = wandb.init(**self._wandb_init)
+            except wandb.errors.Error as e:
+                if self._wandb_init.get("mode") != "online":
+                    raise
+                # Online but the server cannot be reached (or no login): the run goes on, logged offline.
+                warnings.warn(
+                    f"W&B online mode failed ({type(e).__name__}: {str(e).splitlines()[0]}); logging this run "
+                    f"offline instead, upload it later with: wandb sync {self.root / 'wandb'}/offline-run-*",
+                    stacklevel=2,
+                )
+                self._wandb_init["mode"] = "offline"
+                wandb.teardown()  # the failed run still holds its id in W&B's service process
+                self._experiment = wandb.init(**self._wandb_init)
             self._experiment.define_metric("updates")
             self._experiment.define_metric("*", step_metric="updates", step_sync=True)
         return self._experiment

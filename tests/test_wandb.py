@@ -105,3 +105,16 @@ def test_a_grid_with_wandb_but_no_wandb_package_stops_before_running(monkeypatch
     with pytest.raises(GridError) as e:
         load_grid(grid_with(tmp_path, wandb=True))
     assert "pip install 'offbench[wandb]'" in str(e.value)
+
+
+@pytest.mark.slow
+def test_online_mode_without_a_server_falls_back_to_offline(tiny_hopper, tmp_path, offline, monkeypatch):
+    """An unreachable W&B server costs ONLINE_INIT_TIMEOUT seconds, with a warning; the run is logged offline."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    root = tmp_path / "run"
+    with pytest.warns(UserWarning, match="W&B online mode failed"):
+        main(fit_args(tiny_hopper, root, "--logger", "wandb", "--wandb.mode", "online"))
+    assert (root / "result.json").exists()
+    (run_dir,) = (root / "wandb").glob("offline-run-*")
+    assert (run_dir / "files" / "result.json").exists()
