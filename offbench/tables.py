@@ -104,9 +104,13 @@ def domain(dataset: str) -> str:
 
 def collect_runs(results_dir: str | os.PathLike) -> list[Run]:
     """Every finished run under `results_dir`. Labels come from the cell.json that `offbench bench`
-    writes next to result.json, else from result.json itself (class name, dataset, seed)."""
+    writes next to result.json, else from result.json itself (class name, dataset, seed). The copies
+    of result.json inside a run's W&B directory (`<run>/wandb/`, see offbench/wandb_logging.py) are
+    not runs."""
     runs = []
     for path in sorted(Path(results_dir).rglob("result.json")):
+        if "wandb" in path.relative_to(results_dir).parts[:-1]:
+            continue
         result = json.loads(path.read_text())
         cell = read_json(path.parent / "cell.json") or {}
         algorithm = cell.get("algorithm") or str(result.get("algorithm", "?")).rsplit(".", 1)[-1].lower()

@@ -63,6 +63,10 @@ def results(tmp_path) -> Path:
             run.mkdir(parents=True)
             (run / "cell.json").write_text(json.dumps({"algorithm": algorithm, "dataset": dataset, "seed": seed}))
             (run / "result.json").write_text(json.dumps(result(dataset, seed, *scores)))
+    # a W&B run keeps a copy of result.json (offline-run-*/files/): not a run of its own
+    copy = tmp_path / "runs/bc/hopper-medium-v2/seed0/wandb/offline-run-1-abc/files"
+    copy.mkdir(parents=True)
+    (copy / "result.json").write_text((copy.parents[2] / "result.json").read_text())
     (tmp_path / "failures.json").write_text(json.dumps({"diffcps/synthetic-pendulum-random-v0/seed0": {
         "algorithm": "diffcps", "dataset": "synthetic/pendulum-random-v0", "seed": 0, "exit": "exit code 1",
         "reason": "Traceback...\nFloatingPointError: loss/actor became NaN", "log": "x/bench.log"}}))
@@ -199,6 +203,8 @@ def test_probability_of_improvement_and_profiles_match_rliable():
 def test_statistics_under_unequal_seed_counts(results):
     """diffcps has 3, 2 and 3 seeds on its datasets: rliable's matrix takes 2 runs of each, and says so."""
     t = build(results)
+    assert len(t.runs) == sum(map(len, RUNS.values()))  # the W&B copy of a result.json is not counted
+    assert tables.statistics(t).matrices["last"]["bc"].scores.shape == (3, 3)
     m = tables.statistics(t).matrices["last"]["diffcps"]
     assert m.datasets == ["hopper-medium-v2", "walker2d-medium-v2", "D4RL/antmaze/umaze-v1"]
     assert m.scores.tolist() == [[80.0, 88.0, 90.0], [84.0, 86.0, 70.0]] and m.finished == 8
