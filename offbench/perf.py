@@ -13,7 +13,9 @@ reported is the first pass's time minus the second's. Compiled modes: torch.comp
 replayed as CUDA graphs, "cudagraphs"), each after a torch._dynamo.reset().
 On CUDA the clock is read after a device synchronisation. A compiled mode that fails is reported with
 its error (the other measurements stand) and `offbench perf` then exits with status 1.
-Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env.
+`--no-lightning` skips the Lightning timing (Lightning then only sets the module up).
+Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env (and,
+with `--eval-async-envs N`, for N envs stepped in subprocesses).
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
@@ -172,21 +174,25 @@ def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, f
     return time.perf_counter() - start
 
 
-def measure_evaluation(dataset: str, episodes: int, num_envs: int | list[int], accelerator: str) -> dict[str, Any]:
-    """Env steps/s of the evaluation loop with each of `num_envs` envs and with one, for an MLP policy.
+def measure_evaluation(
+    dataset: str, episodes: int, num_envs: int | list[int], accelerator: str, async_envs: int = 0
+) -> dict[str, Any]:
+    """Env steps/s of the evaluation loop with each of `num_envs` envs and with one, for an MLP policy,
+    and with `async_envs` envs in subprocesses (gymnasium's AsyncVectorEnv) when it is positive.
     `episodes` per measurement, at least as many as envs (every env slot runs an episode)."""
     dm = OfflineDataModule(dataset)
     device = torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
     policy = DeterministicActor(dm.obs_dim, dm.act_dim, dm.max_action).to(device).eval()
     counts = sorted({*(num_envs if isinstance(num_envs, list) else [num_envs]), 1}, reverse=True)
     result: dict[str, Any] = {
-        "dataset": dataset, "env_id": dm.info.env_id, "episodes": {}, "device": str(device),
-        "policy": "untrained 2x256 MLP (DeterministicActor)",
+        "dataset": dataset, "env_id": dm.info.env_id, "device": str(device),
+        "policy": "untrained 2x256 MLP (DeterministicActor)", "runs": [],
     }
-    for n in counts:
-        run = evaluate(policy, dm.info, max(episodes, n), num_envs=n, seed=0, device=device)
-        result["episodes"][str(n)] = run["episodes"]
-        result[f"env_steps_per_s_{n}_env{'s' if n > 1 else ''}"] = run["env_steps"] / run["seconds"]
+    for n, asynchronous in [(n, False) for n in counts] + ([(async_envs, True)] if async_envs > 0 else []):
+        run = evaluate(policy, dm.info, max(episodes, n), num_envs=n, seed=0, device=device, asynchronous=asynchronous)
+        rate = run["env_steps"] / run["seconds"]
+        result["runs"].append({"envs": n, "asynchronous": asynchronous, "episodes": run["episodes"], "env_steps_per_s": rate})
+        result[f"env_steps_per_s_{n}_env{'s' if n > 1 else ''}{'_async' if asynchronous else ''}"] = rate
     return result
 
 
@@ -252,12 +258,11 @@ def training_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def evaluation_lines(e: dict[str, Any]) -> list[str]:
-    """One line per env count of a `measure_evaluation` result."""
-    rates = sorted(
-        ((int(key.split("_")[4]), value) for key, value in e.items() if key.startswith("env_steps_per_s_")), reverse=True
-    )
+    """One line per run of a `measure_evaluation` result."""
     return [
-        f"- {n} env{'s' if n > 1 else ''}: {rate:.0f} env steps/s ({e['episodes'][str(n)]} episodes)" for n, rate in rates
+        f"- {r['envs']} env{'s' if r['envs'] > 1 else ''}{' in subprocesses (async)' if r['asynchronous'] else ''}: "
+        f"{r['env_steps_per_s']:.0f} env steps/s ({r['episodes']} episodes)"
+        for r in e["runs"]
     ]
 
 
@@ -281,8 +286,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "",
         "# Evaluation",
         "",
-        f"`{e['env_id']}` with an {e['policy']} on {e.get('device', 'cpu')}, one policy call per step for all "
-        "vectorised envs (synchronous, in-process):",
+        f"`{e['env_id']}` with an {e['policy']} on {e['device']}, one policy call per step for all "
+        "vectorised envs (in-process unless said otherwise):",
         "",
         *evaluation_lines(e),
         "",
@@ -300,6 +305,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation measurement (at least one per env)")
     parser.add_argument("--eval-envs", type=int, nargs="+", default=[10], help="vectorised env counts to time (and always 1)")
+    parser.add_argument("--eval-async-envs", type=int, default=0, help="also time this many envs in subprocesses (0: no)")
     parser.add_argument("--out", type=Path, default=REPO / "results/perf")
     parser.add_argument(
         "--compile", action="store_true",
@@ -328,7 +334,7 @@ def main(argv: list[str]) -> int:
         for mode, error in result["errors"].items():
             print(f"{result['algorithm']}: {mode} failed: {error}", file=sys.stderr, flush=True)
         training.append(result)
-    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator)
+    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator, args.eval_async_envs)
     report = {"machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation}
     write_report(report, args.out)
     print(f"wrote {args.out / 'perf.md'} and perf.json")

@@ -38,8 +38,11 @@ def fake_check() -> Check:
         fake_row("algorithms.iql.IQL", None, {"cudagraphs": "RuntimeError: boom"}),
     ]
     check.evaluation = {"dataset": "synthetic/hopper-random-v0", "env_id": "Hopper-v4", "device": "cuda",
-                        "policy": "untrained 2x256 MLP (DeterministicActor)", "episodes": {"100": 100, "10": 100, "1": 100},
-                        "env_steps_per_s_100_envs": 25000.0, "env_steps_per_s_10_envs": 9000.0, "env_steps_per_s_1_env": 1500.0}
+                        "policy": "untrained 2x256 MLP (DeterministicActor)", "runs": [
+                            {"envs": 100, "asynchronous": False, "episodes": 100, "env_steps_per_s": 25000.0},
+                            {"envs": 1, "asynchronous": False, "episodes": 100, "env_steps_per_s": 30000.0},  # not batched
+                            {"envs": 16, "asynchronous": True, "episodes": 100, "env_steps_per_s": 18000.0},
+                        ]}
     check.seconds = 400.0
     return check
 
@@ -64,7 +67,8 @@ def test_report_states_parts_targets_tests_and_failures(tmp_path):
     assert "| perf | failed | 150 | sfbc: timed out after 90 s |" in md
     assert "| tests/test_cuda.py::test_a[iql] | failed | AssertionError: loss / update 3 |" in md  # a | would break the table
     assert "algorithms.iql.IQL, cudagraphs: failed with RuntimeError: boom" in md
-    assert "- 100 envs: 25000 env steps/s (100 episodes)" in md and "- 1 env: 1500 env steps/s" in md
+    assert "- 100 envs: 25000 env steps/s (100 episodes)" in md and "- 1 env: 30000 env steps/s" in md
+    assert "- 16 envs in subprocesses (async): 18000 env steps/s" in md
     report = json.loads((tmp_path / "perf-cuda.json").read_text())
     assert report["machine"]["gpu"] == "NVIDIA H200" and [p["status"] for p in report["parts"]] == ["passed", "failed", "failed"]
     assert report["targets"][0]["met"] is True and report["training"][2]["errors"] == {"cudagraphs": "RuntimeError: boom"}
