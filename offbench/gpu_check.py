@@ -1,5 +1,5 @@
 """`offbench gpu-check` (`make gpu-check`): every CUDA-specific check and measurement of the suite in one
-go, within a time budget (default 7 minutes), for GPU machines that are lent for a short while.
+go, within a time budget (440 s by default), for GPU machines that are lent for a short while.
 
 Parts, each in its own process with its own time limit (a hang costs its limit, not the machine):
 1. environment: GPU, driver, CUDA, torch, and whether the packages the suite imports are there;
@@ -166,6 +166,24 @@ def _kill(process: subprocess.Popen) -> None:
             continue
 
 
+class CompileCache:
+    """torch.compile's cache directory for the check's processes (TORCHINDUCTOR_CACHE_DIR; Triton's cache sits
+    inside it). A process killed while it compiles can leave a truncated file there (seen on the CPU: a
+    kernel's .so "file too short") that the next process would load and fail on, so after any kill the
+    processes that follow get a fresh directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.generation = root, 0
+
+    def env(self) -> dict[str, str]:
+        return {"TORCHINDUCTOR_CACHE_DIR": str(self.root / f"compile-cache-{self.generation}")}
+
+    def after(self, code: int | None) -> None:
+        """Call with each process's exit status (None: it was killed)."""
+        if code is None:
+            self.generation += 1
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -302,6 +320,7 @@ def run_check(args: argparse.Namespace) -> Check:
     deadline = start + args.budget
     left = lambda: deadline - time.perf_counter()
     logs = args.logs
+    cache = CompileCache(logs)
     check = Check(machine_info(), {"budget": args.budget, "updates": args.updates, "dataset": args.dataset, "cpu": args.cpu})
 
     def save(part: Part | None = None, status: str | None = None, seconds: float | None = None, detail: str = "") -> None:
@@ -330,7 +349,7 @@ def run_check(args: argparse.Namespace) -> Check:
 
     # 2. data
     part = check.part("data")
-    code, seconds = run_process(_worker("data", "--dataset", args.dataset), logs / "data.log", min(args.data_timeout, left()))
+    code, seconds = run_process(_worker("data", "--dataset", args.dataset), logs / "data.log", min(args.data_timeout, left()), cache.env())
     save(part, _status(code), seconds, "" if code == 0 else tail(logs / "data.log", 5))
     if code != 0:
         return check
@@ -342,7 +361,7 @@ def run_check(args: argparse.Namespace) -> Check:
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider", "tests/test_cuda.py"]
     if args.test_workers > 1 and importlib.util.find_spec("xdist") is not None:
         command += ["-n", str(args.test_workers)]
-    parallel_env = {"TORCHINDUCTOR_COMPILE_THREADS": str(args.compile_threads)}
+    parallel_env = {"TORCHINDUCTOR_COMPILE_THREADS": str(args.compile_threads), **cache.env()}
     tests = _start(command, logs / "tests.log", {**parallel_env, "OFFBENCH_CUDA_REPORT": str(deviations)})
     test_deadline = time.perf_counter() + min(args.tests_timeout, left())
     warmers = ordered_configs(args.configs) if args.warm_caches else []
@@ -355,8 +374,9 @@ def run_check(args: argparse.Namespace) -> Check:
             running.append(_start(command, logs / f"warm-{config.stem}.log", parallel_env))
         time.sleep(0.5)
     code, seconds = _finish(tests, test_deadline - time.perf_counter())
-    for w in running:
-        _kill(w)
+    cache.after(code)
+    for w in running:  # the one algorithm each is compiling goes into the cache: worth its time, unless it takes too long
+        cache.after(_finish(w, min(args.warm_grace, left() - args.min_perf_seconds))[0])
     check.tests = parse_pytest_log((logs / "tests.log").read_text(errors="replace"))
     check.deviations = [json.loads(line) for line in deviations.read_text().splitlines()] if deviations.exists() else []
     counts = {o: sum(t["outcome"] == o for t in check.tests) for o in ("passed", "failed", "error", "skipped")}
@@ -371,7 +391,7 @@ def run_check(args: argparse.Namespace) -> Check:
     out = logs / "evaluation.json"
     command = _worker("eval", "--out", str(out), "--episodes", str(args.eval_episodes), "--envs", *map(str, args.eval_envs),
                       "--async-envs", str(args.eval_async_envs), *_perf_args(args))
-    code, seconds = run_process(command, logs / "evaluation.log", min(args.eval_timeout, left()))
+    code, seconds = run_process(command, logs / "evaluation.log", min(args.eval_timeout, left()), cache.env())
     if code == 0:
         check.evaluation = json.loads(out.read_text())
     save(part, _status(code), seconds, "" if code == 0 else tail(logs / "evaluation.log", 5))
@@ -385,7 +405,8 @@ def run_check(args: argparse.Namespace) -> Check:
             continue
         out = logs / f"train-{config.stem}.json"
         command = _worker("train", "--config", str(config), "--updates", str(args.updates), "--out", str(out), *_perf_args(args))
-        code, seconds = run_process(command, logs / f"train-{config.stem}.log", min(args.perf_timeout, left()))
+        code, seconds = run_process(command, logs / f"train-{config.stem}.log", min(args.perf_timeout, left()), cache.env())
+        cache.after(code)
         if code is None:
             problems.append(f"{config.stem}: timed out after {seconds:.0f} s")
         elif not out.exists():
@@ -440,7 +461,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="offbench gpu-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results/perf", help="where perf-cuda.md and .json go")
     parser.add_argument("--logs", type=Path, default=None, help="each part's log (default: a new temporary directory)")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=440.0, help="seconds for all parts together")
     parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")))
     parser.add_argument("--dataset", default=DATASET)
     parser.add_argument("--updates", type=int, default=1000, help="updates per timing window")
@@ -452,8 +473,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--eval-timeout", type=float, default=45.0)
     parser.add_argument("--perf-timeout", type=float, default=90.0, help="seconds per algorithm")
     parser.add_argument("--min-perf-seconds", type=float, default=20.0, help="start no algorithm with less time left")
-    parser.add_argument("--test-workers", type=int, default=4, help="pytest-xdist workers (when installed)")
-    parser.add_argument("--warm-workers", type=int, default=4, help="processes filling the compile caches during the tests")
+    parser.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers (when installed)")
+    parser.add_argument("--warm-workers", type=int, default=3, help="processes filling the compile caches during the tests")
+    parser.add_argument("--warm-grace", type=float, default=60.0, help="seconds those may go on compiling after the tests")
     parser.add_argument("--compile-threads", type=int, default=2, help="inductor compile threads per process while parts run side by side")
     parser.add_argument("--no-warm-caches", dest="warm_caches", action="store_false")
     parser.add_argument("--cpu", action="store_true", help="rehearse without CUDA: CUDA tests skip, measurements on the CPU")

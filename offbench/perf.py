@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,13 @@ def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, 
     module_name, class_name = config["model"]["class_path"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {})
+
+
+def describe(error: BaseException) -> str:
+    """The exception's type and message on one line, without torch's hints on how to get more logs."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Set TORCHDYNAMO_VERBOSE", "For even more developer context"))]
+    return f"{type(error).__name__}: {' '.join(lines)}"[:500]
 
 
 def resolve_accelerator(accelerator: str) -> str:
@@ -140,7 +148,8 @@ def measure_training(
             model.enable_compile(mode)
             warmup_seconds, compiled_seconds = (_time_updates(model, dm, updates, first) for _ in range(2))
         except Exception as error:  # reported in the row and by the exit status; the other modes still run
-            errors[name] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            traceback.print_exc()
+            errors[name] = describe(error)
             continue
         compiled[f"{name}_updates_per_s"] = updates / compiled_seconds
         compiled[_seconds_key(name)] = warmup_seconds - compiled_seconds

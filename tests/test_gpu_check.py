@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from offbench.gpu_check import Check, Part, parse_pytest_log, run_process, target_rows, write_report
+from offbench.gpu_check import Check, CompileCache, Part, parse_pytest_log, run_process, target_rows, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,3 +117,13 @@ def test_a_hanging_part_is_stopped_with_its_children(tmp_path):
     assert "started" in (tmp_path / "part.log").read_text()
     code, _ = run_process([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "ok.log", timeout=30)
     assert code == 3
+
+
+def test_a_kill_moves_later_processes_to_a_fresh_compile_cache(tmp_path):
+    cache = CompileCache(tmp_path)
+    first = cache.env()["TORCHINDUCTOR_CACHE_DIR"]
+    cache.after(0)
+    cache.after(1)  # a failure is no reason: nothing was cut off mid-write
+    assert cache.env()["TORCHINDUCTOR_CACHE_DIR"] == first
+    cache.after(None)  # killed: it may have left a truncated kernel behind
+    assert cache.env()["TORCHINDUCTOR_CACHE_DIR"] != first and cache.env()["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
