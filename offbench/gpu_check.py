@@ -62,7 +62,7 @@ class Part:
     """One part of the check: what ran, how it ended, and how long it took."""
 
     name: str
-    status: str = "not run"  # passed | failed | timed out | skipped | not run
+    status: str = "not run"  # running | passed | failed | timed out | stopped | not run
     seconds: float = 0.0
     detail: str = ""
 
@@ -132,6 +132,9 @@ def run_process(command: list[str], log: Path, timeout: float, env: dict[str, st
     return _finish(process, timeout)
 
 
+_LIVE: set[subprocess.Popen] = set()  # started and not yet waited for: stopped if the driver itself is stopped
+
+
 def _start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
@@ -140,6 +143,7 @@ def _start(command: list[str], log: Path, env: dict[str, str] | None = None) -> 
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     process.started = time.perf_counter()  # type: ignore[attr-defined]
+    _LIVE.add(process)
     return process
 
 
@@ -149,6 +153,7 @@ def _finish(process: subprocess.Popen, timeout: float) -> tuple[int | None, floa
     except subprocess.TimeoutExpired:
         _kill(process)
         code = None
+    _LIVE.discard(process)
     return code, time.perf_counter() - process.started  # type: ignore[attr-defined]
 
 
@@ -315,21 +320,31 @@ def _perf_args(args: argparse.Namespace) -> list[str]:
     return ["--dataset", args.dataset, "--accelerator", "cpu" if args.cpu else "gpu"]
 
 
-def run_check(args: argparse.Namespace) -> Check:
+PARTS = ("environment", "data", "tests", "evaluation", "perf")
+
+
+def run_check(args: argparse.Namespace, check: Check) -> None:
+    """Run the parts in order, rewriting the report after each (a part in progress shows as running)."""
     start = time.perf_counter()
     deadline = start + args.budget
     left = lambda: deadline - time.perf_counter()
     logs = args.logs
     cache = CompileCache(logs)
-    check = Check(machine_info(), {"budget": args.budget, "updates": args.updates, "dataset": args.dataset, "cpu": args.cpu})
+    for name in PARTS:
+        check.part(name)
 
     def save(part: Part | None = None, status: str | None = None, seconds: float | None = None, detail: str = "") -> None:
         if part is not None:
             part.status, part.seconds, part.detail = status or part.status, seconds or part.seconds, detail or part.detail
         check.seconds = time.perf_counter() - start
         write_report(check, args.out)
-        if part is not None:
+        if part is not None and part.status != "running":
             print(f"gpu-check: {part.name}: {part.status} ({part.seconds:.0f} s){' - ' + part.detail if part.detail else ''}", flush=True)
+
+    def begin(name: str) -> Part:
+        part = check.part(name)
+        save(part, "running")
+        return part
 
     # 1. environment
     env_part = check.part("environment")
@@ -339,23 +354,21 @@ def run_check(args: argparse.Namespace) -> Check:
         problems.append(f"torch {check.machine['torch']} sees no CUDA device")
     found = "packages found (CPU rehearsal)" if args.cpu else "GPU, driver and packages found"
     save(env_part, "failed" if problems else "passed", 0.0, "; ".join(problems) or found)
-    for name in ("data", "tests", "evaluation", "perf"):
-        check.part(name)
     if not cuda_ok:
         for name in ("data", "tests", "evaluation", "perf"):
             check.part(name).detail = "no CUDA device"
         save()
-        return check
+        return
 
     # 2. data
-    part = check.part("data")
+    part = begin("data")
     code, seconds = run_process(_worker("data", "--dataset", args.dataset), logs / "data.log", min(args.data_timeout, left()), cache.env())
     save(part, _status(code), seconds, "" if code == 0 else tail(logs / "data.log", 5))
     if code != 0:
-        return check
+        return
 
     # 3. tests, while the perf measurements fill the compile caches
-    part = check.part("tests")
+    part = begin("tests")
     deviations = logs / "deviations.jsonl"
     deviations.unlink(missing_ok=True)
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider", "tests/test_cuda.py"]
@@ -387,7 +400,7 @@ def run_check(args: argparse.Namespace) -> Check:
     save(part, status, seconds, summary if code is not None else f"{summary}; cut short after {seconds:.0f} s")
 
     # 4. evaluation
-    part = check.part("evaluation")
+    part = begin("evaluation")
     out = logs / "evaluation.json"
     command = _worker("eval", "--out", str(out), "--episodes", str(args.eval_episodes), "--envs", *map(str, args.eval_envs),
                       "--async-envs", str(args.eval_async_envs), *_perf_args(args))
@@ -397,7 +410,7 @@ def run_check(args: argparse.Namespace) -> Check:
     save(part, _status(code), seconds, "" if code == 0 else tail(logs / "evaluation.log", 5))
 
     # 5. perf, one process per algorithm
-    part = check.part("perf")
+    part = begin("perf")
     problems, begun = [], time.perf_counter()
     for config in ordered_configs(args.configs):
         if left() < args.min_perf_seconds:
@@ -415,10 +428,8 @@ def run_check(args: argparse.Namespace) -> Check:
             row = json.loads(out.read_text())
             check.training.append(row)
             problems += [f"{config.stem} {mode}: {error}" for mode, error in row["errors"].items()]
-        part.status = "running"
         save(part, seconds=time.perf_counter() - begun, detail="; ".join(problems))
     save(part, "failed" if problems else "passed", time.perf_counter() - begun, "; ".join(problems))
-    return check
 
 
 def _status(code: int | None, ok: tuple[int, ...] = (0,)) -> str:
@@ -489,7 +500,21 @@ def main(argv: list[str]) -> int:
     args.out = args.out.resolve()
     args.logs = (args.logs or Path(tempfile.mkdtemp(prefix="offbench-gpu-check-"))).resolve()
     print(f"gpu-check: logs in {args.logs}, report in {args.out}/perf-cuda.md", flush=True)
-    check = run_check(args)
+    # Each part runs in its own process group (so that a stop reaches its compile workers): if the driver is
+    # stopped (SIGTERM, Ctrl-C), it stops them; the report holds the parts finished so far.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    check = Check(machine_info(), {"budget": args.budget, "updates": args.updates, "dataset": args.dataset, "cpu": args.cpu})
+    try:
+        run_check(args, check)
+    except BaseException:
+        for part in check.parts:
+            if part.status == "running":
+                part.status, part.detail = "stopped", "the check itself was stopped or failed here"
+        write_report(check, args.out)
+        raise
+    finally:
+        for process in list(_LIVE):
+            _kill(process)
     print(f"gpu-check: wrote {args.out / 'perf-cuda.md'} and perf-cuda.json ({check.seconds:.0f} s)")
     return 0 if all(p.status == "passed" for p in check.parts) else 1
 

@@ -127,6 +127,7 @@ def measure_training(
         )
         trainer.fit(model, dm)  # also what sets the module up: device, optimisers, the dataset hooks
     lightning_seconds = timer.seconds[1] if lightning else None  # epoch 0 was the warm-up
+    back_to_device(model, trainer.strategy.root_device)
 
     # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning,
     # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
@@ -170,6 +171,18 @@ def measure_training(
     }
 
 
+def back_to_device(model: OfflineRLModule, device: torch.device) -> None:
+    """Lightning's teardown at the end of fit moves the module and its optimisers' states to the CPU; the
+    plain loops run on the device the sampler's tensors are on, so put them back (Adam's `step` counters
+    stay where they are: on the CPU unless capturable, as torch.optim keeps them)."""
+    model.to(device)
+    for optimizer in model._raw_optimizers():
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":
+                    state[key] = value.to(device)
+
+
 def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, first: int | None = None) -> float:
     """Seconds for `updates` updates in a plain loop, from update number `first` (default: where the module is)."""
     if first is not None:
@@ -200,7 +213,8 @@ def measure_evaluation(
     for n, asynchronous in [(n, False) for n in counts] + ([(async_envs, True)] if async_envs > 0 else []):
         run = evaluate(policy, dm.info, max(episodes, n), num_envs=n, seed=0, device=device, asynchronous=asynchronous)
         rate = run["env_steps"] / run["seconds"]
-        result["runs"].append({"envs": n, "asynchronous": asynchronous, "episodes": run["episodes"], "env_steps_per_s": rate})
+        result["runs"].append({"envs": n, "asynchronous": asynchronous, "episodes": run["episodes"], "env_steps": run["env_steps"],
+                               "seconds": run["seconds"], "env_steps_per_s": rate})
         result[f"env_steps_per_s_{n}_env{'s' if n > 1 else ''}{'_async' if asynchronous else ''}"] = rate
     return result
 
@@ -270,7 +284,7 @@ def evaluation_lines(e: dict[str, Any]) -> list[str]:
     """One line per run of a `measure_evaluation` result."""
     return [
         f"- {r['envs']} env{'s' if r['envs'] > 1 else ''}{' in subprocesses (async)' if r['asynchronous'] else ''}: "
-        f"{r['env_steps_per_s']:.0f} env steps/s ({r['episodes']} episodes)"
+        f"{r['env_steps_per_s']:.0f} env steps/s ({r['episodes']} episodes of {r['env_steps'] / r['episodes']:.0f} steps on average)"
         for r in e["runs"]
     ]
 

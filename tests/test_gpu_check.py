@@ -39,9 +39,9 @@ def fake_check() -> Check:
     ]
     check.evaluation = {"dataset": "synthetic/hopper-random-v0", "env_id": "Hopper-v4", "device": "cuda",
                         "policy": "untrained 2x256 MLP (DeterministicActor)", "runs": [
-                            {"envs": 100, "asynchronous": False, "episodes": 100, "env_steps_per_s": 25000.0},
-                            {"envs": 1, "asynchronous": False, "episodes": 100, "env_steps_per_s": 30000.0},  # not batched
-                            {"envs": 16, "asynchronous": True, "episodes": 100, "env_steps_per_s": 18000.0},
+                            {"envs": 100, "asynchronous": False, "episodes": 100, "env_steps": 3800, "env_steps_per_s": 25000.0},
+                            {"envs": 1, "asynchronous": False, "episodes": 100, "env_steps": 3800, "env_steps_per_s": 30000.0},  # not batched
+                            {"envs": 16, "asynchronous": True, "episodes": 100, "env_steps": 3800, "env_steps_per_s": 18000.0},
                         ]}
     check.seconds = 400.0
     return check
@@ -67,7 +67,7 @@ def test_report_states_parts_targets_tests_and_failures(tmp_path):
     assert "| perf | failed | 150 | sfbc: timed out after 90 s |" in md
     assert "| tests/test_cuda.py::test_a[iql] | failed | AssertionError: loss / update 3 |" in md  # a | would break the table
     assert "algorithms.iql.IQL, cudagraphs: failed with RuntimeError: boom" in md
-    assert "- 100 envs: 25000 env steps/s (100 episodes)" in md and "- 1 env: 30000 env steps/s" in md
+    assert "- 100 envs: 25000 env steps/s (100 episodes of 38 steps on average)" in md and "- 1 env: 30000 env steps/s" in md
     assert "- 16 envs in subprocesses (async): 18000 env steps/s" in md
     report = json.loads((tmp_path / "perf-cuda.json").read_text())
     assert report["machine"]["gpu"] == "NVIDIA H200" and [p["status"] for p in report["parts"]] == ["passed", "failed", "failed"]
