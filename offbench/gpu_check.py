@@ -404,9 +404,9 @@ def run_check(args: argparse.Namespace, check: Check) -> None:
     out = logs / "evaluation.json"
     command = _worker("eval", "--out", str(out), "--episodes", str(args.eval_episodes), "--envs", *map(str, args.eval_envs),
                       "--async-envs", str(args.eval_async_envs), *_perf_args(args))
+    out.unlink(missing_ok=True)
     code, seconds = run_process(command, logs / "evaluation.log", min(args.eval_timeout, left()), cache.env())
-    if code == 0:
-        check.evaluation = json.loads(out.read_text())
+    check.evaluation = json.loads(out.read_text()) if out.exists() else None  # what it measured, also when stopped
     save(part, _status(code), seconds, "" if code == 0 else tail(logs / "evaluation.log", 5))
 
     # 5. perf, one process per algorithm
@@ -418,16 +418,17 @@ def run_check(args: argparse.Namespace, check: Check) -> None:
             continue
         out = logs / f"train-{config.stem}.json"
         command = _worker("train", "--config", str(config), "--updates", str(args.updates), "--out", str(out), *_perf_args(args))
+        out.unlink(missing_ok=True)
         code, seconds = run_process(command, logs / f"train-{config.stem}.log", min(args.perf_timeout, left()), cache.env())
         cache.after(code)
-        if code is None:
-            problems.append(f"{config.stem}: timed out after {seconds:.0f} s")
-        elif not out.exists():
-            problems.append(f"{config.stem}: failed ({tail(logs / f'train-{config.stem}.log', 1)})")
-        else:
+        if out.exists():  # the measurements it finished, also when it was stopped
             row = json.loads(out.read_text())
             check.training.append(row)
             problems += [f"{config.stem} {mode}: {error}" for mode, error in row["errors"].items()]
+        if code is None:
+            problems.append(f"{config.stem}: timed out after {seconds:.0f} s")
+        elif code != 0:
+            problems.append(f"{config.stem}: failed ({tail(logs / f'train-{config.stem}.log', 1)})")
         save(part, seconds=time.perf_counter() - begun, detail="; ".join(problems))
     save(part, "failed" if problems else "passed", time.perf_counter() - begun, "; ".join(problems))
 
@@ -457,12 +458,15 @@ def worker_main(argv: list[str]) -> int:
         return 0
     from offbench.perf import measure_evaluation, measure_training
 
+    # The result so far is written after each measurement: a worker stopped at its limit leaves what it measured.
+    save = lambda result: write_json_atomic(args.out, result)
     if args.kind == "train":
-        result = measure_training(args.config, args.dataset, args.updates, args.updates, args.accelerator, True, lightning=False)
+        result = measure_training(
+            args.config, args.dataset, args.updates, args.updates, args.accelerator, True, lightning=False, progress=save
+        )
     else:
-        result = measure_evaluation(args.dataset, args.episodes, args.envs, args.accelerator, args.async_envs)
+        result = measure_evaluation(args.dataset, args.episodes, args.envs, args.accelerator, args.async_envs, progress=save)
     print(json.dumps(result, indent=2))
-    write_json_atomic(args.out, result)
     return 0
 
 
@@ -470,7 +474,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
     parser = argparse.ArgumentParser(prog="offbench gpu-check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "results/perf", help="where perf-cuda.md and .json go")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="where perf-cuda.md and .json go (default results/perf; with --cpu runs/gpu-check-rehearsal, kept out of results)",
+    )
     parser.add_argument("--logs", type=Path, default=None, help="each part's log (default: a new temporary directory)")
     parser.add_argument("--budget", type=float, default=440.0, help="seconds for all parts together")
     parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")))
@@ -497,7 +504,7 @@ def main(argv: list[str]) -> int:
     if missing:
         parser.error(f"no such config: {', '.join(missing)}")
     args.configs = [c.resolve() for c in args.configs]
-    args.out = args.out.resolve()
+    args.out = (args.out or REPO / ("runs/gpu-check-rehearsal" if args.cpu else "results/perf")).resolve()
     args.logs = (args.logs or Path(tempfile.mkdtemp(prefix="offbench-gpu-check-"))).resolve()
     print(f"gpu-check: logs in {args.logs}, report in {args.out}/perf-cuda.md", flush=True)
     # Each part runs in its own process group (so that a stop reaches its compile workers): if the driver is

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,11 @@ def compile_modes(accelerator: str) -> dict[str, str]:
 
 def measure_training(
     config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False,
-    lightning: bool = True,
+    lightning: bool = True, progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Updates/s of one algorithm config: Lightning, plain loop, and (with `compile_update`) each compiled mode.
-    Without `lightning`, Lightning only sets the module up (one epoch of a few updates) and is not timed."""
+    Without `lightning`, Lightning only sets the module up (one epoch of a few updates) and is not timed.
+    `progress` gets the row as it stands after each measurement (a caller that may be stopped keeps those)."""
     accelerator = resolve_accelerator(accelerator)
     cls, init_args, data = load_algorithm_config(config)
     epoch = updates if lightning else min(updates, 10)
@@ -128,16 +130,32 @@ def measure_training(
         trainer.fit(model, dm)  # also what sets the module up: device, optimisers, the dataset hooks
     lightning_seconds = timer.seconds[1] if lightning else None  # epoch 0 was the warm-up
     back_to_device(model, trainer.strategy.root_device)
+    modes = compile_modes(accelerator)
+    row: dict[str, Any] = {
+        "algorithm": f"{cls.__module__}.{cls.__qualname__}",
+        "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
+        "batch_size": dm.batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "updates_timed": updates,
+        "block_size": block_size,
+        "lightning_updates_per_s": updates / lightning_seconds if lightning else None,
+        "plain_updates_per_s": None,
+        "lightning_overhead_pct": None,
+        **{key: None for name in modes for key in (f"{name}_updates_per_s", _seconds_key(name))},
+        "errors": {},
+    }
 
     # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning,
     # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
     # phases or a policy delay, make some updates cost more than others).
     first = updates
     plain_seconds = _time_updates(model, dm, updates, first)
-    compiled: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    for name, mode in compile_modes(accelerator).items():
-        compiled |= {f"{name}_updates_per_s": None, _seconds_key(name): None}
+    row["plain_updates_per_s"] = updates / plain_seconds
+    if lightning:
+        row["lightning_overhead_pct"] = 100.0 * (lightning_seconds / plain_seconds - 1.0)
+    for name, mode in modes.items():
+        if progress is not None:
+            progress(row)
         if not compile_update:
             continue
         # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
@@ -150,25 +168,15 @@ def measure_training(
             warmup_seconds, compiled_seconds = (_time_updates(model, dm, updates, first) for _ in range(2))
         except Exception as error:  # reported in the row and by the exit status; the other modes still run
             traceback.print_exc()
-            errors[name] = describe(error)
+            row["errors"][name] = describe(error)
             continue
-        compiled[f"{name}_updates_per_s"] = updates / compiled_seconds
-        compiled[_seconds_key(name)] = warmup_seconds - compiled_seconds
+        row[f"{name}_updates_per_s"] = updates / compiled_seconds
+        row[_seconds_key(name)] = warmup_seconds - compiled_seconds
         if name == "cudagraphs":  # graphs inductor ran without CUDA graphs (its log says why)
-            compiled["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
-    return {
-        "algorithm": f"{cls.__module__}.{cls.__qualname__}",
-        "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
-        "batch_size": dm.batch_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "updates_timed": updates,
-        "block_size": block_size,
-        "lightning_updates_per_s": updates / lightning_seconds if lightning else None,
-        "plain_updates_per_s": updates / plain_seconds,
-        "lightning_overhead_pct": 100.0 * (lightning_seconds / plain_seconds - 1.0) if lightning else None,
-        **compiled,
-        "errors": errors,
-    }
+            row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+    if progress is not None:
+        progress(row)
+    return row
 
 
 def back_to_device(model: OfflineRLModule, device: torch.device) -> None:
@@ -197,11 +205,13 @@ def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, f
 
 
 def measure_evaluation(
-    dataset: str, episodes: int, num_envs: int | list[int], accelerator: str, async_envs: int = 0
+    dataset: str, episodes: int, num_envs: int | list[int], accelerator: str, async_envs: int = 0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Env steps/s of the evaluation loop with each of `num_envs` envs and with one, for an MLP policy,
     and with `async_envs` envs in subprocesses (gymnasium's AsyncVectorEnv) when it is positive.
-    `episodes` per measurement, at least as many as envs (every env slot runs an episode)."""
+    `episodes` per measurement, at least as many as envs (every env slot runs an episode). `progress`
+    gets the result as it stands after each run."""
     dm = OfflineDataModule(dataset)
     device = torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
     policy = DeterministicActor(dm.obs_dim, dm.act_dim, dm.max_action).to(device).eval()
@@ -216,6 +226,8 @@ def measure_evaluation(
         result["runs"].append({"envs": n, "asynchronous": asynchronous, "episodes": run["episodes"], "env_steps": run["env_steps"],
                                "seconds": run["seconds"], "env_steps_per_s": rate})
         result[f"env_steps_per_s_{n}_env{'s' if n > 1 else ''}{'_async' if asynchronous else ''}"] = rate
+        if progress is not None:
+            progress(result)
     return result
 
 
