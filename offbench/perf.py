@@ -2,7 +2,8 @@
 evaluation env-steps/s with vectorised envs against one env at a time.
 
 For each algorithm config: one OfflineDataModule and one module at the config's batch size and the
-class's default network sizes. Lightning runs two epochs of `updates` updates (the first is the
+class's default network sizes, set up for the config's whole run (`updates`: what schedules such as
+IQL's cosine learning rate span) and stopped after the epochs measured. Lightning runs two epochs of `updates` updates (the first is the
 warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
 updates in a plain Python loop (`module.update(dm.sample())`), timed the same way. The ratio of the
 two is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches to
@@ -69,6 +70,17 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+class StopAfter(pl.Callback):
+    """Ends fit after `epochs` epochs, whatever the trainer's max_epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, Any], dict[str, Any]]:
     """(module class, its init_args, the data section) of a configs/algorithms/*.yaml file."""
     config = yaml.safe_load(path.read_text())
@@ -121,11 +133,15 @@ def measure_training(
     )
     model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **init_args)
     timer = EpochTimer()
+    epochs = 2 if lightning else 1
+    # The trainer is told the config's whole run (what schedules over the run, e.g. IQL's cosine learning
+    # rate, are set up from) and stopped after the epochs measured here.
+    run_epochs = max(epochs, -(-int(yaml.safe_load(config.read_text()).get("updates") or 0) // epoch))
     with tempfile.TemporaryDirectory() as logs:
         trainer = pl.Trainer(
-            max_epochs=2 if lightning else 1, accelerator=accelerator, devices=1, logger=CSVLogger(logs),
-            callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            log_every_n_steps=1,
+            max_epochs=run_epochs, accelerator=accelerator, devices=1, logger=CSVLogger(logs),
+            callbacks=[timer, StopAfter(epochs)], enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, log_every_n_steps=1,
         )
         trainer.fit(model, dm)  # also what sets the module up: device, optimisers, the dataset hooks
     lightning_seconds = timer.seconds[1] if lightning else None  # epoch 0 was the warm-up
