@@ -256,9 +256,9 @@ def test_fit_evaluates_and_resumes_exactly_on_cuda(tiny_hopper, tmp_path, compil
     assert strip(results[0]["history"]) == strip(results[1]["history"])
     assert "loss/actor" in (tmp_path / "full/metrics.csv").read_text()
     full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
-    assert full["state_dict"]["updates"].is_cuda  # trained on the GPU (checkpoints keep the tensors' device)
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+    assert full["state_dict"]["updates"].is_cuda  # trained on the GPU (checkpoints keep the tensors' device)
     if compile_update:
         assert cudagraph_skips() == skips, "some graphs ran without CUDA graphs (TORCH_LOGS=perf_hints says why)"
     record(test=f"fit_resume[{'cudagraphs' if compile_update else 'eager'}]", evaluations=len(results[0]["history"]),
