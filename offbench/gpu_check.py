@@ -397,7 +397,11 @@ def run_check(args: argparse.Namespace, check: Check) -> None:
     status = _status(code, ok=(0, 5) if args.cpu else (0,))  # 5: every test deselected or skipped
     if code == 0 and counts["skipped"] and not args.cpu:
         status = "failed"  # a CUDA test skipped on a CUDA machine did not check anything
-    save(part, status, seconds, summary if code is not None else f"{summary}; cut short after {seconds:.0f} s")
+    if code is None:
+        summary = f"{summary}; cut short after {seconds:.0f} s"
+    elif not check.tests:  # nothing ran (an import error at collection, say): the end of pytest's output says why
+        summary = tail(logs / "tests.log", 5)
+    save(part, status, seconds, summary)
 
     # 4. evaluation
     part = begin("evaluation")
