@@ -423,14 +423,16 @@ def run_check(args: argparse.Namespace, check: Check) -> None:
         out = logs / f"train-{config.stem}.json"
         command = _worker("train", "--config", str(config), "--updates", str(args.updates), "--out", str(out), *_perf_args(args))
         out.unlink(missing_ok=True)
-        code, seconds = run_process(command, logs / f"train-{config.stem}.log", min(args.perf_timeout, left()), cache.env())
+        limit = min(args.perf_timeout, left())
+        code, seconds = run_process(command, logs / f"train-{config.stem}.log", limit, cache.env())
         cache.after(code)
         if out.exists():  # the measurements it finished, also when it was stopped
             row = json.loads(out.read_text())
             check.training.append(row)
             problems += [f"{config.stem} {mode}: {error}" for mode, error in row["errors"].items()]
         if code is None:
-            problems.append(f"{config.stem}: timed out after {seconds:.0f} s")
+            why = "timed out" if limit == args.perf_timeout else "stopped at the end of the budget"
+            problems.append(f"{config.stem}: {why} after {seconds:.0f} s")
         elif code != 0:
             problems.append(f"{config.stem}: failed ({tail(logs / f'train-{config.stem}.log', 1)})")
         save(part, seconds=time.perf_counter() - begun, detail="; ".join(problems))
