@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATASET = "synthetic/hopper-random-v0"
 MODULES = ("torch", "lightning", "gymnasium", "mujoco", "jsonargparse", "minari", "gymnasium_robotics", "h5py", "pandas", "yaml")
 
-# Goals for one H100/H200-class GPU at batch 256 (issue 17): updates/s per seed with CUDA graphs, and env
+# Goals for one H100/H200-class GPU at batch 256: updates/s per seed with CUDA graphs, and env
 # steps/s of batched evaluation. Goals, not tests: the report states each figure beside its target.
 TARGETS = {
     "algorithms.diffcps.DiffCPS": 700,
@@ -96,25 +96,27 @@ def _version(name: str) -> str | None:
         return None
 
 
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it (None without nvidia-smi)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
 def machine_info() -> dict[str, Any]:
     """GPU, driver, CUDA and library versions; only torch is imported (the rest may be missing)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    driver = None
-    if cuda:
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30, check=True,
-            ).stdout.strip()
-            driver = out.splitlines()[0] if out else None
-        except (OSError, subprocess.SubprocessError):
-            driver = None
     return {
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-        "driver": driver,
+        "driver": gpu_driver() if cuda else None,
         "cuda": torch.version.cuda if cuda else None,
         "torch": torch.__version__,
         "lightning": _version("lightning"),

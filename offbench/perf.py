@@ -26,7 +26,6 @@ import argparse
 import importlib
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from lightning.pytorch.loggers import CSVLogger
 from offbench.data.datamodule import OfflineDataModule
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
+from offbench.gpu_check import gpu_driver
 from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor
 
@@ -249,18 +249,6 @@ def measure_evaluation(
 
 def _seconds_key(name: str) -> str:
     return "compile_seconds" if name == "compiled" else f"{name}_compile_seconds"
-
-
-def gpu_driver() -> str | None:
-    """The NVIDIA driver's version as nvidia-smi reports it (None without nvidia-smi)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.strip().splitlines()[0] if out.strip() else None
 
 
 def machine() -> dict[str, Any]:
