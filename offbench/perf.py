@@ -3,8 +3,8 @@ evaluation env-steps/s with vectorised envs against one env at a time.
 
 For each algorithm config: one OfflineDataModule and one module at the config's batch size and the
 class's default network sizes, set up for the config's whole run (`updates`: what schedules such as
-IQL's cosine learning rate span) and stopped after the epochs measured. Lightning runs two epochs of `updates` updates (the first is the
-warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
+IQL's cosine learning rate span) and stopped after the epochs measured. Lightning runs two epochs of
+`updates` updates (the first is the warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
 updates in a plain Python loop (`module.update(dm.sample())`), timed the same way. The ratio of the
 two is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches to
 the compiled path (`enable_compile`) and runs the plain loop's update numbers again, twice: the first
@@ -81,12 +81,12 @@ class StopAfter(pl.Callback):
             trainer.should_stop = True
 
 
-def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, Any], dict[str, Any]]:
-    """(module class, its init_args, the data section) of a configs/algorithms/*.yaml file."""
+def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, Any], dict[str, Any], int]:
+    """(module class, its init_args, the data section, the run's updates or 0) of a configs/algorithms/*.yaml file."""
     config = yaml.safe_load(path.read_text())
     module_name, class_name = config["model"]["class_path"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {})
+    return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {}), int(config.get("updates") or 0)
 
 
 def describe(error: BaseException) -> str:
@@ -125,7 +125,7 @@ def measure_training(
     Without `lightning`, Lightning only sets the module up (one epoch of a few updates) and is not timed.
     `progress` gets the row as it stands after each measurement (a caller that may be stopped keeps those)."""
     accelerator = resolve_accelerator(accelerator)
-    cls, init_args, data = load_algorithm_config(config)
+    cls, init_args, data, run_updates = load_algorithm_config(config)
     epoch = updates if lightning else min(updates, 10)
     dm = OfflineDataModule(
         dataset, batch_size=data.get("batch_size", 256), eval_every=epoch, block_size=min(block_size, epoch),
@@ -136,7 +136,7 @@ def measure_training(
     epochs = 2 if lightning else 1
     # The trainer is told the config's whole run (what schedules over the run, e.g. IQL's cosine learning
     # rate, are set up from) and stopped after the epochs measured here.
-    run_epochs = max(epochs, -(-int(yaml.safe_load(config.read_text()).get("updates") or 0) // epoch))
+    run_epochs = max(epochs, -(-run_updates // epoch))
     with tempfile.TemporaryDirectory() as logs:
         trainer = pl.Trainer(
             max_epochs=run_epochs, accelerator=accelerator, devices=1, logger=CSVLogger(logs),
