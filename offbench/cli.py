@@ -40,6 +40,7 @@ commands:
   bench   run a grid of algorithm x dataset x seed cells, resumable (offbench bench --help)
   table   tables and learning curves of a results directory (offbench table --help)
   toy     the DiffCPS toy bandit: train, sample, figure and score table (offbench toy --help)
+  gpu-check  CUDA tests and measurements in one go, report in results/perf/perf-cuda.md (offbench gpu-check --help)
 """
 
 
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         from offbench.tables import main as table_main
 
         return table_main(rest)
+    if command == "gpu-check":
+        from offbench.gpu_check import main as gpu_check_main
+
+        return gpu_check_main(rest)
     if command == "toy":
         from offbench.toy import main as toy_main
 
