@@ -137,7 +137,7 @@ def _info(args: argparse.Namespace) -> int:
     try:
         info = resolve(
             args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
-            max_episode_steps=args.max_episode_steps,
+            max_episode_steps=args.max_episode_steps, env_id_flag="--env-id",
         )
     except FileNotFoundError as e:  # a forged family that is not there yet: the message says how to make it
         print(e)

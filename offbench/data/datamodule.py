@@ -20,6 +20,7 @@ from offbench.batch import Batch, Transitions
 from offbench.data.catalog import DatasetInfo, resolve
 from offbench.data.sources import load_transitions
 from offbench.envs import action_bounds, observation_dim
+from offbench.errors import UserError
 
 RewardTuning = Literal["none", "cql_antmaze", "iql_antmaze", "iql_locomotion"]
 
@@ -37,10 +38,10 @@ def tune_rewards(t: Transitions, tuning: RewardTuning) -> Transitions:
         returns = t.episode_returns()
         spread = float(returns.max() - returns.min())
         if spread <= 0:
-            raise ValueError("iql_locomotion reward tuning divides by the spread of episode returns, which is 0 here")
+            raise UserError("iql_locomotion reward tuning divides by the spread of episode returns, which is 0 here")
         rew = t.rew * (1000.0 / spread)
     else:
-        raise ValueError(f"unknown reward_tuning {tuning!r}; choose one of {RewardTuning.__args__}")
+        raise UserError(f"unknown reward_tuning {tuning!r}; choose one of {RewardTuning.__args__}")
     rew = rew.astype(np.float32)
     episode_return = np.bincount(t.episode, weights=rew)[t.episode].astype(np.float32)
     return replace(t, rew=rew, episode_return=episode_return)
@@ -48,7 +49,7 @@ def tune_rewards(t: Transitions, tuning: RewardTuning) -> Transitions:
 
 def _positive(name: str, value: int) -> int:
     if value <= 0:
-        raise ValueError(f"{name} must be a positive number of updates/samples, got {value}")
+        raise UserError(f"{name} must be a positive number of updates/samples, got {value}")
     return value
 
 
@@ -96,7 +97,7 @@ class OfflineDataModule(pl.LightningDataModule):
         transitions = load_transitions(self.info)
         env_obs_dim = observation_dim(self.info)
         if transitions.obs_dim != env_obs_dim:
-            raise ValueError(
+            raise UserError(
                 f"dataset {self.info.name!r} has {transitions.obs_dim}-dim observations but its evaluation env "
                 f"{self.info.env_id} gives {env_obs_dim}: pass the env the data was collected in (--data.env_id)"
             )
@@ -108,6 +109,7 @@ class OfflineDataModule(pl.LightningDataModule):
         self.obs_std = torch.as_tensor(obs.std(0) + 1e-3 if normalize_obs else np.ones(obs.shape[1]), dtype=torch.float32)
         self._tensors: tuple[Tensor, ...] | None = None
         self._generator: torch.Generator | None = None
+        self.accept_changed_statistics = False  # a resume with accepted changes (offbench fit --accept_changes)
 
     @property
     def obs_dim(self) -> int:
@@ -153,9 +155,11 @@ class OfflineDataModule(pl.LightningDataModule):
         return {"generator": self._generator.get_state(), "obs_mean": self.obs_mean, "obs_std": self.obs_std}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not (torch.equal(state["obs_mean"], self.obs_mean) and torch.equal(state["obs_std"], self.obs_std)):
-            raise ValueError(
+        same = torch.equal(state["obs_mean"], self.obs_mean) and torch.equal(state["obs_std"], self.obs_std)
+        if not same and not self.accept_changed_statistics:
+            raise UserError(
                 f"the checkpoint's observation statistics differ from dataset {self.info.name!r}'s: "
-                "the data or --data.normalize_obs changed since the checkpoint was written; resume with the same data"
+                "the data or --data.normalize_obs changed since the checkpoint was written; resume with the same data "
+                "(or pass --accept_changes true to continue with this data's statistics)"
             )
         self._generator.set_state(state["generator"])
