@@ -1,0 +1,242 @@
+"""Faults and mistakes a user meets: one clear message and exit status 2 for user errors, a run
+directory owned by one process, resumes that refuse (or knowingly apply) changed settings, damaged
+files named with the way out, partial files left by crashes, and Lightning's unactionable notes gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from offbench.cli import main, settings_changes
+from offbench.errors import UserError
+from offbench.files import lock_run_dir, read_json, run_dir_holder
+from tests.test_fit import fit_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(argv: list[str]) -> int:
+    """`offbench ARGV` in this process: its exit status, from main's return or the parser's exit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+class Boom(pl.Callback):
+    """An internal error (a bug), not a user's mistake."""
+
+    def on_fit_start(self, trainer, pl_module):
+        raise RuntimeError("internal failure (test)")
+
+
+class StopAfterFirstCheckpoint(pl.Callback):
+    """A crash part-way through the second evaluation interval, after the first checkpoint."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture()
+def interrupted(tiny_hopper, tmp_path) -> Path:
+    """A run directory whose fit stopped after its first checkpoint (100 of 300 updates)."""
+    root = tmp_path / "run"
+    assert run_main(fit_args(tiny_hopper, root, "--trainer.callbacks+=tests.test_reliability.StopAfterFirstCheckpoint")) != 0
+    assert (root / "checkpoints/last.ckpt").exists() and not (root / "result.json").exists()
+    return root
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_user_error_is_one_message_with_status_2_and_debug_shows_the_traceback(tiny_hopper, tmp_path, capsys, monkeypatch):
+    args = fit_args(tiny_hopper, tmp_path / "run", "--data.env_id", "Hoper-v4")
+    assert run_main(args) == 2
+    err = capsys.readouterr().err
+    assert "offbench: error: unknown env id 'Hoper-v4' (from --data.env_id, given on the command line)" in err
+    assert "Did you mean Hopper-v4" in err and "Traceback" not in err
+    assert run_main(["--debug", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "offbench: error: unknown env id" in err
+    monkeypatch.setenv("OFFBENCH_DEBUG", "1")
+    assert run_main(args) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_internal_error_keeps_its_traceback(tiny_hopper, tmp_path):
+    with pytest.raises(RuntimeError, match="internal failure"):
+        main(fit_args(tiny_hopper, tmp_path / "run", "--trainer.callbacks+=tests.test_reliability.Boom"))
+
+
+def test_truncated_hdf5_names_its_path(tiny_hopper, tmp_path, capsys):
+    truncated = tmp_path / "cut.hdf5"
+    truncated.write_bytes(tiny_hopper.read_bytes()[:5000])
+    assert run_main(fit_args(truncated, tmp_path / "run", "--data.env_id", "Hopper-v4", "--data.ref_family", "hopper")) == 2
+    err = capsys.readouterr().err
+    assert f"offbench: error: {truncated} is not a readable HDF5 file" in err and "truncated" in err
+    assert "Traceback" not in err
+
+
+def test_a_read_only_run_directory_is_a_user_error(tiny_hopper, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert run_main(fit_args(tiny_hopper, parent / "run")) == 2
+    finally:
+        parent.chmod(0o700)
+    assert "cannot write the run directory" in capsys.readouterr().err
+
+
+def test_fit_prints_no_unactionable_notes_and_ignores_partial_files(tiny_hopper, tmp_path):
+    """The real command as a user runs it: none of Lightning's notes that nobody can act on, and the
+    partial files of an earlier crash (a checkpoint's .part, an atomic write's .tmp) do not block a fresh run."""
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints/last.ckpt.part").write_bytes(b"half a checkpoint")
+    (root / "result.json.tmp4242").write_text("{")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = fit_args(tiny_hopper, root, "--updates", "100")
+    done = subprocess.run([sys.executable, "-m", "offbench.cli", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    for note in ("LightningCLI's args parameter", "weights_only", "LeafSpec", "litlogger", "Previous log files"):
+        assert note not in output, note
+    assert (root / "result.json").exists() and not (root / "checkpoints/last.ckpt.part").exists()
+    assert not (root / "result.json.tmp4242").exists()
+
+
+# --------------------------------------------------------------------------- one process per run directory
+
+
+def test_a_second_fit_into_a_busy_run_directory_is_refused_with_the_holders_pid(tiny_hopper, tmp_path, capsys):
+    root = tmp_path / "run"
+    fd = lock_run_dir(root)  # another fit holds it (flock conflicts between open files, also in one process)
+    try:
+        assert run_main(fit_args(tiny_hopper, root)) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert f"{root} is in use by process {os.getpid()}" in err and f"kill {os.getpid()}" in err
+    assert not (root / "metrics.csv").exists() and not (root / "checkpoints").exists()
+
+
+def test_the_lock_goes_with_its_process(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from offbench.files import lock_run_dir; lock_run_dir(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_dir_holder(tmp_path / "run") == holder.pid
+        with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
+            lock_run_dir(tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_dir_holder(tmp_path / "run") is None  # SIGKILL: the OS released it
+    os.close(lock_run_dir(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- resuming with other settings
+
+
+def test_settings_changes_lists_differences_and_lets_updates_grow():
+    old = {"model": {"class_path": "algorithms.bc.BC", "init_args": {"lr": 0.001, "hidden": [256, 256]}},
+           "data": {"dataset": "a"}, "updates": 300, "trainer": {"accelerator": "cpu"}, "ckpt_path": None}
+    new = {"model": {"class_path": "algorithms.bc.BC", "init_args": {"lr": 0.5, "hidden": [256, 256]}},
+           "data": {"dataset": "b"}, "updates": 600, "trainer": {"accelerator": "gpu"}, "ckpt_path": "x"}
+    assert settings_changes(old, new) == ["data.dataset: a -> b", "model.init_args.lr: 0.001 -> 0.5"]
+    assert settings_changes(old, {**old, "updates": 200}) == ["updates: 300 -> 200"]
+    other = {**old, "model": {"class_path": "algorithms.iql.IQL", "init_args": {"expectile": 0.7}}}
+    assert settings_changes(old, other) == ["model.class_path: algorithms.bc.BC -> algorithms.iql.IQL"]
+
+
+def test_resume_with_changed_settings_is_refused_then_applied_when_accepted(interrupted, tiny_hopper, capsys):
+    root = interrupted
+    resume = fit_args(tiny_hopper, root, "--ckpt_path", "last", "--model.init_args.lr", "0.5")
+    assert run_main(resume) == 2
+    err = capsys.readouterr().err
+    assert "the settings differ from those of the run being resumed" in err
+    assert "model.init_args.lr: 0.001 -> 0.5" in err and "--accept_changes true" in err
+    # Other networks cannot continue the run, even when accepted.
+    assert run_main([*resume, "--model.init_args.hidden", "[64, 64]", "--accept_changes", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "actor.net.0.weight: (256, 11) in the checkpoint, (64, 11) now" in err
+    # Accepted: the restored optimiser continues with the new rate; extending --updates needs no flag.
+    assert run_main([*resume, "--updates", "400", "--accept_changes", "true"]) == 0
+    checkpoint = torch.load(root / "checkpoints/last.ckpt", weights_only=False)
+    assert int(checkpoint["state_dict"]["updates"]) == 400
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5
+    assert json.loads((root / "result.json").read_text())["hyperparameters"]["lr"] == 0.5
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def test_a_damaged_checkpoint_names_the_file_and_the_previous_one(tiny_hopper, tmp_path, capsys):
+    root = tmp_path / "run"
+    assert run_main(fit_args(tiny_hopper, root)) == 0
+    last, previous = root / "checkpoints/last.ckpt", root / "checkpoints/previous.ckpt"
+    assert int(torch.load(previous, weights_only=False)["state_dict"]["updates"]) == 200
+    last.write_bytes(last.read_bytes()[:1000])
+    assert run_main(fit_args(tiny_hopper, root, "--ckpt_path", "last")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {last} is unreadable" in err and f"resume from it with --ckpt_path {previous}" in err
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(tiny_hopper, tmp_path, capsys, monkeypatch):
+    saves = []
+    real_save = pl.Trainer.save_checkpoint
+
+    def save(self, filepath, *args, **kwargs):
+        saves.append(filepath)
+        if len(saves) == 2:
+            Path(filepath).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", save)
+    root = tmp_path / "run"
+    assert run_main(fit_args(tiny_hopper, root)) == 2
+    err = capsys.readouterr().err
+    assert "writing the checkpoint" in err and "No space left on device" in err
+    assert "still holds the last good checkpoint: free space, then resume with --ckpt_path last" in err
+    assert int(torch.load(root / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["updates"]) == 100
+    assert not (root / "checkpoints/last.ckpt.part").exists()
+
+
+def test_an_unreadable_metrics_csv_is_named(interrupted, tiny_hopper, capsys):
+    with open(interrupted / "metrics.csv", "a") as f:
+        f.write("1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16\n")
+    assert run_main(fit_args(tiny_hopper, interrupted, "--ckpt_path", "last")) == 2
+    err = capsys.readouterr().err
+    assert f"{interrupted / 'metrics.csv'} is unreadable" in err and "move it away" in err
+
+
+def test_a_truncated_json_file_is_named(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text('{"scores": {"last": 1')
+    with pytest.raises(UserError, match=f"{path} is unreadable .*: delete it"):
+        read_json(path, fix="delete it")
+    assert read_json(tmp_path / "absent.json") is None
+
+
+def test_lock_probe_never_blocks_a_starting_fit(tmp_path):
+    """run_dir_holder takes a shared lock for a moment; a fit starting then waits briefly instead of failing."""
+    os.close(lock_run_dir(tmp_path / "run"))
+    start = time.monotonic()
+    assert run_dir_holder(tmp_path / "run") is None
+    assert time.monotonic() - start < 1
