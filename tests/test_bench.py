@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 
 from offbench import bench
+from offbench.errors import UserError
 from offbench.bench import GridError, cell_command, cell_state, expand_grid, load_grid, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def test_one_runner_per_output_directory(tmp_path):
                                 algorithms=[{"name": "bc", "config": BC}]))
     (tmp_path / "out").mkdir()
     (tmp_path / "out/bench.lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(SystemExit, match="another `offbench bench`"):
+    with pytest.raises(UserError, match="another `offbench bench`"):
         run_grid(grid, devices="cpu", console=quiet())
 
 
