@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -240,3 +242,156 @@ def test_lock_probe_never_blocks_a_starting_fit(tmp_path):
     start = time.monotonic()
     assert run_dir_holder(tmp_path / "run") is None
     assert time.monotonic() - start < 1
+
+
+# --------------------------------------------------------------------------- the grid runner
+
+
+def small_grid(tmp_path: Path, seeds: int = 1, **settings) -> Path:
+    from tests.test_bench import BC, write_grid
+
+    return write_grid(tmp_path / "g.yaml", name="g", output=str(tmp_path / "out"), seeds=seeds, updates=10,
+                      eval_every=5, datasets=["synthetic/pendulum-random-v0"],
+                      algorithms=[{"name": "bc", "config": BC}], **settings)
+
+
+def fake_runner(monkeypatch) -> list[str]:
+    """Cells that finish at once (no subprocess); returns the list of the cells started."""
+    from offbench import bench
+    from tests.test_bench import FakeProcess
+
+    started: list[str] = []
+
+    def start(cell, command, env, die_with_parent=True):
+        cell.run_dir.mkdir(parents=True, exist_ok=True)
+        (cell.run_dir / "cell.json").write_text(json.dumps({"args": cell.args}))
+        started.append(cell.id)
+        return FakeProcess(cell.run_dir)
+
+    monkeypatch.setattr(bench, "_prepare_datasets", lambda *a: None)
+    monkeypatch.setattr(bench, "start_cell", start)
+    return started
+
+
+def test_the_runner_skips_a_cell_whose_run_is_still_alive(tmp_path, monkeypatch):
+    from offbench.bench import cell_state, load_grid, run_grid
+    from tests.test_bench import quiet
+
+    started = fake_runner(monkeypatch)
+    grid = load_grid(small_grid(tmp_path, seeds=2))
+    fd = lock_run_dir(grid.cells[0].run_dir)  # a fit of an earlier runner, still running
+    try:
+        assert cell_state(grid.cells[0]) == "running"
+        report = run_grid(grid, devices="cpu", console=quiet(), tables=False)
+    finally:
+        os.close(fd)
+    assert started == [grid.cells[1].id] and report.busy == {grid.cells[0].id: os.getpid()}
+
+
+def test_stale_cells_are_reported_and_rerun_only_when_asked(tmp_path, monkeypatch, capsys):
+    from offbench import bench
+    from offbench.bench import cell_state, load_grid, run_grid
+    from tests.test_bench import quiet
+
+    started = fake_runner(monkeypatch)
+    assert bench.main([str(small_grid(tmp_path)), "--no-tables"]) == 0
+    old_run = load_grid(small_grid(tmp_path)).cells[0].run_dir
+    grid = load_grid(small_grid(tmp_path, args=["--data.batch_size", "64"]))  # the grid file changed since
+    cell = grid.cells[0]
+    assert cell_state(cell) == "stale" and bench.stale_arguments(cell) == "(none) -> --data.batch_size 64"
+    monkeypatch.setattr("offbench.tables.write_tables", lambda *a: pytest.fail("tables mixing two settings"))
+    started.clear()
+    report = run_grid(grid, devices="cpu", console=quiet())
+    assert started == [] and report.stale == {cell.id: "(none) -> --data.batch_size 64"} and not report.skipped
+    monkeypatch.undo()
+    started = fake_runner(monkeypatch)
+    report = run_grid(grid, devices="cpu", console=quiet(), tables=False, rerun_stale=True)
+    assert started == [cell.id] and report.finished == [cell.id]
+    aside = list((tmp_path / "out.stale").rglob("result.json"))
+    assert len(aside) == 1 and aside[0].parent.name == old_run.name  # the old run kept, outside the tables' reach
+    assert cell_state(cell) == "finished"
+
+
+def test_cells_die_with_their_runner(tmp_path):
+    """A runner killed with SIGKILL (no chance to stop anything) takes its cells with it."""
+    runner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import sys, time
+            from pathlib import Path
+            from offbench.bench import Cell, start_cell
+            cell = Cell("a", "d", 0, Path(sys.argv[1]), ["fit"], 1)
+            child = start_cell(cell, [sys.executable, "-c", "import time; time.sleep(60)"], {})
+            print(child.pid, flush=True)
+            time.sleep(60)
+        """), str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    cell_pid = int(runner.stdout.readline())
+    assert _alive(cell_pid)
+    runner.kill()
+    runner.wait()
+    deadline = time.monotonic() + 5
+    while _alive(cell_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(cell_pid)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class SlowBlocks(pl.Callback):
+    """Each block of updates takes 0.3 s more while $OFFBENCH_TEST_SLOW is set: cells still run when killed."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if os.environ.get("OFFBENCH_TEST_SLOW"):
+            time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_a_runner_killed_with_sigterm_or_sigkill_leaves_no_cell_running_and_a_rerun_finishes_each_once(tiny_hopper, tmp_path):
+    from tests.test_bench import BC, TINY, write_grid
+
+    grid_file = write_grid(
+        tmp_path / "grid.yaml", name="t", output=str(tmp_path / "out"), datasets=[str(tiny_hopper)], seeds=[0, 1],
+        algorithms=[{"name": "bc", "config": BC, "args": ["--trainer.callbacks+=tests.test_reliability.SlowBlocks"]}],
+        **{**TINY, "updates": 60},
+    )
+    runs = [tmp_path / "out/runs/bc/hopper-random-tiny" / f"seed{s}" for s in (0, 1)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OFFBENCH_TEST_SLOW="1")
+    command = [sys.executable, "-m", "offbench.cli", "bench", str(grid_file), "--workers", "2", "--devices", "cpu"]
+    cells: list[int | None] = []
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        runner = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        previous = cells
+        # Both cells of this runner hold their run directories (new processes) and have trained a block.
+        while not (all(cells := [run_dir_holder(run) for run in runs]) and not set(cells) & set(previous)
+                   and all(_updates(run) for run in runs)):
+            assert runner.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        runner.send_signal(signum)
+        code = runner.wait(60)
+        assert code == (130 if signum == signal.SIGTERM else -signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in cells) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in cells), signum
+        assert all(run_dir_holder(run) is None for run in runs)
+    env.pop("OFFBENCH_TEST_SLOW")
+    assert subprocess.run(command, env=env, cwd=REPO, capture_output=True).returncode == 0
+    for run in runs:
+        result = json.loads((run / "result.json").read_text())
+        assert [h["updates"] for h in result["history"]] == [20, 40, 60]
+        log = (run / "bench.log").read_text()
+        assert log.count("### offbench bench") == 3 and log.count("`Trainer.fit` stopped: `max_epochs=3` reached") == 1
+
+
+def _updates(run: Path) -> bool:
+    from offbench.bench import _updates_done
+
+    return bool(_updates_done(run))
