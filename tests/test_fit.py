@@ -114,7 +114,7 @@ def test_algorithm_from_a_file_outside_the_repo(tiny_hopper, tmp_path, monkeypat
         (["--data.eval_every", "-1"], "data.eval_every must be a positive"),
         (["--model.init_args.learning_rate", "0.1"], "learning_rate"),
         (["--data.shuffle", "true"], "shuffle"),
-        (["--data.env_id", "HalfCheetah-v4"], "has 11-dim observations but its evaluation env HalfCheetah-v4 gives 17"),
+        (["--data.env_id", "HalfCheetah-v4"], "'observations' are 11-dim but the evaluation env HalfCheetah-v4 gives 17-dim"),
         (["--data.dataset", "hopper-medum-v2"], "hopper-medium-v2"),
     ],
 )

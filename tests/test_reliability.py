@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -395,3 +396,85 @@ def _updates(run: Path) -> bool:
     from offbench.bench import _updates_done
 
     return bool(_updates_done(run))
+
+
+# --------------------------------------------------------------------------- data checks, up front
+
+
+def pendulum_file(path: Path, **changes) -> Path:
+    """20 rows of Pendulum-v1-shaped data (3-dim observations, 1-dim actions within [-2, 2]), one
+    episode ending in a timeout; `changes` replace arrays."""
+    import h5py
+
+    n = 20
+    arrays = dict(
+        observations=np.linspace(-1, 1, n * 3, dtype=np.float32).reshape(n, 3),
+        actions=np.linspace(-2, 2, n, dtype=np.float32)[:, None],
+        rewards=-np.arange(n, dtype=np.float32),
+        terminals=np.zeros(n, dtype=np.float32),
+        timeouts=np.r_[np.zeros(n - 1), 1].astype(np.float32),
+    ) | changes
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            f[key] = value
+    return path
+
+
+def datamodule(path: Path, **kwargs):
+    from offbench.data.datamodule import OfflineDataModule
+
+    return OfflineDataModule(str(path), **({"env_id": "Pendulum-v1", "ref_min": -1500.0, "ref_max": 0.0} | kwargs))
+
+
+def test_good_data_passes_the_checks(tmp_path, capsys):
+    assert datamodule(pendulum_file(tmp_path / "ok.hdf5")).act_dim == 1
+    assert "offbench: warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changes", "kwargs", "message"), [
+    ({"actions": np.zeros((20, 2), np.float32)}, {},
+     "'actions' are 2-dim but the evaluation env Pendulum-v1 takes 1-dim actions"),
+    ({"observations": np.zeros((20, 4), np.float32)}, {},
+     "'observations' are 4-dim but the evaluation env Pendulum-v1 gives 3-dim observations"),
+    ({"actions": np.linspace(-3, 3, 20, dtype=np.float32)[:, None]}, {},
+     "'actions' of 7 of 19 transitions are outside the action bounds of Pendulum-v1 (feature 0: data -3..2.684, "
+     "env -2..2)"),
+    ({"terminals": np.r_[np.zeros(19), np.nan]}, {}, "'terminals' must hold 0 or 1, but 1 row(s) hold other values (first at row 19: nan)"),
+    ({"timeouts": np.r_[np.zeros(19), 2.0]}, {}, "'timeouts' must hold 0 or 1, but 1 row(s) hold other values (first at row 19: 2.0)"),
+    ({k: np.zeros((0, 3) if k == "observations" else (0, 1) if k == "actions" else 0, np.float32)
+      for k in ("observations", "actions", "rewards", "terminals", "timeouts")}, {}, "the file has no rows (an empty dataset)"),
+    ({}, {"ref_min": 5.0, "ref_max": 5.0}, "ref_min equals ref_max (5.0, given on the command line)"),
+    ({}, {"eval_every": 0}, "data.eval_every must be a positive"),
+])
+def test_bad_data_is_refused_before_training_naming_file_and_field(tmp_path, changes, kwargs, message):
+    path = pendulum_file(tmp_path / "bad.hdf5", **changes)
+    with pytest.raises(UserError) as error:
+        datamodule(path, **kwargs)
+    assert message in str(error.value)
+    if not kwargs:  # a problem of the file: its path is named
+        assert str(error.value).startswith(f"{path}: ")
+
+
+def test_actions_outside_the_bounds_are_clipped_only_when_asked(tmp_path, capsys):
+    path = pendulum_file(tmp_path / "wide.hdf5", actions=np.linspace(-3, 3, 20, dtype=np.float32)[:, None])
+    dm = datamodule(path, clip_actions=True)
+    assert dm.transitions.act.min() == -2 and dm.transitions.act.max() == 2
+    assert f"clipped the actions of 7 transitions of {path} to the bounds of Pendulum-v1" in capsys.readouterr().err
+
+
+def test_extreme_values_are_a_warning_with_the_feature_index(tmp_path, capsys):
+    obs = np.linspace(-1, 1, 60, dtype=np.float32).reshape(20, 3)
+    obs[4, 2] = 3e7
+    datamodule(pendulum_file(tmp_path / "big.hdf5", observations=obs))
+    err = capsys.readouterr().err
+    assert "offbench: warning:" in err and "'observations' feature 2 reaches 3e+07" in err
+
+
+def test_data_info_shows_the_action_range_and_the_checks(tmp_path, capsys):
+    from offbench.data.commands import main as data_main
+
+    path = pendulum_file(tmp_path / "wide.hdf5", actions=np.linspace(-3, 3, 20, dtype=np.float32)[:, None])
+    assert data_main(["info", str(path), "--env-id", "Pendulum-v1", "--ref-min", "-1500", "--ref-max", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "env action range   [-2, 2]" in out and "data action range  [-3, 2.684]" in out
+    assert "check              error:" in out and "outside the action bounds" in out

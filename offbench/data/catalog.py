@@ -317,7 +317,15 @@ def resolve(
         changes["ref_min"], changes["ref_max"] = refs
     if max_episode_steps is not None:
         changes["max_episode_steps"] = int(max_episode_steps)
-    return replace(info, **changes)
+    info = replace(info, **changes)
+    if info.ref_min == info.ref_max and not info.success_scored:
+        source = "given on the command line" if refs is not None else f"the reference scores of {name}"
+        raise UserError(
+            f"ref_min equals ref_max ({info.ref_min}, {source}): the normalized score 100 * (return - ref_min) / "
+            "(ref_max - ref_min) is undefined; pass references that differ (--data.ref_min R_RANDOM --data.ref_max "
+            "R_EXPERT, or --data.ref_family)"
+        )
+    return info
 
 
 def _refs_from_args(ref_family: str | None, ref_min: float | None, ref_max: float | None) -> tuple[float, float] | None:

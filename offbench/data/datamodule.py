@@ -8,6 +8,7 @@ offbench/module.py), and its length makes one epoch exactly one evaluation inter
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from offbench.batch import Batch, Transitions
 from offbench.data.catalog import DatasetInfo, resolve
-from offbench.data.sources import load_transitions
+from offbench.data.checks import check_transitions
+from offbench.data.sources import load_transitions, local_path
 from offbench.envs import action_bounds, observation_dim
 from offbench.errors import UserError
 
@@ -47,6 +49,26 @@ def tune_rewards(t: Transitions, tuning: RewardTuning) -> Transitions:
     return replace(t, rew=rew, episode_return=episode_return)
 
 
+def checked(
+    t: Transitions, info: DatasetInfo, env_obs_dim: int, low: np.ndarray, high: np.ndarray, clip_actions: bool
+) -> Transitions:
+    """`t` after the checks of offbench/data/checks.py: a UserError listing the problems, warnings on
+    stderr, and with `clip_actions` the actions outside the bounds clipped (said on stderr)."""
+    where = str(local_path(info) or info.name)
+    check = check_transitions(t, where, info.env_id, env_obs_dim, low, high)
+    problems = check.problems
+    if clip_actions and check.outside_rows:
+        problems = [p for p in problems if "outside the action bounds" not in p]
+        print(f"offbench: clipped the actions of {check.outside_rows} transitions of {where} to the bounds of "
+              f"{info.env_id} (--data.clip_actions)", file=sys.stderr)
+        t = replace(t, act=np.clip(t.act, low, high).astype(np.float32))
+    if problems:
+        raise UserError(problems[0] if len(problems) == 1 else "the data cannot be trained on:\n  - " + "\n  - ".join(problems))
+    for warning in check.warnings:
+        print(f"offbench: warning: {warning}", file=sys.stderr)
+    return t
+
+
 def _positive(name: str, value: int) -> int:
     if value <= 0:
         raise UserError(f"{name} must be a positive number of updates/samples, got {value}")
@@ -69,6 +91,8 @@ class OfflineDataModule(pl.LightningDataModule):
             "iql_locomotion" (r*1000/return range).
         env_id, ref_family, ref_min, ref_max, max_episode_steps: for bring-your-own HDF5 files:
             the evaluation env and the reference scores of the normalized score.
+        clip_actions: clip actions outside the evaluation env's bounds to them (without it, such
+            actions are an error: see offbench/data/checks.py for every check made before training).
     """
 
     def __init__(
@@ -84,6 +108,7 @@ class OfflineDataModule(pl.LightningDataModule):
         ref_min: float | None = None,
         ref_max: float | None = None,
         max_episode_steps: int | None = None,
+        clip_actions: bool = False,
     ) -> None:
         super().__init__()
         self.batch_size = _positive("data.batch_size", batch_size)
@@ -95,14 +120,9 @@ class OfflineDataModule(pl.LightningDataModule):
             max_episode_steps=max_episode_steps,
         )
         transitions = load_transitions(self.info)
-        env_obs_dim = observation_dim(self.info)
-        if transitions.obs_dim != env_obs_dim:
-            raise UserError(
-                f"dataset {self.info.name!r} has {transitions.obs_dim}-dim observations but its evaluation env "
-                f"{self.info.env_id} gives {env_obs_dim}: pass the env the data was collected in (--data.env_id)"
-            )
-        self.transitions = tune_rewards(transitions, reward_tuning)
         low, high = action_bounds(self.info)
+        transitions = checked(transitions, self.info, observation_dim(self.info), low, high, clip_actions)
+        self.transitions = tune_rewards(transitions, reward_tuning)
         self.max_action = float(np.max(np.abs(np.concatenate([low, high]))))
         obs = self.transitions.obs
         self.obs_mean = torch.as_tensor(obs.mean(0) if normalize_obs else np.zeros(obs.shape[1]), dtype=torch.float32)

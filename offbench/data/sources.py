@@ -127,9 +127,29 @@ def read_d4rl_hdf5(path: str | os.PathLike) -> Transitions:
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) > 1:
         raise UserError(f"{path}: keys have different numbers of rows {lengths}; every key needs one row per step")
+    if lengths["observations"] == 0:
+        raise UserError(f"{path}: the file has no rows (an empty dataset)")
     for key in ("observations", "actions", "rewards"):
         _check_finite(key, data[key], str(path))
-    return transitions_from_d4rl(**data)
+    for key in ("terminals", "timeouts"):
+        _check_flags(key, data[key], str(path))
+    try:
+        return transitions_from_d4rl(**data)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+
+
+def _check_flags(name: str, array: np.ndarray, where: str) -> None:
+    """terminals and timeouts are flags: 0/1 (or bool), nothing else (a NaN would read as True)."""
+    if array.dtype == bool:
+        return
+    bad = ~np.isin(array, (0, 1))  # NaN is not in it either
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise UserError(
+            f"{where}: '{name}' must hold 0 or 1, but {len(rows)} row(s) hold other values (first at row {rows[0]}: "
+            f"{array[rows[0]].item()!r}); fix those flags before training on this data"
+        )
 
 
 # --------------------------------------------------------------------------- downloads
