@@ -18,8 +18,8 @@ import yaml
 from rich.console import Console
 
 from offbench import bench
-from offbench.errors import UserError
 from offbench.bench import GridError, cell_command, cell_state, expand_grid, load_grid, run_grid
+from offbench.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BC = str(REPO / "configs/algorithms/bc.yaml")

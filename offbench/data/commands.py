@@ -12,7 +12,7 @@ import numpy as np
 from offbench.data.catalog import CATALOG, FORGE_ENVS, FORGE_KINDS, forge_dir, forge_name, resolve
 from offbench.data.checks import check_transitions
 from offbench.data.sources import load_transitions, local_path
-from offbench.data.synthetic import write_random_dataset
+from offbench.data.synthetic import minari_datasets_root, write_random_dataset
 from offbench.envs import action_bounds, observation_dim
 from offbench.scores import REF_SCORES, normalized_score
 
@@ -122,6 +122,9 @@ def _forge(args: argparse.Namespace) -> int:
             f"{kind:14s} {d['steps']:9d} {d['episodes']:9d} {d['mean_return']:12.2f} {d['normalized_mean']:10.1f}  "
             f"{d['name'] or Path(out) / d['hdf5']} | Minari {d['minari_id']}"
         )
+    minari_root = next(iter(manifest["datasets"].values())).get("minari_root")
+    if minari_root and Path(minari_root).resolve() != minari_datasets_root().resolve():
+        print(f"the Minari copies are in {minari_root} (read them with MINARI_DATASETS_PATH={minari_root})")
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}")
     return 0

@@ -244,8 +244,10 @@ def write_minari_dataset(
     ref_max: float | None = None,
     ref_episodes: int | None = None,
     overwrite: bool = False,
+    root: Path | None = None,
 ) -> Path:
-    """Write `episodes` as Minari dataset `minari_id` under $MINARI_DATASETS_PATH (or ~/.minari/datasets).
+    """Write `episodes` as Minari dataset `minari_id` under `root` (default $MINARI_DATASETS_PATH, else
+    ~/.minari/datasets).
 
     Minari writes into its final folder step by step, so the dataset is built under a staging root
     next to the datasets root and then renamed into place: an interrupted write never leaves a
@@ -258,7 +260,7 @@ def write_minari_dataset(
 
     import minari
 
-    root = _minari_datasets_root()
+    root = Path(root) if root is not None else minari_datasets_root()
     final = root / minari_id
     if final.exists() and not overwrite:
         raise UserError(
@@ -299,7 +301,7 @@ def write_minari_dataset(
     return final
 
 
-def _minari_datasets_root() -> Path:
+def minari_datasets_root() -> Path:
     """Minari's local root, as Minari finds it: $MINARI_DATASETS_PATH, else ~/.minari/datasets."""
     return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
 
