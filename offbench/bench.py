@@ -350,6 +350,22 @@ def cell_state(cell: Cell) -> CellState:
     return "finished" if finished else "resume" if resume else "fresh"
 
 
+def _unreadable_result(cell: Cell) -> str:
+    """Why a finished cell's result.json cannot be read (a damaged file: it is written atomically), with
+    the way out; empty when it reads."""
+    from offbench.errors import UserError
+
+    try:
+        read_json(
+            cell.run_dir / "result.json",
+            fix=f"delete it and run the grid again: the cell then resumes from {cell.run_dir / 'checkpoints/last.ckpt'} "
+            "and writes it again (or delete the run directory to run the cell from the start)",
+        )
+    except UserError as e:
+        return str(e)
+    return ""
+
+
 def stale_arguments(cell: Cell) -> str:
     """How the arguments recorded in the cell's `cell.json` (those its run was made with) differ from
     the grid file's now, as `old -> new` pieces; empty when they agree or nothing is recorded."""
@@ -625,7 +641,9 @@ def _run(
 
     _write_grid_json(grid)
     failures_path = grid.output / "failures.json"
-    failures: dict[str, Any] = read_json(failures_path) or {}
+    failures: dict[str, Any] = read_json(
+        failures_path, fix="delete it: it only lists earlier failures, and failed cells are tried again anyway"
+    ) or {}
 
     report = GridReport()
     pending: deque[tuple[Cell, CellState]] = deque()
@@ -634,7 +652,13 @@ def _run(
         if state == "stale" and rerun_stale:
             console.print(f"stale  {cell.id}: its run moved to {set_aside(cell, grid.output)}; running it again")
             state = "fresh"
-        if state == "finished":
+        if state == "finished" and (damage := _unreadable_result(cell)):
+            failures[cell.id] = report.failed[cell.id] = {
+                "algorithm": cell.algorithm, "dataset": cell.dataset, "seed": cell.seed, "run_dir": str(cell.run_dir),
+                "exit": "unreadable result.json", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "reason": damage,
+            }
+            console.print(f"[red]damaged[/red] {cell.id}: {damage}")
+        elif state == "finished":
             report.skipped.append(cell.id)
             failures.pop(cell.id, None)  # finished since (e.g. by hand): no longer a failure
         elif state == "running":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from offbench.errors import UserError
 from offbench.files import read_json, write_text_atomic
 
 KINDS = ("last", "best", "final_mean")
@@ -134,8 +134,14 @@ def collect_runs(results_dir: str | os.PathLike) -> list[Run]:
     writes next to result.json, else from result.json itself (class name, dataset, seed)."""
     runs = []
     for path in sorted(Path(results_dir).rglob("result.json")):
-        result = json.loads(path.read_text())
-        cell = read_json(path.parent / "cell.json") or {}
+        try:
+            result = read_json(path, fix="this run is left out of the tables; delete the file and rerun its cell")
+            cell = read_json(path.parent / "cell.json", fix="this run is left out of the tables") or {}
+        except UserError as e:
+            print(f"offbench table: warning: {e}", file=sys.stderr)
+            continue
+        if result is None:  # removed since it was listed
+            continue
         algorithm = cell.get("algorithm") or str(result.get("algorithm", "?")).rsplit(".", 1)[-1].lower()
         dataset = cell.get("dataset") or result.get("dataset", "?")
         runs.append(Run(algorithm, dataset, cell.get("seed", result.get("seed")), result, path.parent))

@@ -478,3 +478,35 @@ def test_data_info_shows_the_action_range_and_the_checks(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "env action range   [-2, 2]" in out and "data action range  [-3, 2.684]" in out
     assert "check              error:" in out and "outside the action bounds" in out
+
+
+# --------------------------------------------------------------------------- damaged results in tables and grids
+
+
+def test_table_skips_an_unreadable_result_with_a_warning_naming_it(tmp_path, capsys):
+    from offbench.tables import collect_runs
+
+    good, bad = tmp_path / "runs/a/seed0", tmp_path / "runs/a/seed1"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    (good / "result.json").write_text(json.dumps({"algorithm": "x.A", "dataset": "d", "seed": 0, "scores": {"last": 1.0}}))
+    (bad / "result.json").write_text('{"algorithm": "x.A", "sco')
+    runs = collect_runs(tmp_path)
+    assert [r.seed for r in runs] == [0]
+    err = capsys.readouterr().err
+    assert f"offbench table: warning: {bad / 'result.json'} is unreadable" in err and "left out of the tables" in err
+
+
+def test_the_runner_reports_a_damaged_result_instead_of_skipping_the_cell(tmp_path, monkeypatch):
+    from offbench.bench import load_grid, run_grid
+    from tests.test_bench import quiet
+
+    started = fake_runner(monkeypatch)
+    grid = load_grid(small_grid(tmp_path))
+    cell = grid.cells[0]
+    cell.run_dir.mkdir(parents=True)
+    (cell.run_dir / "result.json").write_text('{"trunc')
+    report = run_grid(grid, devices="cpu", console=quiet(), tables=False)
+    assert started == [] and not report.skipped
+    reason = report.failed[cell.id]["reason"]
+    assert f"{cell.run_dir / 'result.json'} is unreadable" in reason and "delete it and run the grid again" in reason
