@@ -216,8 +216,11 @@ class LastCheckpoint(Checkpoint):
         if last.exists() and self.keep_previous:
             link = self.dirpath / "previous.ckpt.part"
             link.unlink(missing_ok=True)
-            os.link(last, link)  # no copy: previous.ckpt keeps the old file when last.ckpt is replaced
-            os.replace(link, self.dirpath / "previous.ckpt")
+            try:
+                os.link(last, link)  # no copy: previous.ckpt keeps the old file when last.ckpt is replaced
+                os.replace(link, self.dirpath / "previous.ckpt")
+            except OSError:  # a filesystem without hard links: no way back, but nothing lost either
+                link.unlink(missing_ok=True)
         os.replace(partial, last)  # a crash mid-write never leaves a broken last.ckpt
         self.keep_previous = True
 

@@ -12,10 +12,17 @@ from typing import Any
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: the file as it was stays
+        from offbench.errors import UserError
+
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"writing {path} failed ({e.strerror or e}): free space or make its folder writable, then run "
+                        "again (the file as it was before is unchanged)") from e
     return path
 
 

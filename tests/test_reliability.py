@@ -510,3 +510,20 @@ def test_the_runner_reports_a_damaged_result_instead_of_skipping_the_cell(tmp_pa
     assert started == [] and not report.skipped
     reason = report.failed[cell.id]["reason"]
     assert f"{cell.run_dir / 'result.json'} is unreadable" in reason and "delete it and run the grid again" in reason
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_says_what_to_do(tmp_path, monkeypatch):
+    from offbench.files import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "result.json", {"v": 1})
+
+    def full_disk(self, text):  # writes part of the file, as a full disk does
+        with open(self, "w") as f:
+            f.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(UserError, match=r"writing .*result.json failed \(No space left on device\): free space"):
+        write_json_atomic(path, {"v": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
