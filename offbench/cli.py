@@ -76,17 +76,25 @@ def quiet_lightning() -> None:
             logger.addFilter(_QuietLogs())
 
 
-def epochs_for(updates: int, eval_every: int) -> int:
-    """Lightning epochs for a run of `updates` updates, one epoch per evaluation interval."""
+def budget_problem(updates: int | None, eval_every: int | None) -> str | None:
+    """What is wrong with a run of `updates` updates evaluated every `eval_every`, or None."""
     if updates is None or updates <= 0:
-        raise UserError(f"--updates must be a positive number of gradient updates, got {updates}")
+        return f"--updates must be a positive number of gradient updates, got {updates}"
     if eval_every is None or eval_every <= 0:
-        raise UserError(f"--data.eval_every must be a positive number of updates between evaluations, got {eval_every}")
+        return f"--data.eval_every must be a positive number of updates between evaluations, got {eval_every}"
     if updates % eval_every:
-        raise UserError(
+        return (
             f"--updates {updates} is not a multiple of --data.eval_every {eval_every}: every run ends on an "
             f"evaluation, so choose e.g. --updates {max(1, round(updates / eval_every)) * eval_every}"
         )
+    return None
+
+
+def epochs_for(updates: int, eval_every: int) -> int:
+    """Lightning epochs for a run of `updates` updates, one epoch per evaluation interval (a bad budget
+    gives 1 here: it is refused as a UserError before anything is built, see before_instantiate_classes)."""
+    if budget_problem(updates, eval_every):
+        return 1
     return updates // eval_every
 
 
@@ -116,6 +124,9 @@ class OffbenchCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        problem = budget_problem(config.updates, config.data.eval_every)
+        if problem:
+            raise UserError(problem)
         trainer = config.trainer
         if trainer.default_root_dir is None:
             algo = config.model.class_path.rsplit(".", 1)[-1].lower()
@@ -148,7 +159,7 @@ class OffbenchCLI(LightningCLI):
     def _changed_settings(self, root: Path, config: Any, resumed_updates: int) -> list[str]:
         """What differs between the run's config.yaml (the settings it ran with so far) and `config`."""
         path = root / "config.yaml"
-        new = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        new = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_unset=False))
         changes = []
         if path.is_file():
             try:
@@ -157,7 +168,7 @@ class OffbenchCLI(LightningCLI):
                 raise UserError(f"{path} is not readable YAML ({e}): restore it, or delete it to resume without "
                                 "checking the settings against the run's") from e
             changes = settings_changes(old if isinstance(old, dict) else {}, new)
-        if new["updates"] < resumed_updates:
+        if new["updates"] < resumed_updates and not any(c.startswith("updates:") for c in changes):
             changes.append(f"updates: {new['updates']} is less than the {resumed_updates} updates already done")
         return changes
 
@@ -296,8 +307,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             if previous.is_file() and previous != path
             else "no earlier checkpoint is kept here: delete the run directory and start again"
         )
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"checkpoint {path} is unreadable ({reason}); it is probably truncated or damaged. {way}") from e
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {path} is unreadable ({reason}): it is probably truncated or damaged; {way}") from e
     return checkpoint
 
 
