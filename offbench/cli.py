@@ -2,6 +2,7 @@
 
     offbench fit --config configs/algorithms/bc.yaml --data.dataset synthetic/hopper-random-v0
     offbench fit ... --compile true        # the update through torch.compile (CUDA graphs on CUDA)
+    offbench fit ... --logger wandb        # W&B beside the CSV log (offline unless --wandb.mode online)
     offbench data synth|info ...
 
 `fit` goes to LightningCLI (model by class path, DataModule arguments, Trainer arguments, one run
@@ -11,6 +12,7 @@ directory per run); the other commands are plain functions with their own argume
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -18,7 +20,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import pandas as pd
@@ -33,6 +35,7 @@ from offbench.errors import UserError
 from offbench.evaluation import EvalCallback
 from offbench.files import lock_run_dir
 from offbench.module import OfflineRLModule
+from offbench.wandb_logging import WandbOptions, require_wandb
 
 USAGE = """usage: offbench [--debug] COMMAND ...
 
@@ -118,6 +121,12 @@ class OffbenchCLI(LightningCLI):
             "the new values apply from here on (learning rates are re-applied to the restored optimisers)",
         )
         parser.add_lightning_class_args(EvalCallback, "eval")
+        parser.add_argument(
+            "--logger", type=Literal["csv", "wandb"], default="csv",
+            help="csv: metrics.csv (and TensorBoard when installed) in the run directory; wandb: also a W&B run "
+            "(options under --wandb.*; pip install 'offbench[wandb]')",
+        )
+        parser.add_class_arguments(WandbOptions, "wandb", instantiate=False)
         parser.link_arguments(("updates", "data.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse")
         for name in ("obs_dim", "act_dim", "max_action"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
@@ -127,6 +136,7 @@ class OffbenchCLI(LightningCLI):
         problem = budget_problem(config.updates, config.data.eval_every)
         if problem:
             raise UserError(problem)
+        _check_logger(config)  # before the run directory is made
         trainer = config.trainer
         if trainer.default_root_dir is None:
             algo = config.model.class_path.rsplit(".", 1)[-1].lower()
@@ -187,6 +197,8 @@ class OffbenchCLI(LightningCLI):
             loggers: list[Logger] = [RunCSVLogger(root, self.resumed_updates)]
             if importlib.util.find_spec("tensorboard") is not None:
                 loggers.append(TensorBoardLogger(root, name="", version="", default_hp_metric=False))
+            if self.config[self.subcommand].logger == "wandb":
+                loggers.append(_wandb_logger(self.config[self.subcommand], root, self.resumed_updates is not None))
             kwargs["logger"] = loggers
         ckpt_path = self._get(self.config_init, "ckpt_path")
         keep_previous = ckpt_path is None or Path(ckpt_path).name == "last.ckpt"
@@ -197,6 +209,27 @@ class OffbenchCLI(LightningCLI):
             callbacks.append(RichProgressBar())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def _check_logger(config: Any) -> None:
+    """`--logger wandb` adds W&B beside the suite's CSV log; it needs wandb and the default loggers."""
+    if config.logger != "wandb":
+        return
+    require_wandb("--logger wandb")
+    if config.trainer.logger not in (None, True):
+        raise UserError(
+            "--logger wandb adds W&B beside the run directory's CSV log, but --trainer.logger replaces the "
+            "loggers: use one of them."
+        )
+
+
+def _wandb_logger(config: Any, root: str, resumed: bool) -> Logger:
+    from offbench.wandb_logging import RunWandbLogger
+
+    algo = config.model.class_path.rsplit(".", 1)[-1].lower()
+    name = f"{algo}/{config.data.dataset}/seed{config.seed_everything}"
+    resolved = json.loads(json.dumps(config.as_dict(), default=str))  # the whole resolved config, JSON-safe
+    return RunWandbLogger(root, WandbOptions(**config.wandb.as_dict()), name, resolved, resumed)
 
 
 class LastCheckpoint(Checkpoint):
@@ -264,7 +297,7 @@ class ApplyNewSettings(pl.Callback):
 
 
 # Settings that may change when a run is resumed: where and how it runs, not what it computes.
-RESUME_FREE = ("trainer", "ckpt_path", "compile", "accept_changes", "config", "weights_only")
+RESUME_FREE = ("trainer", "ckpt_path", "compile", "accept_changes", "config", "weights_only", "logger", "wandb")
 
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ sync).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -78,26 +78,41 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class NoiseMLP(nn.Module):
-    """eps_theta(a_i, i, s): an MLP on [a_i, time embedding, s] (Diffusion-QL's agents/model.py)."""
+    """eps_theta(a_i, i, s): an MLP on [a_i, time embedding, s] with Mish hidden layers of the widths
+    `hidden` (Diffusion-QL's agents/model.py: 3 x 256)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n_hidden: int = 3, t_dim: int = 16):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), t_dim: int = 16):
         super().__init__()
         self.time_mlp = nn.Sequential(
             SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)
         )
         layers: list[nn.Module] = []
         width = act_dim + t_dim + obs_dim
-        for _ in range(n_hidden):
-            layers += [nn.Linear(width, hidden), nn.Mish()]
-            width = hidden
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Mish()]
+            width = size
         self.mid = nn.Sequential(*layers)
-        self.final = nn.Linear(hidden, act_dim)
+        self.final = nn.Linear(width, act_dim)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.final(self.mid(torch.cat([x, self.time_mlp(t), s], dim=-1)))
 
 
 # --------------------------------------------------------------------------- discrete DDPM policy
+class DenoisingTerms(NamedTuple):
+    """What one noise-model pass on noised dataset actions gives (`DiffusionPolicy.denoise`)."""
+
+    i: Tensor  # (B,) step indices, 0 .. T-1
+    noise: Tensor  # (B, act_dim) the eps that noised the actions
+    eps_pred: Tensor  # (B, act_dim) eps_theta(a_i, i, s)
+    a0_hat: Tensor  # (B, act_dim) the action approximation, clipped to the bounds; differentiable in theta
+
+    def loss(self, per_sample: bool = False) -> Tensor:
+        """The eps-MSE: mean over batch and action dims (per_sample: over action dims only, (B,))."""
+        err = (self.eps_pred - self.noise).pow(2)
+        return err.mean(-1) if per_sample else err.mean()
+
+
 class DiffusionPolicy(nn.Module):
     """A state-conditioned DDPM over actions with T steps (T = 5 in Diffusion-QL and DiffCPS).
 
@@ -119,13 +134,13 @@ class DiffusionPolicy(nn.Module):
         beta_schedule: BetaSchedule = "vp",
         variance: Literal["posterior", "beta"] = "posterior",
         clip_denoised: bool = True,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
     ):
         super().__init__()
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
         self.model = NoiseMLP(obs_dim, act_dim, hidden)
-        betas = make_betas(beta_schedule, n_timesteps)  # float64 here, float32 buffers below
+        betas = make_betas(beta_schedule, n_timesteps)  # float64 here
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)
         abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
@@ -147,37 +162,54 @@ class DiffusionPolicy(nn.Module):
             "post_coef_xt": (1 - abar_prev) * alphas.sqrt() / (1 - abar),
             "sample_std": std,
         }
-        for name, value in buffers.items():
-            self.register_buffer(name, value.float())
+        for name, value in buffers.items():  # computed in float64, stored in the default dtype (float32)
+            self.register_buffer(name, value.to(torch.get_default_dtype()))
 
-    def loss(self, a0: Tensor, s: Tensor, per_sample: bool = False, noise: Tensor | None = None,
-             i: Tensor | None = None) -> Tensor:
-        """eps-MSE at a uniform step i: the mean over batch and action dims (per_sample: over action
-        dims only, shape (B,)). `noise` and `i` may be given (tests); by default they are drawn."""
+    def denoise(self, a0: Tensor, s: Tensor, noise: Tensor | None = None, i: Tensor | None = None) -> DenoisingTerms:
+        """One pass of the noise model on noised dataset actions: a_i = sqrt(abar_i) a0 + sqrt(1 - abar_i) eps
+        at a uniform step i, the prediction eps_theta(a_i, i, s) and from it EDP's action approximation
+        a0_hat = (a_i - sqrt(1 - abar_i) eps_theta) / sqrt(abar_i), clipped to the bounds (Kang et al. 2023,
+        "Efficient Diffusion Policies for Offline RL", arXiv:2305.20081, Section 4.1). `noise` (B, act_dim)
+        and `i` (B,) are the random draws; by default they are drawn on the device."""
         if i is None:
             i = torch.randint(0, self.n_timesteps, (a0.shape[0],), device=a0.device)
         if noise is None:
             noise = torch.randn_like(a0)
         a_i = self.sqrt_abar[i, None] * a0 + self.sqrt_one_minus_abar[i, None] * noise
-        err = (self.model(a_i, i, s) - noise).pow(2)
-        return err.mean(-1) if per_sample else err.mean()
+        eps_pred = self.model(a_i, i, s)
+        a0_hat = self.sqrt_recip_abar[i, None] * a_i - self.sqrt_recipm1_abar[i, None] * eps_pred
+        return DenoisingTerms(i, noise, eps_pred, a0_hat.clamp(-self.max_action, self.max_action))
 
-    def sample(self, s: Tensor, grad: bool = False) -> Tensor:
+    def loss(self, a0: Tensor, s: Tensor, per_sample: bool = False, noise: Tensor | None = None,
+             i: Tensor | None = None) -> Tensor:
+        """eps-MSE at a uniform step i: the mean over batch and action dims (per_sample: over action
+        dims only, shape (B,)). `noise` and `i` are the random draws (see `denoise`)."""
+        return self.denoise(a0, s, noise, i).loss(per_sample)
+
+    def reverse_step(self, x: Tensor, i: int, s: Tensor, z: Tensor) -> Tensor:
+        """a_{i-1} from a_i (index i = T-1 .. 0): the predicted a_0 (clipped to the bounds with
+        clip_denoised), the posterior mean, plus sample_std[i] * z (0 at i = 0)."""
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        eps = self.model(x, t, s)
+        x0 = self.sqrt_recip_abar[i] * x - self.sqrt_recipm1_abar[i] * eps
+        if self.clip_denoised:
+            x0 = x0.clamp(-self.max_action, self.max_action)
+        return self.post_coef_x0[i] * x0 + self.post_coef_xt[i] * x + self.sample_std[i] * z
+
+    def sample(self, s: Tensor, grad: bool = False, noise: Tensor | None = None) -> Tensor:
         """Actions (..., act_dim) for states (..., obs_dim) by the reverse chain i = T..1; `grad`
-        keeps the graph (for a Q-gradient through sampling). Random draws, in order: a_T, then
-        one normal per step (the last one multiplied by 0)."""
+        keeps the graph (for a Q-gradient through sampling). `noise` (T + 1, n, act_dim) holds the
+        random draws in the order the chain uses them: a_T, then one normal per step (the last one,
+        at i = 0, multiplied by 0, as the official code draws it too); by default they are drawn."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             lead = s.shape[:-1]
             s = s.reshape(-1, s.shape[-1])
-            x = torch.randn(s.shape[0], self.act_dim, device=s.device)
-            for i in reversed(range(self.n_timesteps)):
-                t = torch.full((s.shape[0],), i, device=s.device, dtype=torch.long)
-                eps = self.model(x, t, s)
-                x0 = self.sqrt_recip_abar[i] * x - self.sqrt_recipm1_abar[i] * eps
-                if self.clip_denoised:
-                    x0 = x0.clamp(-self.max_action, self.max_action)
-                mean = self.post_coef_x0[i] * x0 + self.post_coef_xt[i] * x
-                x = mean + self.sample_std[i] * torch.randn_like(x)
+            if noise is None:
+                x = torch.randn(s.shape[0], self.act_dim, device=s.device)
+            else:
+                x = noise[0]
+            for k, i in enumerate(reversed(range(self.n_timesteps))):
+                x = self.reverse_step(x, i, s, torch.randn_like(x) if noise is None else noise[k + 1])
             return x.clamp(-self.max_action, self.max_action).reshape(*lead, self.act_dim)
 
     def forward(self, s: Tensor) -> Tensor:
@@ -201,11 +233,12 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def sample_by_score(scores: Tensor, k: int = 1) -> Tensor:
+def sample_by_score(scores: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
     """Indices (n, k) drawn without replacement from softmax(scores) along the last dim (Gumbel-top-k,
     Kool et al. 2019): k = 1 is torch.multinomial(softmax(scores), 1) in distribution, without its
-    underflow failures for peaked scores and without a host sync."""
-    u = torch.rand_like(scores).clamp(1e-12, 1.0 - 1e-7)
+    underflow failures for peaked scores and without a host sync. `u` (uniforms shaped like scores)
+    are the random draws; by default they are drawn on the device."""
+    u = (torch.rand_like(scores) if u is None else u).clamp(1e-12, 1.0 - 1e-7)
     return (scores - torch.log(-torch.log(u))).topk(k, dim=-1).indices
 
 
@@ -214,10 +247,11 @@ def repeat_rows(x: Tensor, n: int) -> Tensor:
     return x[:, None].expand(-1, n, -1).reshape(-1, x.shape[-1])
 
 
-def resample(candidates: Tensor, logits: Tensor, k: int = 1) -> Tensor:
+def resample(candidates: Tensor, logits: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
     """Pick from `candidates` (n, m, d) by drawing k of the m without replacement with probabilities
-    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling."""
-    idx = sample_by_score(logits, k)
+    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling; `u` as
+    in `sample_by_score`."""
+    idx = sample_by_score(logits, k, u)
     picked = candidates.gather(1, idx[..., None].expand(-1, -1, candidates.shape[-1]))
     return picked.mean(1)
 

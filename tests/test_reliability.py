@@ -169,11 +169,11 @@ def test_settings_changes_lists_differences_and_lets_updates_grow():
 
 def test_resume_with_changed_settings_is_refused_then_applied_when_accepted(interrupted, tiny_hopper, capsys):
     root = interrupted
-    resume = fit_args(tiny_hopper, root, "--ckpt_path", "last", "--model.init_args.lr", "0.5")
+    resume = fit_args(tiny_hopper, root, "--ckpt_path", "last", "--model.init_args.actor_lr", "0.5")
     assert run_main(resume) == 2
     err = capsys.readouterr().err
     assert "the settings differ from those of the run being resumed" in err
-    assert "model.init_args.lr: 0.001 -> 0.5" in err and "--accept_changes true" in err
+    assert "model.init_args.actor_lr: 0.001 -> 0.5" in err and "--accept_changes true" in err
     # Other networks cannot continue the run, even when accepted.
     assert run_main([*resume, "--model.init_args.hidden", "[64, 64]", "--accept_changes", "true"]) == 2
     err = capsys.readouterr().err
@@ -183,7 +183,7 @@ def test_resume_with_changed_settings_is_refused_then_applied_when_accepted(inte
     checkpoint = torch.load(root / "checkpoints/last.ckpt", weights_only=False)
     assert int(checkpoint["state_dict"]["updates"]) == 400
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5
-    assert json.loads((root / "result.json").read_text())["hyperparameters"]["lr"] == 0.5
+    assert json.loads((root / "result.json").read_text())["hyperparameters"]["actor_lr"] == 0.5
 
 
 # --------------------------------------------------------------------------- damaged files
