@@ -12,6 +12,7 @@ directory per run); the other commands are plain functions with their own argume
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -383,13 +384,22 @@ def _last_checkpoint(root: Path) -> Path:
 
 
 class RunCSVLogger(CSVLogger):
-    """metrics.csv in the run directory itself. On resume it keeps the rows logged up to the
-    checkpoint and drops later ones (they are logged again); Lightning's CSVLogger would delete
+    """metrics.csv in the run directory itself, with one counter column, `updates`, in every row (the
+    training rows log it, the evaluation rows' `eval/updates` is written under it; Lightning's `step`
+    and `epoch` columns, which count nothing here, are left out). On resume it keeps the rows logged up
+    to the checkpoint and drops later ones (they are logged again); Lightning's CSVLogger would delete
     the whole file when its writer starts."""
 
     def __init__(self, root: str, resumed_updates: int | None) -> None:
         super().__init__(root, name="", version="")
         self.resumed_updates = resumed_updates
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        if "eval/updates" in metrics:
+            metrics["updates"] = metrics.pop("eval/updates")
+        super().log_metrics(metrics, step)
+        self.experiment.metrics[-1].pop("step", None)
 
     @property
     def experiment(self):
@@ -430,8 +440,55 @@ def _check_run_dir(root: Path) -> None:
         )
 
 
+# Hyperparameters renamed for one naming scheme (the contract in offbench/module.py): old name -> new.
+RENAMED_KEYS = {"lr": "actor_lr", "policy_freq": "policy_every"}
+
+
+def check_renamed_keys(argv: list[str]) -> None:
+    """Refuse model settings under their old names (and `hidden` as one width) with the new form, before
+    LightningCLI's generic 'not accepted' message: the model class is read from the command line or the
+    configs, and a key counts as renamed only where that class lacks it and has the new name."""
+    given: dict[str, tuple[Any, str]] = {}  # init_args key -> (value, where it was given)
+    class_path = None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--config" and value and Path(value).is_file():
+            try:
+                config = yaml.safe_load(Path(value).read_text()) or {}
+            except yaml.YAMLError:
+                continue  # LightningCLI reports it
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict):
+                class_path = model.get("class_path", class_path)
+                for key, v in (model.get("init_args") or {}).items():
+                    given[key] = (v, value)
+        elif arg in ("--model", "--model.class_path") and value:
+            class_path = value
+        elif arg.startswith("--model.init_args."):
+            key, _, inline = arg.removeprefix("--model.init_args.").partition("=")
+            given[key] = (yaml.safe_load(inline) if inline else (yaml.safe_load(value) if value else None), "the command line")
+    if not class_path or "." not in class_path:
+        return
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters
+    except Exception:  # noqa: BLE001 - an unknown class is LightningCLI's to report
+        return
+    for key, (value, where) in given.items():
+        new = RENAMED_KEYS.get(key)
+        if new and key not in params and new in params:
+            raise UserError(f"{class_path}: `{key}` (in {where}) is now called `{new}`: --model.init_args.{new} {value}")
+        hidden = params.get("hidden")
+        if key == "hidden" and isinstance(value, int) and hidden is not None and "tuple" in str(hidden.annotation):
+            raise UserError(
+                f"{class_path}: `hidden` (in {where}) is now a list of layer widths, e.g. [{value}, {value}, {value}] "
+                "for three layers of that width"
+            )
+
+
 def fit_main(argv: list[str]) -> None:
     quiet_lightning()
+    check_renamed_keys(argv)
     try:
         OffbenchCLI(
             OfflineRLModule,

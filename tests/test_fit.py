@@ -45,8 +45,12 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     assert scores["last"] == result["history"][-1]["score"]
     assert scores["best"] == max(h["score"] for h in result["history"])
     assert (run / "config.yaml").exists() and (run / "checkpoints/last.ckpt").exists()
-    metrics = (run / "metrics.csv").read_text()
+    metrics = pd.read_csv(run / "metrics.csv")
     assert "loss/actor" in metrics and "eval/score" in metrics
+    # One counter, in every row: training rows every 50 updates (a block), evaluation rows every 100.
+    assert not {"step", "epoch", "eval/updates"} & set(metrics.columns) and metrics["updates"].notna().all()
+    assert metrics.loc[metrics["eval/score"].notna(), "updates"].tolist() == [100, 200, 300]
+    assert metrics.loc[metrics["loss/actor"].notna(), "updates"].tolist() == list(range(50, 301, 50))
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
@@ -69,7 +73,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
     strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
     assert strip(history[0]) == strip(history[1])
     # The metric log of the resumed run holds each block once, with the same values.
-    columns = ["updates", "loss/actor", "eval/score", "eval/updates"]
+    columns = ["updates", "loss/actor", "eval/score"]
     logs = [pd.read_csv(tmp_path / d / "metrics.csv")[columns] for d in ("full", "resumed")]
     pd.testing.assert_frame_equal(logs[0], logs[1])
 
@@ -193,3 +197,25 @@ def test_contract_breaks_fail_with_a_message_naming_the_contract(case, tiny_hopp
     with pytest.raises(TypeError, match=message) as error:
         main(fit_args(tiny_hopper, tmp_path / "run", "--model", f"{module}.Broken"))
     assert "contract in offbench/module.py" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "message"),
+    [
+        (BC_CONFIG, ["--model.init_args.lr", "0.01"], "`lr` (in the command line) is now called `actor_lr`: --model.init_args.actor_lr 0.01"),
+        (str(REPO / "configs/algorithms/td3bc.yaml"), ["--model.init_args.policy_freq=3"], "is now called `policy_every`"),
+        (str(REPO / "configs/algorithms/diffcps.yaml"), ["--model.init_args.hidden", "64"], "now a list of layer widths, e.g. [64, 64, 64]"),
+    ],
+)
+def test_old_config_keys_fail_with_the_new_name(config, extra, message, tiny_hopper, tmp_path, capsys):
+    args = fit_args(tiny_hopper, tmp_path / "run", *extra)
+    args[2] = config
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_old_config_key_in_a_config_file(tiny_hopper, tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    lr: 0.001\n")
+    assert main(fit_args(tiny_hopper, tmp_path / "run", "--config", str(old))) == 2
+    assert f"`lr` (in {old}) is now called `actor_lr`" in capsys.readouterr().err
