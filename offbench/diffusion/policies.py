@@ -97,9 +97,11 @@ class DiffusionPolicy(nn.Module):
             (a_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i). With the "dpm" sampler it clips
             each noise prediction so that the a_0 it implies lies in the bounds (EDP's noise clipping).
         sampler: "ddpm", the T-step reverse chain; "dpm", DPM-Solver (`dpm_steps` model calls of order
-            `dpm_order`, time-uniform from t = 1 to `dpm_t_end`) on the probability-flow ODE of the
+            `dpm_order`, time-uniform from t = 1 to `dpm_t_end`, by default 1/T: step 0) on the probability-flow ODE of the
             schedule read in continuous time as DPM-Solver's NoiseScheduleVP("discrete") does (EDP's
-            `--sample_method dpm`: 15 steps, order 3, t_end 1e-3). DPM-Solver is deterministic given a_T.
+            `--sample_method dpm`: 15 steps, order 3, t_end 1e-3 with K = 1000; its README asks for K = 1000 with
+            DPM-Solver because t_end = 1e-3 lies before step 0 of a shorter schedule, which the default
+            1/T avoids). DPM-Solver is deterministic given a_T.
     """
 
     def __init__(
@@ -115,14 +117,21 @@ class DiffusionPolicy(nn.Module):
         sampler: Literal["ddpm", "dpm"] = "ddpm",
         dpm_steps: int = 15,
         dpm_order: int = 3,
-        dpm_t_end: float = 1e-3,
+        dpm_t_end: float | None = None,
     ):
         super().__init__()
         if sampler not in ("ddpm", "dpm"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddpm (the reverse chain) or dpm (DPM-Solver)")
         if dpm_order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {dpm_order}")
-        self.sampler, self.dpm_steps, self.dpm_order, self.dpm_t_end = sampler, dpm_steps, dpm_order, dpm_t_end
+        if dpm_t_end is not None and dpm_t_end < 1.0 / n_timesteps:
+            raise ValueError(
+                f"dpm_t_end {dpm_t_end} lies before step 0 of a {n_timesteps}-step schedule (t = 1/{n_timesteps}), where "
+                "the interpolated schedule has alpha_t > 1; leave it unset (1/K, DPM-Solver's choice for discrete "
+                "models: 1e-3 at K = 1000, as EDP) or give a value >= 1/K"
+            )
+        self.sampler, self.dpm_steps, self.dpm_order = sampler, dpm_steps, dpm_order
+        self.dpm_t_end = 1.0 / n_timesteps if dpm_t_end is None else dpm_t_end
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
         self.model = NoiseMLP(obs_dim, act_dim, hidden)

@@ -22,6 +22,9 @@ def scaled_linear_beta_schedule(n_timesteps: int) -> Tensor:
     """DDPM's linear betas with both ends scaled by 1000 / K, so that a schedule of K steps adds about as
     much noise in all as DDPM's 1000 (official EDP code, github.com/sail-sg/edp, diffusion/diffusion.py,
     get_named_beta_schedule("linear")): K = 1000 is DDPM's 1e-4 .. 0.02, K = 100 is 1e-3 .. 0.2."""
+    if n_timesteps <= 20:
+        raise ValueError(f"linear_scaled betas need n_timesteps > 20 (the last beta is 20 / K), got {n_timesteps}; "
+                         "use the vp schedule for short chains")
     scale = 1000.0 / n_timesteps
     return linear_beta_schedule(n_timesteps, scale * 1e-4, scale * 2e-2)
 
