@@ -10,6 +10,10 @@ the compiled path (`enable_compile`: torch.compile, CUDA graphs on CUDA) and run
 update numbers again, twice: the first pass compiles every graph those updates need and warms up,
 the second is timed; the compile time reported is the first pass's time minus the second's.
 On CUDA the clock is read after a device synchronisation.
+Rows: one per config at its settings, plus the rows of `EXTRA_ROWS` whose config is measured (a config
+with extra init args and a label, e.g. EDP with the IQL rule). Beside the rates, the noise model's forward
+passes per update (calls of every `NoiseMLP` in the module, counted by forward hooks over the plain
+loop; a batched call counts once; n/a for modules without one).
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
@@ -22,7 +26,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning
 import lightning.pytorch as pl
@@ -31,12 +35,36 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from offbench.data.datamodule import OfflineDataModule
+from offbench.diffusion import NoiseMLP
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class PerfRow(NamedTuple):
+    """One training measurement: a config, init args laid over its own, and the label of its row."""
+
+    label: str
+    config: Path
+    init_args: dict[str, Any] = {}
+
+
+# Rows measured beside a config's own row whenever that config is measured.
+EXTRA_ROWS = [
+    PerfRow("edp-iql", REPO / "configs/algorithms/edp.yaml", {"rule": "iql"}),
+]
+
+
+def perf_rows(configs: list[Path]) -> list[PerfRow]:
+    """Each config's own row (labelled by its file name), each followed by its EXTRA_ROWS."""
+    rows = []
+    for config in configs:
+        rows.append(PerfRow(config.stem, config))
+        rows += [row for row in EXTRA_ROWS if row.config.resolve() == config.resolve()]
+    return rows
 
 
 def _sync(device: torch.device) -> None:
@@ -68,9 +96,11 @@ def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, 
 
 
 def measure_training(
-    config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False
+    config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False,
+    extra_init_args: dict[str, Any] | None = None, label: str | None = None,
 ) -> dict[str, Any]:
     cls, init_args, data = load_algorithm_config(config)
+    init_args |= extra_init_args or {}
     dm = OfflineDataModule(
         dataset, batch_size=data.get("batch_size", 256), eval_every=updates, block_size=block_size,
         normalize_obs=data.get("normalize_obs", False),
@@ -90,7 +120,12 @@ def measure_training(
     # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
     # phases or a policy delay, make some updates cost more than others).
     first = updates
+    calls = [0]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for m in model.modules() if isinstance(m, NoiseMLP)]
     plain_seconds = _time_updates(model, dm, updates, first)
+    for hook in hooks:
+        hook.remove()
     compiled: dict[str, Any] = {"compiled_updates_per_s": None, "compile_seconds": None}
     if compile_update:
         # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
@@ -104,8 +139,11 @@ def measure_training(
             "compile_seconds": warmup_seconds - compiled_seconds,
         }
     return {
+        "label": label or config.stem,
         "algorithm": f"{cls.__module__}.{cls.__qualname__}",
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
+        "extra_init_args": extra_init_args or {},
+        "noise_model_calls_per_update": calls[0] / updates if hooks else None,
         "batch_size": dm.batch_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "updates_timed": updates,
@@ -171,17 +209,21 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
         "plain loop's update numbers again after `enable_compile()` (torch.compile; CUDA graphs on CUDA), timed "
         "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's "
-        "(n/a: run without --compile).",
+        "(n/a: run without --compile). eps calls = forward passes of the diffusion noise model per update (batched "
+        "calls, counted over the plain loop; n/a: no NoiseMLP). Rows with extra init args name them after the label.",
         "",
-        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead | compiled upd/s "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | eps calls/upd | overhead "
+        "| compiled upd/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["training"]:
         rate, seconds = r.get("compiled_updates_per_s"), r.get("compile_seconds")
+        calls, extra = r.get("noise_model_calls_per_update"), r.get("extra_init_args") or {}
+        row = r.get("label", "") + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")
         lines.append(
-            f"| {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
-            f"| {r['lightning_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['lightning_overhead_pct']:+.1f}% "
+            f"| {row} | {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
+            f"| {r['lightning_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {'n/a' if calls is None else f'{calls:g}'} "
+            f"| {r['lightning_overhead_pct']:+.1f}% "
             f"| {'n/a' if rate is None else f'{rate:.1f}'} | {'n/a' if seconds is None else f'{seconds:.1f}'} |"
         )
     e = report["evaluation"]
@@ -214,14 +256,15 @@ def main(argv: list[str]) -> int:
     if args.updates <= 0 or args.block_size <= 0:
         parser.error("--updates and --block-size must be positive")
     training = []
-    for config in args.configs:
-        result = measure_training(config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile)
+    for row in perf_rows(args.configs):
+        result = measure_training(row.config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile,
+                                  row.init_args, row.label)
         compiled = (
             f", compiled {result['compiled_updates_per_s']:.1f} upd/s (compile {result['compile_seconds']:.0f} s)"
             if args.compile else ""
         )
         print(
-            f"{result['algorithm']}: Lightning {result['lightning_updates_per_s']:.1f} upd/s, plain "
+            f"{result['label']} ({result['algorithm']}): Lightning {result['lightning_updates_per_s']:.1f} upd/s, plain "
             f"{result['plain_updates_per_s']:.1f} upd/s, overhead {result['lightning_overhead_pct']:+.1f}%{compiled}",
             flush=True,
         )

@@ -341,3 +341,18 @@ def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monke
         scores[name] = float(np.mean(final))
         print(f"{name}: final return {scores[name]:.0f} {final}")
     assert scores["edp"] > scores["bc"], scores
+
+
+def test_perf_counts_the_noise_model_passes_of_edp_rows(tiny_hopper, tmp_path):
+    import json
+    from pathlib import Path
+
+    from offbench.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs/algorithms/edp.yaml"
+    main(["perf", "--configs", str(config), "--dataset", str(tiny_hopper), "--updates", "4", "--block-size", "2",
+          "--accelerator", "cpu", "--eval-episodes", "1", "--eval-envs", "1", "--out", str(tmp_path)])
+    rows = {r["label"]: r for r in json.loads((tmp_path / "perf.json").read_text())["training"]}
+    assert rows["edp"]["noise_model_calls_per_update"] == 16  # 1 policy pass + 15 DPM-Solver calls for a'
+    assert rows["edp-iql"]["noise_model_calls_per_update"] == 1 and rows["edp-iql"]["extra_init_args"] == {"rule": "iql"}
+    assert "edp-iql (rule=iql)" in (tmp_path / "perf.md").read_text()
