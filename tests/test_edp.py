@@ -305,8 +305,11 @@ def test_dpm_noise_clipping_keeps_the_implied_action_in_the_bounds():
 @pytest.mark.slow
 def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monkeypatch):
     """EDP (td3) and BC trained on the forge's Pendulum medium-replay data (the `small` preset: SAC online,
-    D4RL's recipe, forged here into a temporary data root) with the same updates and evaluations; EDP must
+    D4RL's recipe; forged into a temporary data root unless $OFFBENCH_DATA_DIR is set, where a forged family
+    is reused) with the same updates and evaluations; EDP must
     score higher. Test-only settings for a CPU: 64-unit networks, K = 100 with DPM-Solver 15."""
+    import os
+
     import numpy as np
 
     from algorithms.bc import BC
@@ -315,8 +318,9 @@ def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monke
     from offbench.evaluation import evaluate
     from offbench.forge import forge, forge_config
 
-    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path))
-    forge(forge_config("Pendulum-v1", "small"), progress=False)
+    if "OFFBENCH_DATA_DIR" not in os.environ:  # a data root of the user's holding the family is reused
+        monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path))
+    forge(forge_config("Pendulum-v1", "small"), progress=False)  # returns at once when already forged
     dm = OfflineDataModule("forge/pendulum-medium-replay-v0", batch_size=256, eval_every=500)
     dm.setup("fit")
     info = resolve("forge/pendulum-medium-replay-v0")
