@@ -25,11 +25,12 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def sample_by_score(scores: Tensor, k: int = 1) -> Tensor:
+def sample_by_score(scores: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
     """Indices (n, k) drawn without replacement from softmax(scores) along the last dim (Gumbel-top-k,
     Kool et al. 2019): k = 1 is torch.multinomial(softmax(scores), 1) in distribution, without its
-    underflow failures for peaked scores and without a host sync."""
-    u = torch.rand_like(scores).clamp(1e-12, 1.0 - 1e-7)
+    underflow failures for peaked scores and without a host sync. `u` (uniforms shaped like scores)
+    are the random draws; by default they are drawn on the device."""
+    u = (torch.rand_like(scores) if u is None else u).clamp(1e-12, 1.0 - 1e-7)
     return (scores - torch.log(-torch.log(u))).topk(k, dim=-1).indices
 
 
@@ -38,9 +39,10 @@ def repeat_rows(x: Tensor, n: int) -> Tensor:
     return x[:, None].expand(-1, n, -1).reshape(-1, x.shape[-1])
 
 
-def resample(candidates: Tensor, logits: Tensor, k: int = 1) -> Tensor:
+def resample(candidates: Tensor, logits: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
     """Pick from `candidates` (n, m, d) by drawing k of the m without replacement with probabilities
-    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling."""
-    idx = sample_by_score(logits, k)
+    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling; `u` as
+    in `sample_by_score`."""
+    idx = sample_by_score(logits, k, u)
     picked = candidates.gather(1, idx[..., None].expand(-1, -1, candidates.shape[-1]))
     return picked.mean(1)

@@ -135,7 +135,7 @@ class DiffusionPolicy(nn.Module):
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
         self.model = NoiseMLP(obs_dim, act_dim, hidden)
-        betas = make_betas(beta_schedule, n_timesteps)  # float64 here, float32 buffers below
+        betas = make_betas(beta_schedule, n_timesteps)  # float64 here
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)
         abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
@@ -157,12 +157,13 @@ class DiffusionPolicy(nn.Module):
             "post_coef_xt": (1 - abar_prev) * alphas.sqrt() / (1 - abar),
             "sample_std": std,
         }
-        for name, value in buffers.items():
-            self.register_buffer(name, value.float())
+        dtype = torch.get_default_dtype()
+        for name, value in buffers.items():  # computed in float64, stored in the default dtype (float32)
+            self.register_buffer(name, value.to(dtype))
         # Derived tables kept out of the checkpoint (checkpoints of earlier versions load unchanged).
         # The ELBO weights of the official EDP code: w_i = beta_i / (2 (1 - abar_i) alpha_i), rescaled to sum to T.
         weights = betas / (2 * (1 - abar) * alphas)
-        self.register_buffer("elbo_weights", (weights * n_timesteps / weights.sum()).float(), persistent=False)
+        self.register_buffer("elbo_weights", (weights * n_timesteps / weights.sum()).to(dtype), persistent=False)
         self.schedule = DiscreteVPSchedule(abar)  # continuous-time reading for DPM-Solver
 
     def denoise(self, a0: Tensor, s: Tensor, noise: Tensor | None = None, i: Tensor | None = None) -> DenoisingTerms:

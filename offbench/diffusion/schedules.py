@@ -99,8 +99,9 @@ class DiscreteVPSchedule(nn.Module):
         n = alphas_cumprod.numel()
         self.n = n
         t = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)[1:]
-        self.register_buffer("t_array", t.float(), persistent=False)
-        self.register_buffer("log_alpha_array", (0.5 * torch.log(alphas_cumprod.double())).float(), persistent=False)
+        dtype = torch.get_default_dtype()
+        self.register_buffer("t_array", t.to(dtype), persistent=False)
+        self.register_buffer("log_alpha_array", (0.5 * torch.log(alphas_cumprod.double())).to(dtype), persistent=False)
 
     def log_alpha(self, t: Tensor) -> Tensor:
         return _interpolate(t, self.t_array, self.log_alpha_array)
