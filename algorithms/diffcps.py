@@ -68,7 +68,7 @@ class DiffCPS(DiffusionQL):
         lambda_clip: float = 0.0,
         lambda_max: float = 100.0,
         policy_every: int = 2,
-        lr: float = 3e-4,
+        actor_lr: float = 3e-4,
         critic_lr: float = 3e-4,
         lambda_lr: float = 3e-5,
         max_grad_norm: float | None = 1.0,
@@ -88,10 +88,10 @@ class DiffCPS(DiffusionQL):
         lc_reduction: Literal["mean", "sum"] = "mean",
         action_approximation: bool = False,
         n_eval_candidates: int = 50,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
         super().__init__(
-            obs_dim, act_dim, max_action, lr=lr, critic_lr=critic_lr, max_grad_norm=max_grad_norm, gamma=gamma,
+            obs_dim, act_dim, max_action, actor_lr=actor_lr, critic_lr=critic_lr, max_grad_norm=max_grad_norm, gamma=gamma,
             tau=tau, max_q_backup=max_q_backup, n_backup_actions=n_backup_actions, n_timesteps=n_timesteps,
             beta_schedule=beta_schedule, sampling_variance=sampling_variance, ema_decay=ema_decay,
             ema_start=ema_start, ema_every=ema_every, ema_warmup=ema_warmup,

@@ -74,7 +74,7 @@ class DiffusionQL(OfflineRLModule):
         act_dim: int,
         max_action: float = 1.0,
         eta: float = 1.0,
-        lr: float = 3e-4,
+        actor_lr: float = 3e-4,
         critic_lr: float = 3e-4,
         max_grad_norm: float | None = 1.0,
         gamma: float = 0.99,
@@ -90,18 +90,18 @@ class DiffusionQL(OfflineRLModule):
         ema_warmup: Literal["hold", "copy"] = "hold",
         action_approximation: bool = False,
         n_eval_candidates: int = 50,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, sampling_variance, hidden=hidden)
         self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=(hidden,) * 3, activation=nn.Mish)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, activation=nn.Mish)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr)
         return [self.critic_opt, self.actor_opt]
 
     def update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:

@@ -93,7 +93,9 @@ class EDP(OfflineRLModule):
         expectile: float = 0.7,
         awr_temperature: float = 3.0,
         awr_weight_clip: float = 100.0,
-        lr: float = 3e-4,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        value_lr: float = 3e-4,
         max_grad_norm: float | None = None,
         gamma: float = 0.99,
         tau: float = 0.005,
@@ -107,7 +109,7 @@ class EDP(OfflineRLModule):
         ema_start: int = 1000,
         ema_every: int = 5,
         n_eval_candidates: int = 10,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
         super().__init__()
         if rule not in ("td3", "crr", "iql"):
@@ -116,17 +118,17 @@ class EDP(OfflineRLModule):
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, hidden=hidden,
                                      sampler=sampler, dpm_steps=dpm_steps)
         self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=(hidden,) * 3, activation=nn.Mish)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, activation=nn.Mish)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = mlp(obs_dim, 1, (hidden,) * 3, nn.Mish) if rule == "iql" else None
+        self.value = mlp(obs_dim, 1, hidden, nn.Mish) if rule == "iql" else None
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        lr = self.hparams.lr
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr)
+        hp = self.hparams
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=hp.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr)
         optimizers = [self.actor_opt, self.critic_opt]
         if self.value is not None:
-            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=lr)
+            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=hp.value_lr)
             optimizers.append(self.value_opt)
         return optimizers
 

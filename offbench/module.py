@@ -10,6 +10,11 @@ __init__(obs_dim, act_dim, max_action, ...)
     (the evaluation env's action bound; D4RL's envs have +-1). An algorithm without a `max_action`
     argument runs only on envs whose bounds are +-1: on any other env `offbench fit` stops with an
     error before training, never silently.
+    One naming scheme across the algorithms (configs rely on it): learning rates `<network>_lr`
+    (`actor_lr`, `critic_lr`, `value_lr`, `lambda_lr`; never a bare `lr`), a policy delay
+    `policy_every`, layer widths `hidden: tuple[int, ...]` (one entry per hidden layer; a second
+    network's `critic_hidden`), gradient clipping `max_grad_norm`, EMA `ema_decay` / `ema_start` /
+    `ema_every`, and state before action in every call (`critic(obs, act)`).
 configure_optimizers() -> list[torch.optim.Optimizer]
     Creates raw `torch.optim` optimisers, keeps each as an attribute (`self.actor_opt = Adam(...)`)
     and returns them all. Lightning checkpoints the returned ones; the compiled path finds them as

@@ -53,8 +53,8 @@ CASES = {
     "cql": (CQL, {"hidden": (16, 16), "num_random": 2, "bc_steps": 3}, 6, 6),  # BC warm-up, then SAC's actor loss
     "cql-lagrange": (CQL, {"hidden": (16, 16), "num_random": 2, "bc_steps": 0, "with_lagrange": True}, 4, 4),
     "awr": (AWR, {"hidden": (16, 16), "critic_steps": 2, "actor_steps": 3}, 6, 10),  # phases, refreshes
-    "diffcps": (DiffCPS, {"hidden": 16, "ema_start": 3, "ema_every": 2}, 8, 8),  # policy delay 2, EMA from 3
-    "diffusion_ql": (DiffusionQL, {"hidden": 16, "ema_start": 3, "ema_every": 2}, 8, 8),
+    "diffcps": (DiffCPS, {"hidden": (16, 16, 16), "ema_start": 3, "ema_every": 2}, 8, 8),  # policy delay 2, EMA from 3
+    "diffusion_ql": (DiffusionQL, {"hidden": (16, 16, 16), "ema_start": 3, "ema_every": 2}, 8, 8),
     # behaviour for 2 updates, critic rounds of 3; round 1 (update 5) plans and resets the critic
     "sfbc": (SfBC, {"behavior_steps": 2, "critic_steps": 3, "planning_iterations": 2, "solver_steps": 3,
                     "n_planning_candidates": 2}, 9, 6),

@@ -21,7 +21,7 @@ def batch(n=32, act_dim=ACT, seed=0):
 
 def make(cls=DiffCPS, act_dim=ACT, zero_noise_model=False, **kwargs):
     torch.manual_seed(0)
-    model = cls(OBS, act_dim, hidden=32, **kwargs)
+    model = cls(OBS, act_dim, hidden=(32, 32, 32), **kwargs)
     model.configure_optimizers()
     if zero_noise_model:  # eps_theta = 0, so L_c = E ||eps||^2 / act_dim, about 1
         torch.nn.init.zeros_(model.actor.model.final.weight)

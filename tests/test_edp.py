@@ -28,7 +28,7 @@ def random_batch(n: int = 16, seed: int = 0) -> Batch:
 
 def small_edp(**settings) -> EDP:
     torch.manual_seed(0)
-    module = EDP(OBS, ACT, MAX_ACTION, hidden=16, **settings)
+    module = EDP(OBS, ACT, MAX_ACTION, hidden=(16, 16), **settings)
     module.configure_optimizers()
     return module
 
@@ -96,7 +96,7 @@ def test_action_approximation_hand_values_and_clipping():
 
 def test_action_approximation_is_differentiable_in_the_noise_model_only():
     torch.manual_seed(0)
-    policy = DiffusionPolicy(OBS, ACT, 1.0, 100, "linear_scaled", hidden=16)
+    policy = DiffusionPolicy(OBS, ACT, 1.0, 100, "linear_scaled", hidden=(16, 16))
     batch = random_batch()
     a0_hat = policy.denoise(batch.act, batch.obs).a0_hat
     grads = torch.autograd.grad(a0_hat.sum(), list(policy.model.parameters()))
@@ -331,7 +331,7 @@ def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monke
         if name == "bc":
             module = BC(dm.obs_dim, dm.act_dim, dm.max_action, hidden=(64, 64))
         else:
-            module = EDP(dm.obs_dim, dm.act_dim, dm.max_action, hidden=64, n_timesteps=100, gamma=0.95,
+            module = EDP(dm.obs_dim, dm.act_dim, dm.max_action, hidden=(64, 64), n_timesteps=100, gamma=0.95,
                          max_grad_norm=5.0, ema_start=500)
         module.configure_optimizers()
         final = []

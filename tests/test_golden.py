@@ -127,11 +127,11 @@ def test_reverse_chain(name, dtype):
 def build_agent(name: str, g: dict, weights: dict, config: dict) -> DiffusionQL:
     meta = g["meta"]
     common = dict(
-        max_action=meta["max_action"], lr=config["actor_lr"], critic_lr=config["critic_lr"],
+        max_action=meta["max_action"], actor_lr=config["actor_lr"], critic_lr=config["critic_lr"],
         max_grad_norm=config["grad_norm"], gamma=config["discount"], tau=config["tau"],
         max_q_backup=config["max_q_backup"], n_backup_actions=config["n_backup_actions"],
         n_timesteps=meta["n_timesteps"], beta_schedule=meta["beta_schedule"], ema_decay=config["ema_decay"],
-        ema_start=config["step_start_ema"], ema_every=config["update_ema_every"], hidden=meta["hidden"],
+        ema_start=config["step_start_ema"], ema_every=config["update_ema_every"], hidden=(meta["hidden"],) * 3,
     )
     if name == "diffcps":
         agent = DiffCPS(

@@ -46,20 +46,21 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class NoiseMLP(nn.Module):
-    """eps_theta(a_i, i, s): an MLP on [a_i, time embedding, s] (Diffusion-QL's agents/model.py)."""
+    """eps_theta(a_i, i, s): an MLP on [a_i, time embedding, s] with Mish hidden layers of the widths
+    `hidden` (Diffusion-QL's agents/model.py: 3 x 256)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n_hidden: int = 3, t_dim: int = 16):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), t_dim: int = 16):
         super().__init__()
         self.time_mlp = nn.Sequential(
             SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)
         )
         layers: list[nn.Module] = []
         width = act_dim + t_dim + obs_dim
-        for _ in range(n_hidden):
-            layers += [nn.Linear(width, hidden), nn.Mish()]
-            width = hidden
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Mish()]
+            width = size
         self.mid = nn.Sequential(*layers)
-        self.final = nn.Linear(hidden, act_dim)
+        self.final = nn.Linear(width, act_dim)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.final(self.mid(torch.cat([x, self.time_mlp(t), s], dim=-1)))
@@ -113,7 +114,7 @@ class DiffusionPolicy(nn.Module):
         beta_schedule: BetaSchedule = "vp",
         variance: Literal["posterior", "beta"] = "posterior",
         clip_denoised: bool = True,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
         sampler: Literal["ddpm", "dpm"] = "ddpm",
         dpm_steps: int = 15,
         dpm_order: int = 3,
