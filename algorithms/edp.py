@@ -14,7 +14,7 @@ uniform step i and one noise-model pass gives both the denoising loss and the *a
     iql:  L_pi = L_d - E[min(exp(3 (min_k Q'_k(s, a) - V(s))), 100) log pi(a|s)]
     L_d = E ||eps - eps_theta(a_i, i, s)||^2 (mean over batch and action dims)
 
-log pi(a|s) is a surrogate (Section 4.2, `surrogate`): "gaussian" log N(a; a0_hat, I) (the code's
+log pi(a|s) is one of the paper's two surrogates (`surrogate`): "gaussian" log N(a; a0_hat, I) (the code's
 default), or "elbo" -w_i ||eps - eps_theta||^2 / d with the DDPM ELBO weights of the code
 (offbench.diffusion.DiffusionPolicy.log_prob). Critics:
 
@@ -22,7 +22,7 @@ default), or "elbo" -w_i ||eps - eps_theta||^2 / d with the DDPM ELBO weights of
               L_Q = sum_k E (Q_k(s, a) - y)^2
     iql:      L_V = E L2_tau(min_k Q'_k(s, a) - V(s)), tau = 0.7;  y = r + gamma (1 - d) V(s') with the new V
     targets:  Q' <- Polyak 0.005 every update; EMA policy, rate 0.005 every 5 updates after the 1000th.
-    acting:   energy-based action selection (EAS, Section 4.3): `n_eval_candidates` samples of the online
+    acting:   energy-based action selection (EAS, Section 4.5): `n_eval_candidates` samples of the online
               policy, one drawn with probability proportional to exp(min_k Q_k(s, a)) (online critics).
 
 Settings of the official code (diffusion/dql.py, trainer.py, nets.py): eps-model, twin Qs and V are
@@ -33,7 +33,7 @@ TD3 on raw rewards, AntMaze with IQL on r - 1 (the paper's Figure 1).
 
 Where paper and code differ, the default is the paper's and the code's an option:
 - diffusion steps and sampler: the paper trains with K = 1000 and samples with DPM-Solver, 15 model
-  calls (Sections 4.4-4.5): `n_timesteps=1000, sampler="dpm"`. The code's defaults are K = 100 with
+  calls (Section 4.4, Figure 5): `n_timesteps=1000, sampler="dpm"`. The code's defaults are K = 100 with
   DDPM's K-step reverse chain (also for the critic's a'): `n_timesteps=100, sampler="ddpm"`. Both use the
   linear betas scaled by 1000 / K (`beta_schedule="linear_scaled"`).
 - EAS candidates: the paper uses 10 (its Figure 4 sweeps 1-200), the code 50: `n_eval_candidates=10`.

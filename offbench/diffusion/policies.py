@@ -190,7 +190,7 @@ class DiffusionPolicy(nn.Module):
 
     def log_prob(self, terms: DenoisingTerms, a0: Tensor, surrogate: Surrogate = "gaussian") -> Tensor:
         """A surrogate of log pi(a0 | s), (B,), from the pass `terms` = denoise(a0, s) (Kang et al. 2023,
-        Section 4.2; official EDP code, diffusion/dql.py):
+        arXiv:2305.20081; official EDP code, diffusion/dql.py):
         "gaussian": log N(a0; a0_hat, I) = -||a0 - a0_hat||^2 / 2 - (d / 2) log(2 pi), a unit Gaussian
             around the action approximation (the code's default, "mle" with fixed_std);
         "elbo": -w_i ||eps - eps_theta||^2 / d, the DDPM ELBO's term at step i with the weights
