@@ -307,7 +307,9 @@ def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monke
     """EDP (td3) and BC trained on the forge's Pendulum medium-replay data (the `small` preset: SAC online,
     D4RL's recipe; forged into a temporary data root unless $OFFBENCH_DATA_DIR is set, where a forged family
     is reused) with the same updates and evaluations; EDP must
-    score higher. Test-only settings for a CPU: 64-unit networks, K = 100 with DPM-Solver 15."""
+    score higher. Test-only settings for a CPU: 2 x 64 networks, K = 100 with DPM-Solver 15, gamma 0.95.
+    Measured once (final mean of the last four evaluations): EDP -1022, BC -1400, data mean -1328; 9.4 minutes
+    on 2 busy cores."""
     import os
 
     import numpy as np
