@@ -17,6 +17,11 @@ its error (the other measurements stand) and `offbench perf` then exits with sta
 `--no-lightning` skips the Lightning timing (Lightning then only sets the module up).
 Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env (and,
 with `--eval-async-envs N`, for N envs stepped in subprocesses).
+Rows: one per config at its settings, plus the rows of `EXTRA_ROWS` whose config is measured (a config
+with extra init args and a label: EDP with the IQL rule, Diffusion-QL and DiffCPS with EDP's action
+approximation). Beside the rates, the noise model's forward passes per update (calls of every `NoiseMLP`
+in the module, counted by forward hooks over the plain loop; a batched call counts once; n/a for
+modules without one).
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
@@ -32,7 +37,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning
 import lightning.pytorch as pl
@@ -41,6 +46,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from offbench.data.datamodule import OfflineDataModule
+from offbench.diffusion import NoiseMLP
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.gpu_check import gpu_driver
@@ -48,6 +54,38 @@ from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class PerfRow(NamedTuple):
+    """One training measurement: a config, init args laid over its own, and the label of its row."""
+
+    label: str
+    config: Path
+    init_args: dict[str, Any] = {}
+
+
+# Rows measured beside a config's own row whenever that config is measured: the same algorithm with
+# another setting whose cost matters (EDP's action approximation in the DDPM policies, EDP's IQL rule).
+EXTRA_ROWS = [
+    PerfRow("edp-iql", REPO / "configs/algorithms/edp.yaml", {"rule": "iql"}),
+    PerfRow("diffusion_ql-approx", REPO / "configs/algorithms/diffusion_ql.yaml", {"action_approximation": True}),
+    PerfRow("diffusion_ql-T100", REPO / "configs/algorithms/diffusion_ql.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
+    PerfRow("diffusion_ql-T100-approx", REPO / "configs/algorithms/diffusion_ql.yaml",
+            {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}),
+    PerfRow("diffcps-approx", REPO / "configs/algorithms/diffcps.yaml", {"action_approximation": True}),
+    PerfRow("diffcps-T100", REPO / "configs/algorithms/diffcps.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
+    PerfRow("diffcps-T100-approx", REPO / "configs/algorithms/diffcps.yaml",
+            {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}),
+]
+
+
+def perf_rows(configs: list[Path]) -> list[PerfRow]:
+    """Each config's own row (labelled by its file name), each followed by its EXTRA_ROWS."""
+    rows = []
+    for config in configs:
+        rows.append(PerfRow(config.stem, config))
+        rows += [row for row in EXTRA_ROWS if row.config.resolve() == config.resolve()]
+    return rows
 
 
 def _sync(device: torch.device) -> None:
@@ -120,12 +158,14 @@ def compile_modes(accelerator: str) -> dict[str, str]:
 def measure_training(
     config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False,
     lightning: bool = True, progress: Callable[[dict[str, Any]], None] | None = None,
+    extra_init_args: dict[str, Any] | None = None, label: str | None = None,
 ) -> dict[str, Any]:
     """Updates/s of one algorithm config: Lightning, plain loop, and (with `compile_update`) each compiled mode.
     Without `lightning`, Lightning only sets the module up (one epoch of a few updates) and is not timed.
     `progress` gets the row as it stands after each measurement (a caller that may be stopped keeps those)."""
     accelerator = resolve_accelerator(accelerator)
     cls, init_args, data, run_updates = load_algorithm_config(config)
+    init_args |= extra_init_args or {}
     epoch = updates if lightning else min(updates, 10)
     dm = OfflineDataModule(
         dataset, batch_size=data.get("batch_size", 256), eval_every=epoch, block_size=min(block_size, epoch),
@@ -148,12 +188,15 @@ def measure_training(
     back_to_device(model, trainer.strategy.root_device)
     modes = compile_modes(accelerator)
     row: dict[str, Any] = {
+        "label": label or config.stem,
         "algorithm": f"{cls.__module__}.{cls.__qualname__}",
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
         "batch_size": dm.batch_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "updates_timed": updates,
         "block_size": block_size,
+        "extra_init_args": extra_init_args or {},
+        "noise_model_calls_per_update": None,
         "lightning_updates_per_s": updates / lightning_seconds if lightning else None,
         "plain_updates_per_s": None,
         "lightning_overhead_pct": None,
@@ -165,7 +208,14 @@ def measure_training(
     # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
     # phases or a policy delay, make some updates cost more than others).
     first = updates
+    calls = [0]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for m in model.modules() if isinstance(m, NoiseMLP)]
     plain_seconds = _time_updates(model, dm, updates, first)
+    for hook in hooks:
+        hook.remove()
+    if hooks:
+        row["noise_model_calls_per_update"] = calls[0] / updates
     row["plain_updates_per_s"] = updates / plain_seconds
     if lightning:
         row["lightning_overhead_pct"] = 100.0 * (lightning_seconds / plain_seconds - 1.0)
@@ -276,23 +326,26 @@ def _percent(value: float | None) -> str:
 def training_table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of `measure_training` rows (n/a: a mode not run on this machine or failed)."""
     lines = [
-        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead | compiled upd/s "
-        "| compile s | CUDA graphs upd/s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | eps calls/upd | overhead "
+        "| compiled upd/s | compile s | CUDA graphs upd/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        calls, extra = r.get("noise_model_calls_per_update"), r.get("extra_init_args") or {}
+        label = r.get("label", "") + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")
         lines.append(
-            f"| {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
-            f"| {_rate(r['lightning_updates_per_s'])} | {r['plain_updates_per_s']:.1f} | {_percent(r['lightning_overhead_pct'])} "
+            f"| {label} | {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
+            f"| {_rate(r['lightning_updates_per_s'])} | {r['plain_updates_per_s']:.1f} | {'n/a' if calls is None else f'{calls:g}'} "
+            f"| {_percent(r['lightning_overhead_pct'])} "
             f"| {_rate(r.get('compiled_updates_per_s'))} | {_rate(r.get('compile_seconds'))} "
             f"| {_rate(r.get('cudagraphs_updates_per_s'))} | {_rate(r.get('cudagraphs_compile_seconds'))} |"
         )
     notes = []
     for r in rows:
         for mode, error in (r.get("errors") or {}).items():
-            notes.append(f"- {r['algorithm']}, {mode}: failed with {error}")
+            notes.append(f"- {r.get('label', r['algorithm'])}, {mode}: failed with {error}")
         if r.get("cudagraph_skips"):
-            notes.append(f"- {r['algorithm']}: {r['cudagraph_skips']} graph(s) ran without CUDA graphs (inductor's log says why)")
+            notes.append(f"- {r.get('label', r['algorithm'])}: {r['cudagraph_skips']} graph(s) ran without CUDA graphs (inductor's log says why)")
     return lines + ([""] + notes if notes else [])
 
 
@@ -319,7 +372,9 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
         "plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), timed "
         "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "
-        "graphs = the same with mode reduce-overhead (CUDA only). n/a: not run (without --compile, or no CUDA) or failed.",
+        "graphs = the same with mode reduce-overhead (CUDA only). n/a: not run (without --compile, or no CUDA) or failed. "
+        "eps calls = forward passes of the diffusion noise model per update (batched calls, counted over the plain "
+        "loop; n/a: no NoiseMLP). Rows with extra init args name them after the label.",
         "",
         *training_table(report["training"]),
         "",
@@ -357,16 +412,17 @@ def main(argv: list[str]) -> int:
     if args.eval_episodes <= 0 or min(args.eval_envs) <= 0:
         parser.error("--eval-episodes and --eval-envs must be positive")
     training = []
-    for config in args.configs:
+    for perf_row in perf_rows(args.configs):
         result = measure_training(
-            config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile, not args.no_lightning
+            perf_row.config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile,
+            not args.no_lightning, extra_init_args=perf_row.init_args, label=perf_row.label,
         )
         compiled = "".join(
             f", {name} {_rate(result[f'{name}_updates_per_s'])} upd/s (compile {_rate(result[_seconds_key(name)])} s)"
             for name in compile_modes(resolve_accelerator(args.accelerator)) if args.compile
         )
         print(
-            f"{result['algorithm']}: Lightning {_rate(result['lightning_updates_per_s'])} upd/s, plain "
+            f"{result['label']} ({result['algorithm']}): Lightning {_rate(result['lightning_updates_per_s'])} upd/s, plain "
             f"{result['plain_updates_per_s']:.1f} upd/s, overhead {_percent(result['lightning_overhead_pct'])}{compiled}",
             flush=True,
         )

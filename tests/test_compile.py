@@ -34,6 +34,7 @@ from algorithms.bc import BC
 from algorithms.cql import CQL
 from algorithms.diffcps import DiffCPS
 from algorithms.diffusion_ql import DiffusionQL
+from algorithms.edp import EDP
 from algorithms.iql import IQL
 from algorithms.sfbc import SfBC
 from algorithms.td3bc import TD3BC
@@ -55,6 +56,11 @@ CASES = {
     "awr": (AWR, {"hidden": (16, 16), "critic_steps": 2, "actor_steps": 3}, 6, 10),  # phases, refreshes
     "diffcps": (DiffCPS, {"hidden": (16, 16, 16), "ema_start": 3, "ema_every": 2}, 8, 8),  # policy delay 2, EMA from 3
     "diffusion_ql": (DiffusionQL, {"hidden": (16, 16, 16), "ema_start": 3, "ema_every": 2}, 8, 8),
+    # EDP: EMA from the 4th update (counted from 1), every 2; DPM-Solver with 3 calls for the critic's a'
+    "edp": (EDP, {"hidden": (16,), "n_timesteps": 25, "dpm_steps": 3, "ema_start": 3, "ema_every": 2,
+                  "max_grad_norm": 1.0}, 8, 8),
+    "edp-crr": (EDP, {"rule": "crr", "hidden": (16,), "n_timesteps": 25, "dpm_steps": 3, "crr_samples": 2}, 3, 3),
+    "edp-iql": (EDP, {"rule": "iql", "hidden": (16,), "n_timesteps": 25, "max_grad_norm": 1.0}, 3, 3),
     # behaviour for 2 updates, critic rounds of 3; round 1 (update 5) plans and resets the critic
     "sfbc": (SfBC, {"behavior_steps": 2, "critic_steps": 3, "planning_iterations": 2, "solver_steps": 3,
                     "n_planning_candidates": 2}, 9, 6),

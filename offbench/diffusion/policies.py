@@ -1,22 +1,22 @@
-"""Diffusion models for actions, shared by Diffusion-QL, DiffCPS and SfBC.
+"""Diffusion models for actions: the discrete DDPM policy of Diffusion-QL, DiffCPS and EDP and the
+continuous score model of SfBC.
 
 Two families, one contract (`loss(a0, s)`, `sample(s)`; the schedule lives in buffers so it follows
 the device and the checkpoint):
 
 - `DiffusionPolicy`: the discrete-time DDPM policy of Diffusion-QL and DiffCPS (Wang et al. 2023;
-  He et al. 2024). Forward q(a_i | a_0) = N(sqrt(abar_i) a_0, (1 - abar_i) I), eps-prediction, loss
-  E ||eps - eps_theta(a_i, i, s)||^2 with i uniform, reverse chain with the predicted a_0 clipped to
-  the action bounds. Settings from the official code (github.com/Zhendong-Wang/Diffusion-Policies-
-  for-Offline-RL, agents/diffusion.py, and its fork github.com/felix-thu/DiffCPS): noise model an
-  MLP on [a, time embedding, s] with 3 x 256 Mish, time embedding sinusoidal 16 -> 32 -> 16 (Mish).
+  He et al. 2024) and EDP (Kang et al. 2023). Forward q(a_i | a_0) = N(sqrt(abar_i) a_0, (1 - abar_i) I),
+  eps-prediction, loss E ||eps - eps_theta(a_i, i, s)||^2 with i uniform, sampled by the reverse chain
+  with the predicted a_0 clipped to the action bounds (`sampler="ddpm"`) or by DPM-Solver on the
+  interpolated schedule (`sampler="dpm"`, EDP). `denoise` gives EDP's action approximation and
+  `log_prob` its two likelihood surrogates. Settings from the official code
+  (github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/diffusion.py, and its fork
+  github.com/felix-thu/DiffCPS): noise model an MLP on [a, time embedding, s] with 3 x 256 Mish, time
+  embedding sinusoidal 16 -> 32 -> 16 (Mish).
 - `ScoreDiffusion`: the continuous-time VP SDE behaviour model of SfBC (Chen et al. 2023,
   github.com/ChenDRAG/SfBC, diffusion_SDE/): alpha_t = exp(-t^2 (b1 - b0)/4 - t b0/2), b0 = 0.1,
   b1 = 20, t ~ U(1e-5, 1) in training, sampled by the probability-flow ODE with singlestep
   DPM-Solver (Lu et al. 2022) of order <= 3 on a time-uniform grid from t = 1 to 1e-3.
-
-Plus helpers: `update_ema` (foreach lerp, with the official warm-up cadence), `repeat_rows`,
-`sample_by_score` and `resample` (draw candidates with probabilities softmax(scores) on the device, Gumbel-top-k, no host
-sync).
 """
 
 from __future__ import annotations
@@ -27,40 +27,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-BetaSchedule = Literal["linear", "cosine", "vp"]
-
-
-# --------------------------------------------------------------------------- noise schedules
-def linear_beta_schedule(n_timesteps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> Tensor:
-    """DDPM's linear betas (Ho et al. 2020), evenly spaced from beta_start to beta_end."""
-    return torch.linspace(beta_start, beta_end, n_timesteps, dtype=torch.float64)
-
-
-def cosine_beta_schedule(n_timesteps: int, s: float = 0.008) -> Tensor:
-    """Improved-DDPM's cosine schedule (Nichol & Dhariwal 2021): abar(t) = cos^2((t/T + s)/(1 + s) pi/2) /
-    abar(0), t = 0..T, beta_i = 1 - abar_i / abar_{i-1}, clipped to [0, 0.999]."""
-    t = torch.arange(n_timesteps + 1, dtype=torch.float64) / n_timesteps
-    abar = torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** 2
-    abar = abar / abar[0]
-    return (1 - abar[1:] / abar[:-1]).clamp(0.0, 0.999)
-
-
-def vp_beta_schedule(n_timesteps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> Tensor:
-    """The discretised VP SDE of the DiffCPS paper (Section 3.2) and of Diffusion-QL:
-    beta_i = 1 - exp(-beta_min / T - 0.5 (beta_max - beta_min) (2i - 1) / T^2), i = 1..T."""
-    i = torch.arange(1, n_timesteps + 1, dtype=torch.float64)
-    T = n_timesteps
-    return 1 - torch.exp(-beta_min / T - 0.5 * (beta_max - beta_min) * (2 * i - 1) / T**2)
-
-
-def make_betas(schedule: BetaSchedule, n_timesteps: int) -> Tensor:
-    if schedule == "linear":
-        return linear_beta_schedule(n_timesteps)
-    if schedule == "cosine":
-        return cosine_beta_schedule(n_timesteps)
-    if schedule == "vp":
-        return vp_beta_schedule(n_timesteps)
-    raise ValueError(f"unknown beta schedule {schedule!r}; choose linear, cosine or vp")
+from offbench.diffusion.schedules import BetaSchedule, DiscreteVPSchedule, LinearVPSchedule, make_betas
+from offbench.diffusion.solvers import dpm_solver_sample
 
 
 # --------------------------------------------------------------------------- the noise model
@@ -113,16 +81,28 @@ class DenoisingTerms(NamedTuple):
         return err.mean(-1) if per_sample else err.mean()
 
 
+Surrogate = Literal["gaussian", "elbo"]
+
+
 class DiffusionPolicy(nn.Module):
-    """A state-conditioned DDPM over actions with T steps (T = 5 in Diffusion-QL and DiffCPS).
+    """A state-conditioned DDPM over actions with T steps (T = 5 in Diffusion-QL and DiffCPS, 1000 in EDP).
 
     Args:
+        beta_schedule: "vp" (Diffusion-QL, DiffCPS), "linear_scaled" (EDP: DDPM's linear betas scaled
+            by 1000 / T), "linear" (DDPM's 1e-4 .. 0.02 at any T) or "cosine".
         variance: reverse-step variance. "posterior" (the official code): the DDPM posterior
             variance beta_tilde_i = beta_i (1 - abar_{i-1}) / (1 - abar_i); "beta": beta_i, as the
             DiffCPS paper's reverse-sampling equation writes. No noise is added at the last step in either case.
         clip_denoised: clip the predicted a_0 to [-max_action, max_action] before forming the
             posterior mean (official code). Without clipping the mean equals the paper's
-            (a_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i).
+            (a_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i). With the "dpm" sampler it clips
+            each noise prediction so that the a_0 it implies lies in the bounds (EDP's noise clipping).
+        sampler: "ddpm", the T-step reverse chain; "dpm", DPM-Solver (`dpm_steps` model calls of order
+            `dpm_order`, time-uniform from t = 1 to `dpm_t_end`, by default 1/T: step 0) on the probability-flow ODE of the
+            schedule read in continuous time as DPM-Solver's NoiseScheduleVP("discrete") does (EDP's
+            `--sample_method dpm`: 15 steps, order 3, t_end 1e-3 with K = 1000; its README asks for K = 1000 with
+            DPM-Solver because t_end = 1e-3 lies before step 0 of a shorter schedule, which the default
+            1/T avoids). DPM-Solver is deterministic given a_T.
     """
 
     def __init__(
@@ -135,8 +115,24 @@ class DiffusionPolicy(nn.Module):
         variance: Literal["posterior", "beta"] = "posterior",
         clip_denoised: bool = True,
         hidden: tuple[int, ...] = (256, 256, 256),
+        sampler: Literal["ddpm", "dpm"] = "ddpm",
+        dpm_steps: int = 15,
+        dpm_order: int = 3,
+        dpm_t_end: float | None = None,
     ):
         super().__init__()
+        if sampler not in ("ddpm", "dpm"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddpm (the reverse chain) or dpm (DPM-Solver)")
+        if dpm_order not in (1, 2, 3):
+            raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {dpm_order}")
+        if dpm_t_end is not None and dpm_t_end < 1.0 / n_timesteps:
+            raise ValueError(
+                f"dpm_t_end {dpm_t_end} lies before step 0 of a {n_timesteps}-step schedule (t = 1/{n_timesteps}), where "
+                "the interpolated schedule has alpha_t > 1; leave it unset (1/K, DPM-Solver's choice for discrete "
+                "models: 1e-3 at K = 1000, as EDP) or give a value >= 1/K"
+            )
+        self.sampler, self.dpm_steps, self.dpm_order = sampler, dpm_steps, dpm_order
+        self.dpm_t_end = 1.0 / n_timesteps if dpm_t_end is None else dpm_t_end
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
         self.model = NoiseMLP(obs_dim, act_dim, hidden)
@@ -162,8 +158,14 @@ class DiffusionPolicy(nn.Module):
             "post_coef_xt": (1 - abar_prev) * alphas.sqrt() / (1 - abar),
             "sample_std": std,
         }
+        dtype = torch.get_default_dtype()
         for name, value in buffers.items():  # computed in float64, stored in the default dtype (float32)
-            self.register_buffer(name, value.to(torch.get_default_dtype()))
+            self.register_buffer(name, value.to(dtype))
+        # Derived tables kept out of the checkpoint (checkpoints of earlier versions load unchanged).
+        # The ELBO weights of the official EDP code: w_i = beta_i / (2 (1 - abar_i) alpha_i), rescaled to sum to T.
+        weights = betas / (2 * (1 - abar) * alphas)
+        self.register_buffer("elbo_weights", (weights * n_timesteps / weights.sum()).to(dtype), persistent=False)
+        self.schedule = DiscreteVPSchedule(abar)  # continuous-time reading for DPM-Solver
 
     def denoise(self, a0: Tensor, s: Tensor, noise: Tensor | None = None, i: Tensor | None = None) -> DenoisingTerms:
         """One pass of the noise model on noised dataset actions: a_i = sqrt(abar_i) a0 + sqrt(1 - abar_i) eps
@@ -186,6 +188,20 @@ class DiffusionPolicy(nn.Module):
         dims only, shape (B,)). `noise` and `i` are the random draws (see `denoise`)."""
         return self.denoise(a0, s, noise, i).loss(per_sample)
 
+    def log_prob(self, terms: DenoisingTerms, a0: Tensor, surrogate: Surrogate = "gaussian") -> Tensor:
+        """A surrogate of log pi(a0 | s), (B,), from the pass `terms` = denoise(a0, s) (Kang et al. 2023,
+        arXiv:2305.20081; official EDP code, diffusion/dql.py):
+        "gaussian": log N(a0; a0_hat, I) = -||a0 - a0_hat||^2 / 2 - (d / 2) log(2 pi), a unit Gaussian
+            around the action approximation (the code's default, "mle" with fixed_std);
+        "elbo": -w_i ||eps - eps_theta||^2 / d, the DDPM ELBO's term at step i with the weights
+            w_i = beta_i / (2 (1 - abar_i) alpha_i) rescaled to sum to T (the code's "elbo")."""
+        if surrogate == "gaussian":
+            d = a0.shape[-1]
+            return -0.5 * (a0 - terms.a0_hat).pow(2).sum(-1) - 0.5 * d * math.log(2 * math.pi)
+        if surrogate == "elbo":
+            return -self.elbo_weights[terms.i] * terms.loss(per_sample=True)
+        raise ValueError(f"unknown likelihood surrogate {surrogate!r}; choose gaussian or elbo")
+
     def reverse_step(self, x: Tensor, i: int, s: Tensor, z: Tensor) -> Tensor:
         """a_{i-1} from a_i (index i = T-1 .. 0): the predicted a_0 (clipped to the bounds with
         clip_denoised), the posterior mean, plus sample_std[i] * z (0 at i = 0)."""
@@ -197,10 +213,11 @@ class DiffusionPolicy(nn.Module):
         return self.post_coef_x0[i] * x0 + self.post_coef_xt[i] * x + self.sample_std[i] * z
 
     def sample(self, s: Tensor, grad: bool = False, noise: Tensor | None = None) -> Tensor:
-        """Actions (..., act_dim) for states (..., obs_dim) by the reverse chain i = T..1; `grad`
-        keeps the graph (for a Q-gradient through sampling). `noise` (T + 1, n, act_dim) holds the
-        random draws in the order the chain uses them: a_T, then one normal per step (the last one,
-        at i = 0, multiplied by 0, as the official code draws it too); by default they are drawn."""
+        """Actions (..., act_dim) for states (..., obs_dim) by the reverse chain i = T..1 (or DPM-Solver,
+        `sampler="dpm"`); `grad` keeps the graph (for a Q-gradient through sampling). `noise`
+        (T + 1, n, act_dim) holds the random draws in the order the chain uses them: a_T, then one normal
+        per step (the last one, at i = 0, multiplied by 0, as the official code draws it too); DPM-Solver
+        uses only a_T = noise[0]. By default they are drawn."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             lead = s.shape[:-1]
             s = s.reshape(-1, s.shape[-1])
@@ -208,52 +225,32 @@ class DiffusionPolicy(nn.Module):
                 x = torch.randn(s.shape[0], self.act_dim, device=s.device)
             else:
                 x = noise[0]
+            if self.sampler == "dpm":
+                x = dpm_solver_sample(self._dpm_eps(s), self.schedule, x, self.dpm_steps, self.dpm_order,
+                                      t_end=self.dpm_t_end)
+                return x.clamp(-self.max_action, self.max_action).reshape(*lead, self.act_dim)
             for k, i in enumerate(reversed(range(self.n_timesteps))):
                 x = self.reverse_step(x, i, s, torch.randn_like(x) if noise is None else noise[k + 1])
             return x.clamp(-self.max_action, self.max_action).reshape(*lead, self.act_dim)
 
+    def _dpm_eps(self, s: Tensor):
+        """eps(x, t) for DPM-Solver: the model at the fractional step N t - 1; with clip_denoised the
+        prediction is clipped to [(x - alpha_t m) / sigma_t, (x + alpha_t m) / sigma_t], i.e. so that the
+        implied a_0 = (x - sigma_t eps) / alpha_t lies in [-m, m] (the official EDP code clips the same
+        way with the coefficients of the step floor(N t - 1); here those of t itself, on the same curve)."""
+        schedule, m = self.schedule, self.max_action
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            out = self.model(x, schedule.model_time(t).expand(x.shape[0]), s)
+            if not self.clip_denoised:
+                return out
+            alpha, sigma = schedule.log_alpha(t).exp(), schedule.sigma(t)
+            return torch.clamp(out, (x - alpha * m) / sigma, (x + alpha * m) / sigma)
+
+        return eps
+
     def forward(self, s: Tensor) -> Tensor:
         return self.sample(s, grad=True)
-
-
-# --------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995, start: int = 1000,
-               every: int = 5, warmup: Literal["hold", "copy"] = "hold") -> None:
-    """The EMA cadence of the official Diffusion-QL/DiffCPS code, on update number `step` (a Python
-    int, so no host sync): from `start` on, every `every` steps, ema <- decay * ema + (1 - decay) *
-    model (one fused foreach lerp). Before `start`: "hold" keeps the EMA at its initial weights (what
-    the official code does), "copy" copies the model's weights at every step."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    if step < start:
-        if warmup == "copy":
-            torch._foreach_copy_(ema_params, params)
-        return
-    if step % every == 0:
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def sample_by_score(scores: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
-    """Indices (n, k) drawn without replacement from softmax(scores) along the last dim (Gumbel-top-k,
-    Kool et al. 2019): k = 1 is torch.multinomial(softmax(scores), 1) in distribution, without its
-    underflow failures for peaked scores and without a host sync. `u` (uniforms shaped like scores)
-    are the random draws; by default they are drawn on the device."""
-    u = (torch.rand_like(scores) if u is None else u).clamp(1e-12, 1.0 - 1e-7)
-    return (scores - torch.log(-torch.log(u))).topk(k, dim=-1).indices
-
-
-def repeat_rows(x: Tensor, n: int) -> Tensor:
-    """Each row of x (B, d) n times in a row, (B * n, d): repeat_interleave as an expand and a copy."""
-    return x[:, None].expand(-1, n, -1).reshape(-1, x.shape[-1])
-
-
-def resample(candidates: Tensor, logits: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
-    """Pick from `candidates` (n, m, d) by drawing k of the m without replacement with probabilities
-    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling; `u` as
-    in `sample_by_score`."""
-    idx = sample_by_score(logits, k, u)
-    picked = candidates.gather(1, idx[..., None].expand(-1, -1, candidates.shape[-1]))
-    return picked.mean(1)
 
 
 # --------------------------------------------------------------------------- continuous VP SDE (SfBC)
@@ -270,21 +267,20 @@ class ScoreDiffusion(nn.Module):
         super().__init__()
         self.model, self.act_dim, self.max_action = model, act_dim, max_action
         self.beta_0, self.beta_1, self.t_end, self.t_eps = beta_0, beta_1, t_end, t_eps
+        self.schedule = LinearVPSchedule(beta_0, beta_1)
 
     # marginal q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I); lambda_t = log(alpha_t / sigma_t)
     def log_alpha(self, t: Tensor) -> Tensor:
-        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        return self.schedule.log_alpha(t)
 
     def sigma(self, t: Tensor) -> Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+        return self.schedule.sigma(t)
 
     def half_log_snr(self, t: Tensor) -> Tensor:
-        return self.log_alpha(t) - torch.log(self.sigma(t))
+        return self.schedule.half_log_snr(t)
 
     def time_of(self, lam: Tensor) -> Tensor:
-        """Inverse of half_log_snr for the linear VP schedule (a quadratic in t)."""
-        tmp = 2.0 * (self.beta_1 - self.beta_0) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
-        return tmp / (torch.sqrt(self.beta_0**2 + tmp) + self.beta_0) / (self.beta_1 - self.beta_0)
+        return self.schedule.time_of(lam)
 
     def loss(self, a0: Tensor, s: Tensor) -> Tensor:
         """Denoising score matching in eps form, t ~ U(t_eps, 1): E_batch sum_dims (eps_hat - eps)^2
@@ -305,48 +301,9 @@ class ScoreDiffusion(nn.Module):
         lead = s.shape[:-1]
         s = s.reshape(-1, s.shape[-1])
         x = torch.randn(s.shape[0], self.act_dim, device=s.device)
-        grid = torch.linspace(1.0, self.t_end, steps + 1, device=s.device)
-        i = 0
-        for o in _singlestep_orders(steps, order):
-            x = self._dpm_step(x, s, grid[i : i + o + 1])
-            i += o
+        x = dpm_solver_sample(self.eps_fn(s), self.schedule, x, steps, order, t_end=self.t_end)
         return x.clamp(-self.max_action, self.max_action).reshape(*lead, self.act_dim)
 
-    def _eps(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        return self.model(x, t.expand(x.shape[0]), s)
-
-    def _dpm_step(self, x: Tensor, s: Tensor, ts: Tensor) -> Tensor:
-        """One DPM-Solver-k step from ts[0] to ts[-1], k = len(ts) - 1, intermediate times ts[1:-1]
-        (Lu et al. 2022, Algorithms 1-2, noise-prediction form with the 'dpm_solver' corrections)."""
-        lam = self.half_log_snr(ts)
-        log_a, sig = self.log_alpha(ts), self.sigma(ts)
-        h = lam[-1] - lam[0]
-        eps_s = self._eps(x, ts[0], s)
-
-        def first_order(j: int) -> Tensor:  # x at ts[j] from ts[0] using eps_s only
-            return torch.exp(log_a[j] - log_a[0]) * x - sig[j] * torch.expm1(lam[j] - lam[0]) * eps_s
-
-        k = len(ts) - 1
-        if k == 1:
-            return first_order(1)
-        r1 = (lam[1] - lam[0]) / h
-        eps_1 = self._eps(first_order(1), ts[1], s)
-        if k == 2:
-            return first_order(2) - (0.5 / r1) * sig[2] * torch.expm1(h) * (eps_1 - eps_s)
-        r2 = (lam[2] - lam[0]) / h
-        phi_22 = torch.expm1(r2 * h) / (r2 * h) - 1.0
-        x_2 = first_order(2) - (r2 / r1) * sig[2] * phi_22 * (eps_1 - eps_s)
-        eps_2 = self._eps(x_2, ts[2], s)
-        phi_2 = torch.expm1(h) / h - 1.0
-        return first_order(3) - (1.0 / r2) * sig[3] * phi_2 * (eps_2 - eps_s)
-
-
-def _singlestep_orders(steps: int, order: int) -> list[int]:
-    """DPM-Solver-fast's split of `steps` model evaluations into singlestep solver orders."""
-    if order == 3:
-        k = steps // 3 + 1
-        tail = {0: [2, 1], 1: [1], 2: [2]}[steps % 3]
-        return [3] * (k - len(tail)) + tail
-    if order == 2:
-        return [2] * (steps // 2) + [1] * (steps % 2)
-    return [1] * steps
+    def eps_fn(self, s: Tensor):
+        """eps(x, t) of the model for states s, t a 0-dim time (the solver's form)."""
+        return lambda x, t: self.model(x, t.expand(x.shape[0]), s)
