@@ -67,7 +67,9 @@ class OffbenchCLI(LightningCLI):
             help="run the update through torch.compile (CUDA graphs on CUDA): OfflineRLModule.enable_compile",
         )
         parser.add_lightning_class_args(EvalCallback, "eval")
-        parser.link_arguments(("updates", "data.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse")
+        parser.link_arguments(
+            ("updates", "data.init_args.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse"
+        )
         for name in ("obs_dim", "act_dim", "max_action"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
@@ -76,7 +78,8 @@ class OffbenchCLI(LightningCLI):
         trainer = config.trainer
         if trainer.default_root_dir is None:
             algo = config.model.class_path.rsplit(".", 1)[-1].lower()
-            trainer.default_root_dir = str(Path("runs") / algo / _slug(config.data.dataset) / f"seed{config.seed_everything}")
+            dataset = config.data.init_args.dataset  # data in subclass mode: --data.class_path picks the DataModule
+            trainer.default_root_dir = str(Path("runs") / algo / _slug(dataset) / f"seed{config.seed_everything}")
         root = Path(trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(_last_checkpoint(root))
@@ -179,6 +182,7 @@ def fit_main(argv: list[str]) -> None:
         OfflineRLModule,
         OfflineDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,  # OfflineDataModule by default; a subclass by --data.class_path (offbench.pgd.PGDDataModule)
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 1, "devices": 1},
