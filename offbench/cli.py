@@ -90,6 +90,17 @@ class OffbenchCLI(LightningCLI):
             checkpoint = torch.load(config.ckpt_path, map_location="cpu", weights_only=False)
             self.resumed_updates = int(checkpoint["state_dict"]["updates"])
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # the model and data are subclass types: show the class's own error, not the wrapper
+            cause: BaseException = e
+            while str(cause).startswith("Does not validate against any of the Union subtypes") and cause.__cause__:
+                cause = cause.__cause__
+            if cause is e:
+                raise
+            raise cause from None
+
     def before_fit(self) -> None:
         self.model.compile_update = bool(self._get(self.config_init, "compile", default=False))
 

@@ -8,7 +8,8 @@ Before EDM step i of N, the action channels of the noisy trajectory move by lamb
     lambda_i = c [(1 - i/N) + c_cos sin(pi (i + 1) / N)]  for delay <= i < N - 1, else 0,
 with c = `coeff` (official default 0: unguided), c_cos = 0.3 (the flag is called "cosine"; the code
 uses a sine bump). Options as the official flags: `normalize` divides g by its L2 norm over the
-trajectory and then adds 1e-8 (the official order, kept); `denoised` evaluates g on the EDM
+trajectory and then adds 1e-8 (the official order, kept; a gradient that is exactly 0, as when every
+action of a trajectory saturates the tanh at high noise, stays 0 where the official code gives NaN); `denoised` evaluates g on the EDM
 denoised estimate D(x; sigma) instead of the noisy trajectory.
 
 log pi comes from the algorithm (`OfflineRLModule.log_prob`): exact for Gaussian policies,
@@ -61,7 +62,8 @@ class PolicyGuidance:
             logp = self.log_prob(obs.reshape(-1, n.obs_dim), act.reshape(-1, n.act_dim))
             (g,) = torch.autograd.grad(logp.sum(), x_act)
         if self.normalize:  # per trajectory; + 1e-8 after the division, as the official code
-            g = g / g.flatten(1).norm(dim=1)[:, None, None] + 1e-8
+            norm = g.flatten(1).norm(dim=1)[:, None, None]
+            g = torch.where(norm > 0, g / norm.clamp_min(1e-30), torch.zeros_like(g)) + 1e-8
         return g
 
     def __call__(self, x: Tensor, i: int, sigma: float, edm: EDM) -> Tensor:
