@@ -239,3 +239,27 @@ def test_pgd_fit_through_the_cli_resumes_exactly(tiny_hopper, tmp_path, monkeypa
     # An algorithm without log_prob cannot be guided: the error says what to do, before training.
     with pytest.raises(TypeError, match="does not define log_prob.*--data.guidance_coeff 0"):
         main(fit_args("cql", tiny_hopper, tmp_path / "cql"))
+
+
+@pytest.mark.slow
+def test_trained_model_generates_transitions_with_low_dynamics_error(tmp_path, monkeypatch):
+    """Pendulum (a known system whose observation gives the simulator state): the small preset trained
+    briefly on 20 random-policy episodes samples transitions that the real simulator reproduces far
+    better than the trivial model s' = s does."""
+    from offbench.data.sources import read_d4rl_hdf5
+    from offbench.data.synthetic import write_random_dataset
+    from offbench.pgd.dynamics import dynamics_error
+    from offbench.pgd.model import load_trajectory_model
+
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path))
+    path = tmp_path / "pendulum.hdf5"
+    write_random_dataset("Pendulum-v1", path, episodes=20, seed=0, ref_min=-1500.0, ref_max=-150.0)
+    t = read_d4rl_hdf5(path)
+    assert main(["data", "pgd", "train", str(path), "--steps", "1500", "--quiet"]) == 0
+    model, _ = load_trajectory_model(str(path), "small", t)
+    traj = model.sample(64, 33, SamplerSettings(steps=64), torch.Generator().manual_seed(0))
+    obs, act, rew, next_obs, done = (x.numpy() for x in model.transitions(traj))
+    error = dynamics_error("Pendulum-v1", obs, act, next_obs).mean()
+    trivial = np.mean((t.next_obs - t.obs) ** 2)
+    print(f"dynamics error {error:.5f}, trivial s' = s {trivial:.5f}")
+    assert error < 0.1 * trivial

@@ -15,9 +15,17 @@ def add_pgd_parser(sub) -> None:
         description="Trains the EDM trajectory model on the dataset's episode windows and caches it in "
         "<data root>/pgd/<dataset>/<name>/ with a manifest; rerunning an interrupted command resumes it.",
     ))
+    add_report_arguments(pgd_sub.add_parser(
+        "report", help="dynamics error in the real simulator and target-policy likelihood: real data, PGD at a "
+        "sweep of guidance coefficients, an MLP-ensemble world model; writes results/pgd/<dataset>/",
+    ))
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.pgd_command == "report":
+        from offbench.pgd.report import report_main
+
+        return report_main(args)
     from offbench.pgd.train import train_main
 
     return train_main(args)
@@ -45,3 +53,14 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset")
+    parser.add_argument("--policy-run", required=True, help="an `offbench fit` run directory (its last checkpoint is the target policy)")
+    parser.add_argument("--model", default="small", help="the trained trajectory model's name")
+    parser.add_argument("--coeffs", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0], help="guidance coefficients")
+    parser.add_argument("--trajectories", type=int, default=64)
+    parser.add_argument("--length", type=int, default=32, help="transitions per trajectory (horizon)")
+    parser.add_argument("--sampling-steps", type=int, default=256)
+    parser.add_argument("--ensemble-steps", type=int, default=5000, help="training steps of the MLP ensemble")
+    parser.add_argument("--out", default="results/pgd")
+    parser.add_argument("--seed", type=int, default=0)
