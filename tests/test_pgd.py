@@ -95,6 +95,23 @@ def test_sigma_churn_and_guidance_schedules_by_hand():
     assert guidance_schedule(4, 2.0, 0.3, delay=1)[0] == 0.0
 
 
+class ZeroNet(torch.nn.Module):
+    """F = 0: then D(x; sigma) = x / (1 + sigma^2), the ideal denoiser of data N(0, 1) (sigma_data 1)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize(("steps", "edm_predictor", "low", "high"), [
+    (256, False, 0.96, 1.08), (64, True, 0.96, 1.08), (16, False, 1.8, 2.5),
+])
+def test_sampler_with_the_ideal_denoiser_of_unit_gaussian_data_samples_unit_variance(steps, edm_predictor, low, high):
+    """The official predictor (from x_i, not the churned x_hat) inflates the variance when steps are few."""
+    x = EDM(ZeroNet()).sample((128, 4, 4), SamplerSettings(steps=steps, edm_predictor=edm_predictor),
+                               torch.Generator().manual_seed(0))
+    assert low < x.std().item() < high
+
+
 def tiny_edm(channels: int = 5) -> EDM:
     torch.manual_seed(0)
     return EDM(TemporalUNet(channels, features=16, n_blocks=2)).eval().requires_grad_(False)
@@ -255,9 +272,10 @@ def test_trained_model_generates_transitions_with_low_dynamics_error(tmp_path, m
     path = tmp_path / "pendulum.hdf5"
     write_random_dataset("Pendulum-v1", path, episodes=20, seed=0, ref_min=-1500.0, ref_max=-150.0)
     t = read_d4rl_hdf5(path)
-    assert main(["data", "pgd", "train", str(path), "--steps", "1500", "--quiet"]) == 0
+    # EMA every step: with the official every 10 steps the EMA would still hold half the initial weights
+    assert main(["data", "pgd", "train", str(path), "--steps", "1500", "--ema-every", "1", "--quiet"]) == 0
     model, _ = load_trajectory_model(str(path), "small", t)
-    traj = model.sample(64, 33, SamplerSettings(steps=64), torch.Generator().manual_seed(0))
+    traj = model.sample(32, 33, SamplerSettings(steps=64, edm_predictor=True), torch.Generator().manual_seed(0))
     obs, act, rew, next_obs, done = (x.numpy() for x in model.transitions(traj))
     error = dynamics_error("Pendulum-v1", obs, act, next_obs).mean()
     trivial = np.mean((t.next_obs - t.obs) ** 2)

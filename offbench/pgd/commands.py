@@ -45,6 +45,9 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--stride", type=int, default=8, help="window start stride (official 8)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--ema-every", type=int, default=10, help="steps between EMA updates (official 10: "
+                        "the EMA then averages over about 2,000 steps, so train well beyond that)")
     parser.add_argument("--val-ratio", type=float, default=0.05, help="fraction of episodes held out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -61,6 +64,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trajectories", type=int, default=64)
     parser.add_argument("--length", type=int, default=32, help="transitions per trajectory (horizon)")
     parser.add_argument("--sampling-steps", type=int, default=256)
+    parser.add_argument("--edm-predictor", action="store_true", help="EDM's Heun predictor (offbench/pgd/edm.py)")
     parser.add_argument("--ensemble-steps", type=int, default=5000, help="training steps of the MLP ensemble")
     parser.add_argument("--out", default="results/pgd")
     parser.add_argument("--seed", type=int, default=0)

@@ -55,6 +55,8 @@ class PGDDataModule(OfflineDataModule):
         denoised_guidance: take the gradient on the denoised estimate (official flag, off).
         guidance_delay: sampler steps without guidance at the start (official 0).
         sampling_steps: EDM sampler steps (official 256).
+        edm_predictor: EDM's Heun predictor from the churned sample (the official code's starts from the
+            unchurned one, which inflates the samples' variance with few steps: offbench/pgd/edm.py).
         generation_batch: trajectories sampled at once (memory, not results).
     """
 
@@ -72,6 +74,7 @@ class PGDDataModule(OfflineDataModule):
         denoised_guidance: bool = False,
         guidance_delay: int = 0,
         sampling_steps: int = 256,
+        edm_predictor: bool = False,
         generation_batch: int = 1024,
         batch_size: int = 256,
         eval_every: int = 5000,
@@ -112,7 +115,7 @@ class PGDDataModule(OfflineDataModule):
         self.regenerate_every, self.generation_batch = regenerate_every, generation_batch
         self.guidance = {"coeff": guidance_coeff, "cos_coeff": guidance_cos_coeff, "normalize": normalize_guidance,
                          "denoised": denoised_guidance, "delay": guidance_delay}
-        self.sampler = SamplerSettings(steps=sampling_steps)
+        self.sampler = SamplerSettings(steps=sampling_steps, edm_predictor=edm_predictor)
         self._pool: tuple[Tensor, ...] | None = None
         self._pool_step = -1
         self._pool_generator: torch.Generator | None = None

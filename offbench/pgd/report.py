@@ -91,7 +91,8 @@ def _policy_log_prob(policy, mean, std, obs, act) -> float:
 
 
 def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float], trajectories: int, length: int,
-           sampling_steps: int, ensemble_steps: int, out: Path, seed: int = 0) -> dict[str, Any]:
+           sampling_steps: int, ensemble_steps: int, out: Path, seed: int = 0, edm_predictor: bool = False
+           ) -> dict[str, Any]:
     info = resolve(dataset)
     t = load_transitions(info)
     model, manifest = load_trajectory_model(info.name, model_name, t)
@@ -110,7 +111,7 @@ def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float],
     rng = np.random.default_rng(seed)
     real = rng.choice(len(t), min(n_tr, len(t)), replace=False)
     add("real data", t.obs[real], t.act[real], t.next_obs[real], 0.0)
-    settings = SamplerSettings(steps=sampling_steps)
+    settings = SamplerSettings(steps=sampling_steps, edm_predictor=edm_predictor)
     for c in coeffs:
         start = time.perf_counter()
         guide = PolicyGuidance(policy.log_prob, model.normalizer, sampling_steps, c,
@@ -139,13 +140,14 @@ def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float],
     result = {
         "dataset": info.name, "env_id": info.env_id, "trajectory_model": manifest["config"],
         "model_train_steps": manifest["steps"], "policy_run": str(policy_dir), "trajectories": trajectories,
-        "horizon": length, "sampling_steps": sampling_steps, "seed": seed, "rows": rows,
+        "horizon": length, "sampling_steps": sampling_steps, "edm_predictor": edm_predictor, "seed": seed, "rows": rows,
     }
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", info.name).strip("-")
     write_json_atomic(out / slug / "report.json", result)
     lines = [f"# PGD report: {info.name}", "", f"Trajectory model `{model_name}` ({manifest['steps']} steps, "
              f"{manifest['parameters']} parameters); target policy: last checkpoint of `{policy_dir}`; "
-             f"{trajectories} trajectories x {length} transitions per source; {sampling_steps} sampler steps; seed {seed}.",
+             f"{trajectories} trajectories x {length} transitions per source; {sampling_steps} sampler steps"
+             f"{' (EDM predictor)' if edm_predictor else ''}; seed {seed}.",
              "", "| source | transitions | dynamics MSE (mean) | median | log pi(a|s) | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['source']} | {r['transitions']} | {r['dynamics_mse']:.4g} | {r['dynamics_mse_median']:.3g} | "
@@ -156,7 +158,7 @@ def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float],
 
 def report_main(args: argparse.Namespace) -> int:
     result = report(args.dataset, args.model, Path(args.policy_run), args.coeffs, args.trajectories, args.length,
-                    args.sampling_steps, args.ensemble_steps, Path(args.out), args.seed)
+                    args.sampling_steps, args.ensemble_steps, Path(args.out), args.seed, args.edm_predictor)
     for r in result["rows"]:
         print(f"{r['source']:60s} dynamics MSE {r['dynamics_mse']:.4g}  log pi {r['policy_log_prob']:.3f}")
     return 0

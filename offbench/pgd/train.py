@@ -160,7 +160,8 @@ def train_main(args) -> int:
     config = TrajectoryModelConfig(
         dataset=args.dataset, preset=args.preset, name=args.name, features=args.features, n_blocks=args.blocks,
         window=args.window, stride=args.stride, batch_size=args.batch_size, lr=args.lr,
-        steps=args.steps, epochs=args.epochs, val_ratio=args.val_ratio, seed=args.seed,
+        steps=args.steps, epochs=args.epochs, ema_decay=args.ema_decay, ema_every=args.ema_every,
+        val_ratio=args.val_ratio, seed=args.seed,
     )
     manifest = train_trajectory_model(config, device=args.device, checkpoint_every=args.checkpoint_every,
                                       force=args.force, progress=not args.quiet)
