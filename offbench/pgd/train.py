@@ -55,7 +55,7 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     t = load_transitions(info)
     low, high = action_bounds(info)
     max_action = float(np.max(np.abs(np.concatenate([low, high]))))
-    directory = model_dir(config.dataset, config.name)
+    directory = model_dir(info.name, config.name)  # where PGDDataModule looks (its DatasetInfo's name)
     settings = config.result_settings()
     if force:
         for f in ("manifest.json", "model.pt", "checkpoint.pt"):
@@ -165,7 +165,7 @@ def train_main(args) -> int:
     )
     manifest = train_trajectory_model(config, device=args.device, checkpoint_every=args.checkpoint_every,
                                       force=args.force, progress=not args.quiet)
-    directory = model_dir(config.dataset, config.name)
+    directory = model_dir(resolve(config.dataset).name, config.name)
     last = manifest["train_loss"][-1]["loss"] if manifest["train_loss"] else float("nan")
     val = manifest["val_loss"]
     print(f"PGD trajectory model {config.name!r} of {config.dataset}: {manifest['parameters']} parameters, "
