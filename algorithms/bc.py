@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from offbench.batch import Batch
-from offbench.module import OfflineRLModule, compilable
+from offbench.module import OfflineRLModule, compilable, unit_gaussian_log_prob
 from offbench.nets import DeterministicActor, GaussianActor
 
 
@@ -54,3 +54,9 @@ class BC(OfflineRLModule):
         if self.hparams.policy == "deterministic":
             return self.actor(obs)
         return self.actor(obs).mean
+
+    def log_prob(self, obs: Tensor, act: Tensor) -> Tensor:
+        """Gaussian: exact log pi(a|s); deterministic: log N(a; pi(s), I), as the official PGD code's TD3+BC."""
+        if self.hparams.policy == "deterministic":
+            return unit_gaussian_log_prob(act, self.act(obs))
+        return self.actor(obs).log_prob(act).sum(-1)

@@ -130,3 +130,7 @@ class IQL(OfflineRLModule):
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
         return self.actor(obs).mean
+
+    def log_prob(self, obs: Tensor, act: Tensor) -> Tensor:
+        """log pi(a|s) of the Gaussian actor (the plain Gaussian, as its loss and the official PGD code)."""
+        return self.actor(obs).log_prob(act).sum(-1)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offbench.batch import Batch
-from offbench.module import OfflineRLModule, compilable, soft_update
+from offbench.module import OfflineRLModule, compilable, soft_update, unit_gaussian_log_prob
 from offbench.nets import CriticEnsemble, DeterministicActor
 
 
@@ -98,3 +98,7 @@ class TD3BC(OfflineRLModule):
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
         return self.actor(obs)
+
+    def log_prob(self, obs: Tensor, act: Tensor) -> Tensor:
+        """log N(a; pi(s), I): the deterministic actor as a unit Gaussian, as the official PGD code does."""
+        return unit_gaussian_log_prob(act, self.act(obs))

@@ -129,20 +129,23 @@ class OffbenchCLI(LightningCLI):
             "(options under --wandb.*; pip install 'offbench[wandb]')",
         )
         parser.add_class_arguments(WandbOptions, "wandb", instantiate=False)
-        parser.link_arguments(("updates", "data.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse")
+        parser.link_arguments(
+            ("updates", "data.init_args.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse"
+        )
         for name in ("obs_dim", "act_dim", "max_action"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        problem = budget_problem(config.updates, config.data.eval_every)
+        problem = budget_problem(config.updates, config.data.init_args.eval_every)
         if problem:
             raise UserError(problem)
         _check_logger(config)  # before the run directory is made
         trainer = config.trainer
         if trainer.default_root_dir is None:
             algo = config.model.class_path.rsplit(".", 1)[-1].lower()
-            trainer.default_root_dir = str(Path("runs") / algo / _slug(config.data.dataset) / f"seed{config.seed_everything}")
+            dataset = config.data.init_args.dataset  # data in subclass mode: --data.class_path picks the DataModule
+            trainer.default_root_dir = str(Path("runs") / algo / _slug(dataset) / f"seed{config.seed_everything}")
         root = Path(trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
             _last_checkpoint(root)  # before the lock makes the directory: a mistyped one stays unmade
@@ -183,6 +186,17 @@ class OffbenchCLI(LightningCLI):
         if new["updates"] < resumed_updates and not any(c.startswith("updates:") for c in changes):
             changes.append(f"updates: {new['updates']} is less than the {resumed_updates} updates already done")
         return changes
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # the model and data are subclass types: show the class's own error, not the wrapper
+            cause: BaseException = e
+            while str(cause).startswith("Does not validate against any of the Union subtypes") and cause.__cause__:
+                cause = cause.__cause__
+            if cause is e:
+                raise
+            raise cause from None
 
     def before_fit(self) -> None:
         self.model.compile_update = bool(self._get(self.config_init, "compile", default=False))
@@ -229,7 +243,7 @@ def _wandb_logger(config: Any, root: str, resumed: bool) -> Logger:
     from offbench.wandb_logging import RunWandbLogger
 
     algo = config.model.class_path.rsplit(".", 1)[-1].lower()
-    name = f"{algo}/{config.data.dataset}/seed{config.seed_everything}"
+    name = f"{algo}/{config.data.init_args.dataset}/seed{config.seed_everything}"
     resolved = json.loads(json.dumps(config.as_dict(), default=str))  # the whole resolved config, JSON-safe
     return RunWandbLogger(root, WandbOptions(**config.wandb.as_dict()), name, resolved, resumed)
 
@@ -494,6 +508,7 @@ def fit_main(argv: list[str]) -> None:
             OfflineRLModule,
             OfflineDataModule,
             subclass_mode_model=True,
+            subclass_mode_data=True,  # OfflineDataModule by default; a subclass by --data.class_path (offbench.pgd.PGDDataModule)
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"log_every_n_steps": 1, "devices": 1},

@@ -32,6 +32,9 @@ update(batch) -> dict[str, Tensor]
 act(obs) -> Tensor
     Actions (n, act_dim) within [-max_action, max_action] for normalised observations (n, obs_dim),
     under torch.no_grad; the evaluation calls it in eval mode on batches of vectorised envs.
+log_prob(obs, act) -> Tensor   (optional)
+    log pi(act | obs) (n,) of the current policy, differentiable w.r.t. `act`; only guided PGD data
+    (offbench/pgd, docs/pgd.md) calls it. Exact for Gaussian policies, N(act(s), 1) for deterministic ones.
 
 Lightning hooks: the base class owns `training_step` (a block of `update` calls per Lightning call,
 batches from the DataModule's device-resident sampler), `on_train_start` (update count, compiled path,
@@ -60,6 +63,7 @@ optimisers are not attributes, stops with an error (compiling nothing would run 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -116,6 +120,13 @@ class OfflineRLModule(pl.LightningModule):
     def act(self, obs: Tensor) -> Tensor:
         """Actions (n, act_dim) within the action bounds for normalised observations (n, obs_dim)."""
         raise NotImplementedError
+
+    def log_prob(self, obs: Tensor, act: Tensor) -> Tensor:
+        """Optional: log pi(act | obs) (n,) of the current policy, differentiable w.r.t. `act`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define log_prob(obs, act), which policy-guided PGD data needs: implement "
+            "it (the contract in offbench/module.py; docs/pgd.md), or use unguided PGD data (--data.guidance_coeff 0)."
+        )
 
     # --- helpers for update() ---------------------------------------------------------------
     @staticmethod
@@ -270,6 +281,11 @@ def _compilable_optimizer(optimizer: torch.optim.Optimizer, capturable: bool) ->
 def _numpy_state_to_torch(state: tuple) -> tuple:
     name, keys, pos, has_gauss, cached = state
     return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def unit_gaussian_log_prob(act: Tensor, mean: Tensor) -> Tensor:
+    """log N(act; mean, I) summed over the action dimensions (n,): a deterministic policy's `log_prob`."""
+    return -0.5 * (act - mean).pow(2).sum(-1) - 0.5 * act.shape[-1] * math.log(2 * math.pi)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ from offbench.data.checks import check_transitions
 from offbench.data.sources import load_transitions, local_path
 from offbench.data.synthetic import minari_datasets_root, write_random_dataset
 from offbench.envs import action_bounds, observation_dim
+from offbench.pgd.commands import add_pgd_parser
+from offbench.pgd.commands import main as pgd_main
 from offbench.scores import REF_SCORES, normalized_score
 
 
@@ -64,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     forge.add_argument("--force", action="store_true", help="delete this folder's forge files and start again")
     forge.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    add_pgd_parser(sub)
+
     info = sub.add_parser("info", help="what a dataset name resolves to, and its statistics if it is on this machine")
     info.add_argument("name", help="catalog name or .hdf5 path; `offbench data info list` lists the catalog")
     info.add_argument("--env-id", default=None)
@@ -81,6 +85,8 @@ def main(argv: list[str]) -> int:
         return _synth(args)
     if args.command == "forge":
         return _forge(args)
+    if args.command == "pgd":
+        return pgd_main(args)
     return _info(args)
 
 

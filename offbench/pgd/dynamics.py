@@ -1,0 +1,50 @@
+"""Dynamics error of synthetic transitions, measured in the real simulator: set the simulator's
+state from a transition's state, apply its action, and compare the simulator's next state with the
+transition's next state.
+
+Envs whose observation determines the simulator state:
+- Pendulum-v1: obs (cos th, sin th, thdot) -> state (th, thdot);
+- InvertedPendulum: obs = (qpos, qvel);
+- Hopper, HalfCheetah, Walker2d (v4/v5 defaults): obs = (qpos[1:], clip(qvel, -10, 10)); the x
+  position is not observed and does not enter the dynamics (set to 0); a velocity beyond the clip is
+  not recoverable, so such rows carry that error too.
+Other envs (Ant: contact forces are not in the state; AntMaze: goals) are not supported.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+MUJOCO_X_EXCLUDED = ("Hopper", "HalfCheetah", "Walker2d")
+
+
+def supports(env_id: str) -> bool:
+    return env_id.startswith(("Pendulum", "InvertedPendulum", *MUJOCO_X_EXCLUDED))
+
+
+def simulator_next_obs(env_id: str, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """The simulator's next observation from each (obs, act) row, (n, obs_dim)."""
+    if not supports(env_id):
+        raise ValueError(f"the dynamics error needs the simulator state from an observation, which {env_id} does "
+                         "not give; supported: Pendulum, InvertedPendulum, Hopper, HalfCheetah, Walker2d")
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=0)
+    out = np.empty_like(obs, dtype=np.float64)
+    try:
+        for i, (o, a) in enumerate(zip(np.asarray(obs, np.float64), np.asarray(act, np.float64))):
+            if env_id.startswith("Pendulum"):
+                env.state = np.array([np.arctan2(o[1], o[0]), o[2]])
+            else:
+                nq = env.model.nq
+                qpos = o[:nq] if env_id.startswith("InvertedPendulum") else np.r_[0.0, o[: nq - 1]]
+                env.set_state(qpos, o[len(qpos) - (0 if env_id.startswith("InvertedPendulum") else 1):])
+            out[i] = env.step(a.astype(np.float32))[0]
+    finally:
+        env.close()
+    return out
+
+
+def dynamics_error(env_id: str, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
+    """Per row, the mean squared difference between a transition's next state and the simulator's."""
+    return np.mean((simulator_next_obs(env_id, obs, act) - next_obs) ** 2, axis=1)

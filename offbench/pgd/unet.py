@@ -1,0 +1,95 @@
+"""The denoiser of the PGD trajectory model: a 1-D temporal U-Net over (batch, time, channels).
+
+As the official code (EmptyJackson/policy-guided-diffusion, models/diffusion.py): per encoder block
+i a width of features * 2^i, two kernel-3 convolutions with GroupNorm(8) and ReLU, the time
+embedding added after the first, and a max-pool halving between blocks; the decoder upsamples by
+nearest neighbour to the skip's length, applies a kernel-2 convolution (padded on the right, as
+flax's SAME), adds the time embedding, concatenates the skip and applies two kernel-3 convolutions;
+a kernel-1 convolution gives the output channels. The time embedding is sinusoidal (features / 8
+frequencies) followed by two dense layers with swish between them, and swish before each block's
+dense projection. Fully convolutional: any sequence length can be sampled.
+Deviation: PyTorch's default initialisation instead of flax's (lecun normal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Sizes: the official defaults (--num_features 1024 --num_blocks 3, about 1.6e8 parameters, for GPUs)
+# and a small preset that trains in minutes on a CPU.
+UNET_PRESETS: dict[str, dict[str, int]] = {
+    "official": {"features": 1024, "n_blocks": 3},
+    "small": {"features": 32, "n_blocks": 3},
+}
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.half = features // 8
+        if self.half < 2:
+            raise ValueError(f"the time embedding needs features >= 16, got {features}")
+        self.dense1 = nn.Linear(2 * self.half, features)
+        self.dense2 = nn.Linear(features, features)
+
+    def forward(self, t: Tensor) -> Tensor:
+        freqs = torch.exp(torch.arange(self.half, device=t.device) * -(math.log(10000.0) / (self.half - 1)))
+        emb = t.float()[:, None] * freqs[None]
+        emb = torch.cat([emb.sin(), emb.cos()], dim=-1)
+        return self.dense2(F.silu(self.dense1(emb)))
+
+
+def _norm(width: int, groups: int) -> nn.GroupNorm:
+    if width % groups:
+        raise ValueError(f"U-Net width {width} is not a multiple of the {groups} GroupNorm groups")
+    return nn.GroupNorm(groups, width, eps=1e-6)  # flax's GroupNorm epsilon
+
+
+class TemporalUNet(nn.Module):
+    """forward(x (B, L, C), t (B,)) -> (B, L, C)."""
+
+    def __init__(self, channels: int, features: int = 1024, n_blocks: int = 3, groups: int = 8) -> None:
+        super().__init__()
+        self.channels, self.features, self.n_blocks = channels, features, n_blocks
+        widths = [features * 2**i for i in range(n_blocks)]
+        self.time = TimeEmbedding(features)
+        self.enc = nn.ModuleList()
+        for i, w in enumerate(widths):
+            self.enc.append(nn.ModuleDict({
+                "conv1": nn.Conv1d(channels if i == 0 else widths[i - 1], w, 3, padding=1),
+                "temb": nn.Linear(features, w), "norm1": _norm(w, groups),
+                "conv2": nn.Conv1d(w, w, 3, padding=1), "norm2": _norm(w, groups),
+            }))
+        self.dec = nn.ModuleList()
+        for i in range(n_blocks - 2, -1, -1):
+            w = widths[i]
+            self.dec.append(nn.ModuleDict({
+                "up": nn.Conv1d(widths[i + 1], w, 2), "temb": nn.Linear(features, w), "norm0": _norm(w, groups),
+                "conv1": nn.Conv1d(2 * w, w, 3, padding=1), "norm1": _norm(w, groups),
+                "conv2": nn.Conv1d(w, w, 3, padding=1), "norm2": _norm(w, groups),
+            }))
+        self.out = nn.Conv1d(widths[0], channels, 1)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        temb = F.silu(self.time(t))[:, :, None]  # (B, features, 1)
+        h = x.transpose(1, 2)  # (B, C, L)
+        skips = []
+        for i, b in enumerate(self.enc):
+            h = F.relu(b["norm1"](b["conv1"](h) + b["temb"](temb.squeeze(-1))[:, :, None]))
+            h = F.relu(b["norm2"](b["conv2"](h)))
+            skips.append(h)
+            if i < self.n_blocks - 1:
+                h = F.max_pool1d(h, 2)
+        h = skips[-1]
+        for b, z in zip(self.dec, reversed(skips[:-1])):
+            h = F.interpolate(h, size=z.shape[-1], mode="nearest-exact")
+            h = b["up"](F.pad(h, (0, 1)))
+            h = F.relu(b["norm0"](h + b["temb"](temb.squeeze(-1))[:, :, None]))
+            h = torch.cat([h, z], dim=1)
+            h = F.relu(b["norm1"](b["conv1"](h)))
+            h = F.relu(b["norm2"](b["conv2"](h)))
+        return self.out(h).transpose(1, 2)
