@@ -54,7 +54,16 @@ Modules: grid.py (grid files -> cells), cells.py (a cell's state, command and su
 ray.py (the launchers), progress.py (the live display), runner.py (run_grid), cli.py (`offbench bench`).
 """
 
-from offbench.bench.cells import CellState, Running, cell_command, cell_state, set_aside, stale_arguments, start_cell
+from offbench.bench.cells import (
+    CellState,
+    Running,
+    _updates_done,  # noqa: F401 (imported from here by tests on other branches)
+    cell_command,
+    cell_state,
+    set_aside,
+    stale_arguments,
+    start_cell,
+)
 from offbench.bench.cli import main
 from offbench.bench.grid import Cell, Grid, GridError, dataset_slug, expand_grid, load_grid
 from offbench.bench.ray import RayOptions

@@ -46,9 +46,10 @@ display), run.py (`forge`, the phases in order).
 
 from offbench.forge.config import DEFAULT_PRESET, FORMAT, KINDS, MANIFEST, PRESETS, ForgeConfig, eval_seed, forge_config
 from offbench.forge.envs import ActionScale
+from offbench.forge.progress import _Progress  # noqa: F401 (offbench/pgd/train.py imports it from here)
 from offbench.forge.rollouts import rollout
 from offbench.forge.run import forge
-from offbench.forge.sac import SAC, ReplayBuffer
+from offbench.forge.sac import SAC, ReplayBuffer, _save_atomic  # noqa: F401 (offbench/pgd/train.py imports it)
 from offbench.forge.selection import choose_expert, choose_medium, expert_candidates
 
 __all__ = [
