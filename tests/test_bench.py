@@ -172,7 +172,7 @@ def test_cell_state_and_resume_command(tmp_path):
 def test_dry_run_launches_nothing(tmp_path, capsys, monkeypatch):
     grid = write_grid(tmp_path / "g.yaml", name="g", output=str(tmp_path / "out"), seeds=2, updates=10, eval_every=5,
                       datasets=["synthetic/pendulum-random-v0"], algorithms=[{"name": "bc", "config": BC}])
-    monkeypatch.setattr(bench, "start_cell", lambda *a: pytest.fail("a dry run started a cell"))
+    monkeypatch.setattr(bench.local, "start_cell", lambda *a: pytest.fail("a dry run started a cell"))
     assert bench.main([str(grid), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "[fresh   ] bc/synthetic-pendulum-random-v0/seed1" in out and "--seed_everything 1" in out
@@ -195,8 +195,8 @@ def test_a_failed_cell_is_retried_and_unlisted_when_it_succeeds(tmp_path, monkey
                                 algorithms=[{"name": "bc", "config": BC}]))
     (tmp_path / "out").mkdir()
     (tmp_path / "out/failures.json").write_text(json.dumps({grid.cells[0].id: {"reason": "earlier"}}))
-    monkeypatch.setattr(bench, "_prepare_datasets", lambda *a: None)
-    monkeypatch.setattr(bench, "start_cell", lambda cell, command, env: (cell.run_dir.mkdir(parents=True), FakeProcess(cell.run_dir))[1])
+    monkeypatch.setattr(bench.runner, "_prepare_datasets", lambda *a: None)
+    monkeypatch.setattr(bench.local, "start_cell", lambda cell, command, env: (cell.run_dir.mkdir(parents=True), FakeProcess(cell.run_dir))[1])
     report = run_grid(grid, workers=1, devices="cpu", console=quiet(), tables=False)
     assert report.finished == [grid.cells[0].id]
     assert json.loads((tmp_path / "out/failures.json").read_text()) == {}
@@ -223,9 +223,9 @@ def test_cells_spread_over_gpus(tmp_path, monkeypatch):
         launched.append((cell.seed, env["CUDA_VISIBLE_DEVICES"], command))
         return FakeProcess(cell.run_dir)
 
-    monkeypatch.setattr(bench, "_gpu_count", lambda devices: 2)
-    monkeypatch.setattr(bench, "_prepare_datasets", lambda *a: None)
-    monkeypatch.setattr(bench, "start_cell", fake_start)
+    monkeypatch.setattr(bench.runner, "_gpu_count", lambda devices: 2)
+    monkeypatch.setattr(bench.runner, "_prepare_datasets", lambda *a: None)
+    monkeypatch.setattr(bench.local, "start_cell", fake_start)
     report = run_grid(grid, workers=3, devices="cuda", console=quiet(), tables=False)
     assert len(report.finished) == 4 and not report.failed
     # The first three start together (round-robin 0, 1, 0); the fourth after they finished.
@@ -274,14 +274,14 @@ def grid_runs(tiny_hopper, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", str(REPO))  # the cells import the callbacks above from tests.test_bench
         mp.setenv("OMP_NUM_THREADS", "1")
-        real_start = bench.start_cell
+        real_start = bench.local.start_cell
         launched: list[tuple[str, list[str]]] = []
 
         def recording_start(cell, command, env):
             launched.append((cell.id, command))
             return real_start(cell, command, env)
 
-        mp.setattr(bench, "start_cell", recording_start)
+        mp.setattr(bench.local, "start_cell", recording_start)
         for name, run_grid_, faults in [("first", seed1, {"KILL": "1"}), ("second", grid, {"NAN": "2"}), ("third", seed1, {})]:
             launched.clear()
             for fault in ("KILL", "NAN"):

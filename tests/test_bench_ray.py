@@ -90,13 +90,13 @@ def test_cells_share_a_gpu_by_fractions(local_ray, tiny_hopper, tmp_path, monkey
     grid = load_grid(write_grid(tmp_path / "g.yaml", name="g", output=str(tmp_path / "out"), datasets=[str(tiny_hopper)],
                                 seeds=[0, 1], algorithms=[{"name": "bc", "config": BC}], **TINY))
     seen: list[list[tuple[str, str | None]]] = []  # the running cells and their GPUs, at each refresh
-    render = bench._render
+    render = bench.runner._render
 
     def recording_render(g, report, running, *args):
         seen.append([(r.cell.id, r.gpu) for r in running])
         return render(g, report, running, *args)
 
-    monkeypatch.setattr(bench, "_render", recording_render)
+    monkeypatch.setattr(bench.runner, "_render", recording_render)
     report = run_grid(grid, devices="auto", console=quiet(), tables=False, ray_options=RayOptions(gpus_per_cell=0.5))
     assert [(c.id, "0") for c in grid.cells] in seen
     assert report.failed.keys() == {c.id for c in grid.cells}

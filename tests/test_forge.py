@@ -1,4 +1,4 @@
-"""The dataset forge (offbench/forge.py): structure, manifest, catalog names, determinism, resume and
+"""The dataset forge (offbench/forge/): structure, manifest, catalog names, determinism, resume and
 atomic writes on a tiny Pendulum budget (seconds); SAC learning on the real `small` preset is `slow`."""
 
 from __future__ import annotations
@@ -208,16 +208,16 @@ def test_interrupted_forge_resumes_to_the_same_family(tiny, tmp_path, monkeypatc
     """Stopped right after the first saved SAC state (the episode end at the 200-step checkpoint),
     then rerun: no dataset exists in between, and the result equals the uninterrupted family."""
     out, manifest = tiny
-    save = forge_module._save_train_state
+    save = forge_module.sac._save_train_state
 
     def save_then_stop(path, state):
         save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(forge_module, "_save_train_state", save_then_stop)
+    monkeypatch.setattr(forge_module.sac, "_save_train_state", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         forge(tiny_config(), tmp_path / "run", minari_namespace="test/resumed", progress=False)
-    monkeypatch.setattr(forge_module, "_save_train_state", save)
+    monkeypatch.setattr(forge_module.sac, "_save_train_state", save)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["sac"]  # no manifest, no datasets
     first_checkpoint = tmp_path / "run/sac/checkpoints/step_00000200.pt"
     written = first_checkpoint.stat().st_mtime_ns
@@ -235,7 +235,7 @@ def test_interrupted_writing_leaves_no_half_written_dataset(tiny, roots, tmp_pat
     family), the files written so far are whole, nothing is left half-written under a final name, and
     a rerun (the SAC run is finished: only the rollouts and writing are redone) completes the family."""
     out, manifest = tiny
-    write = forge_module.write_minari_dataset
+    write = forge_module.writing.write_minari_dataset
     calls = []
 
     def write_two_then_fail(minari_id, *args, **kwargs):
@@ -244,11 +244,11 @@ def test_interrupted_writing_leaves_no_half_written_dataset(tiny, roots, tmp_pat
             raise KeyboardInterrupt
         return write(minari_id, *args, **kwargs)
 
-    monkeypatch.setattr(forge_module, "write_minari_dataset", write_two_then_fail)
+    monkeypatch.setattr(forge_module.writing, "write_minari_dataset", write_two_then_fail)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         forge(tiny_config(), run, minari_namespace="test/crash", progress=False)
-    monkeypatch.setattr(forge_module, "write_minari_dataset", write)
+    monkeypatch.setattr(forge_module.writing, "write_minari_dataset", write)
     assert not (run / "manifest.json").exists()
     assert sorted(p.name for p in run.iterdir()) == ["medium-replay.hdf5", "medium.hdf5", "minari", "random.hdf5", "sac"]
     assert sorted(p.name for p in (run / "minari/test/crash").iterdir()) == ["medium-v0", "random-v0"]
@@ -267,7 +267,7 @@ def test_a_forge_into_a_folder_keeps_its_minari_copies_there_and_the_default_for
     the same settings, and refused (named) otherwise."""
     import shutil
 
-    from offbench import bench
+    from offbench.bench.runner import _prepare_datasets
 
     monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
@@ -276,7 +276,7 @@ def test_a_forge_into_a_folder_keeps_its_minari_copies_there_and_the_default_for
     assert sorted(p.name for p in (mine / "minari/offbench/pendulum").iterdir()) == sorted(f"{k}-v0" for k in KINDS)
     assert not (tmp_path / "minari").exists()  # nothing in the user's Minari folder
     monkeypatch.setattr(forge_module, "forge_config", lambda env_id, preset=None, **kw: tiny_config())
-    bench._prepare_datasets(["forge/pendulum-medium-v0"])  # what `make benchmark` does first
+    _prepare_datasets(["forge/pendulum-medium-v0"])  # what `make benchmark` does first
     assert (forge_dir("Pendulum-v1") / "manifest.json").is_file()
     default = json.loads((forge_dir("Pendulum-v1") / "manifest.json").read_text())
     assert minari.load_dataset("offbench/pendulum/medium-v0").total_steps == default["datasets"]["medium"]["steps"]
@@ -286,9 +286,9 @@ def test_a_forge_into_a_folder_keeps_its_minari_copies_there_and_the_default_for
     shutil.copytree(mine / "minari", legacy)
     ids = [f"offbench/pendulum/{kind}-v0" for kind in KINDS]
     default_owner = f"forge folder {forge_dir('Pendulum-v1').resolve()}"
-    forge_module._check_minari_ids(ids, default_owner, legacy, tiny_config())  # same settings: taken over
+    forge_module.writing._check_minari_ids(ids, default_owner, legacy, tiny_config())  # same settings: taken over
     with pytest.raises(UserError, match=f"written by the forge folder {mine.resolve()}, made with other settings"):
-        forge_module._check_minari_ids(ids, default_owner, legacy, tiny_config(seed=7))
+        forge_module.writing._check_minari_ids(ids, default_owner, legacy, tiny_config(seed=7))
 
 
 def test_rerun_keeps_a_finished_family_and_other_settings_need_force(tiny, capsys):

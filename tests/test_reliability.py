@@ -258,7 +258,7 @@ def small_grid(tmp_path: Path, seeds: int = 1, **settings) -> Path:
 
 def fake_runner(monkeypatch) -> list[str]:
     """Cells that finish at once (no subprocess); returns the list of the cells started."""
-    from offbench import bench
+    from offbench.bench import local, runner
     from tests.test_bench import FakeProcess
 
     started: list[str] = []
@@ -269,8 +269,8 @@ def fake_runner(monkeypatch) -> list[str]:
         started.append(cell.id)
         return FakeProcess(cell.run_dir)
 
-    monkeypatch.setattr(bench, "_prepare_datasets", lambda *a: None)
-    monkeypatch.setattr(bench, "start_cell", start)
+    monkeypatch.setattr(runner, "_prepare_datasets", lambda *a: None)
+    monkeypatch.setattr(local, "start_cell", start)
     return started
 
 
@@ -393,7 +393,7 @@ def test_a_runner_killed_with_sigterm_or_sigkill_leaves_no_cell_running_and_a_re
 
 
 def _updates(run: Path) -> bool:
-    from offbench.bench import _updates_done
+    from offbench.bench.cells import _updates_done
 
     return bool(_updates_done(run))
 

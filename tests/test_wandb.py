@@ -2,6 +2,7 @@
 offline run in the run directory, named algorithm/dataset/seed, with the resolved config, config.yaml,
 result.json and the scores; a grid's `wandb:` as cell arguments; one clear message when wandb is missing."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from offbench import bench, wandb_logging
+from offbench import wandb_logging
 from offbench.bench import GridError, load_grid
 from offbench.cli import main
 from tests.test_bench import BC, write_grid
@@ -100,8 +101,8 @@ def test_bad_wandb_settings_in_a_grid(tmp_path, value, message):
 
 
 def test_a_grid_with_wandb_but_no_wandb_package_stops_before_running(monkeypatch, tmp_path):
-    real = bench.importlib.util.find_spec
-    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.raises(GridError) as e:
         load_grid(grid_with(tmp_path, wandb=True))
     assert "pip install 'offbench[wandb]'" in str(e.value)

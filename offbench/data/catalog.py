@@ -160,7 +160,7 @@ CATALOG: dict[str, DatasetInfo] = _build_catalog()
 
 # --------------------------------------------------------------------------- forged datasets
 #
-# `offbench data forge` (offbench/forge.py) writes D4RL's five datasets for an env into
+# `offbench data forge` (offbench/forge/) writes D4RL's five datasets for an env into
 # <data root>/forge/<slug>/ with a manifest.json written last; the names below resolve there, with
 # the reference scores the forge measured. A missing family is not forged on demand (it takes
 # minutes to hours): the error gives the exact command.

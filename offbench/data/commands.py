@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     forge = sub.add_parser(
         "forge", help="train SAC online and write D4RL's five datasets (random, medium, medium-replay, expert, "
         "medium-expert) in the D4RL HDF5 layout and as Minari datasets",
-        description="D4RL's recipe on any gymnasium env with flat Box spaces (offbench/forge.py). Settings not "
+        description="D4RL's recipe on any gymnasium env with flat Box spaces (offbench/forge/). Settings not "
         "given come from the preset: small (Pendulum-v1, InvertedPendulum-v5: minutes on a CPU) or d4rl (1M SAC "
         "steps and 1M-step datasets, as D4RL: hours). An interrupted run resumes its SAC run when rerun with the "
         "same settings.",

@@ -4,7 +4,7 @@ in the D4RL HDF5 layout (and, if asked, as a Minari dataset with the same episod
 They make tests and offline demos possible where D4RL and Minari cannot be downloaded. The
 `synthetic/*` catalog names are generated on first use from the recipes below. The writers at the
 end (`Episode`, `write_d4rl_hdf5`, `write_minari_dataset`) are shared with the dataset forge
-(offbench/forge.py).
+(offbench/forge/).
 """
 
 from __future__ import annotations

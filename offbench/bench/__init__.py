@@ -1,0 +1,75 @@
+"""`offbench bench GRID.yaml`: run a grid of (algorithm x dataset x seed) cells and tabulate them.
+
+Every cell is one `offbench fit` in its own subprocess and its own run directory
+`<output>/runs/<algorithm>/<dataset>/seed<k>`, so a crash, a NaN loss or a kill stays inside its
+cell. The run directory is the state: a cell with `result.json` (written atomically at the end of
+a fit) is finished and skipped, a cell with `checkpoints/last.ckpt` but no result is continued with
+`--ckpt_path last`, anything else starts fresh. Re-running the same command therefore resumes an
+interrupted grid. Failed cells are listed with their reason in `<output>/failures.json` (their
+full output is in `<run dir>/bench.log`) and are tried again on the next run.
+
+A grid file (YAML; relative paths are relative to the working directory):
+
+    name: quick                        # output goes to results/<name>/ unless `output:` is given
+    seeds: 2                           # a count (0..n-1) or a list of seeds
+    updates: 10000                     # the settings below may appear at the top level, in an
+    eval_every: 2000                   #   algorithm entry, and in `overrides` blocks (per dataset,
+    eval_episodes: 5                   #   at the top level or inside an algorithm); the most
+    block_size: 500                    #   specific one wins; `args` and `config` accumulate
+    args: [--eval.num_envs, 5]         # extra `offbench fit` arguments
+    algorithms:
+      - name: bc
+        config: configs/algorithms/bc.yaml
+      - name: diffcps
+        config: configs/algorithms/diffcps.yaml
+        overrides:
+          hopper-medium-v2: {config: configs/tasks/diffcps/hopper-medium-v2.yaml}
+    datasets: [synthetic/hopper-random-v0, hopper-medium-v2]
+    overrides:
+      hopper-medium-v2: {updates: 2000000}
+    references: configs/references/table1.yaml   # optional paper numbers for the tables
+    wandb: {project: offbench, mode: offline}    # optional: every cell also logs to W&B (`true` for the
+                                                 #   defaults; pip install 'offbench[wandb]'), see below
+
+The fit arguments of a cell are, in order: the algorithm config, the extra configs (top level,
+top-level dataset override, the algorithm's dataset override), dataset, seed, budget, evaluation
+protocol, run directory, the W&B arguments when the grid has `wandb:` (`--logger wandb`, the grid's
+name as the W&B group, the run name algorithm/dataset/seed<k>, its options), then `args` (top level,
+dataset override, algorithm, algorithm's dataset override): later arguments win, as in `offbench fit`.
+
+Launchers. `local` (the default) runs the cells as subprocesses of this machine, `--workers N` at a
+time, GPUs round-robin. `ray` (`--launcher ray`; `pip install 'offbench[ray]'`) hands each cell to a
+Ray cluster as one task, which runs the same `offbench fit` subprocess on whichever node has room:
+`--address` names the cluster (default: $RAY_ADDRESS, else the cluster that `ray start` made on this
+machine, else a new local Ray instance), `--cpus-per-cell` and `--gpus-per-cell` are each task's
+resources (a GPU share such as 0.5 lets several cells use one GPU at once), and `--workers` caps the
+cells in flight (default: whatever the cluster fits). The nodes must share the filesystem with this
+machine (repository, datasets, output directory) and its Python environment: a cell runs in this
+working directory and writes the same run directory and files as a local one, so skipping, resuming
+and the failure records are the same. The runner itself (its lock, progress display, failures.json
+and tables) stays on this machine; a cell is never retried by Ray (a failure is recorded, and the
+next run tries it again), and Ctrl+C stops the running cells before the lock goes.
+
+Modules: grid.py (grid files -> cells), cells.py (a cell's state, command and subprocess), local.py and
+ray.py (the launchers), progress.py (the live display), runner.py (run_grid), cli.py (`offbench bench`).
+"""
+
+from offbench.bench.cells import (
+    CellState,
+    Running,
+    _updates_done,  # noqa: F401 (imported from here by tests on other branches)
+    cell_command,
+    cell_state,
+    set_aside,
+    stale_arguments,
+    start_cell,
+)
+from offbench.bench.cli import main
+from offbench.bench.grid import Cell, Grid, GridError, dataset_slug, expand_grid, load_grid
+from offbench.bench.ray import RayOptions
+from offbench.bench.runner import GridReport, run_grid
+
+__all__ = [
+    "Cell", "CellState", "Grid", "GridError", "GridReport", "RayOptions", "Running", "cell_command", "cell_state",
+    "dataset_slug", "expand_grid", "load_grid", "main", "run_grid", "set_aside", "stale_arguments", "start_cell",
+]

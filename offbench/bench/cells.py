@@ -1,0 +1,182 @@
+"""One cell on disk: its state (finished, resume, fresh, running, stale), its `offbench fit` command,
+its subprocess (`start_cell`, which dies with its runner), its log and progress, and `Running`, a launched cell.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from offbench.bench.grid import Cell
+from offbench.files import read_json, run_dir_holder, write_json_atomic
+
+LOG_TAIL_LINES = 25  # lines of a failed cell's output kept as its reason in failures.json
+
+CellState = Literal["finished", "resume", "fresh", "running", "stale"]
+
+
+def cell_state(cell: Cell) -> CellState:
+    """running: a process (a cell of an earlier runner, a fit by hand) holds the run directory's lock;
+    stale: the run has a result or a checkpoint made with other arguments than the grid file's now;
+    finished: result.json exists; resume: a checkpoint but no result; fresh: nothing to continue."""
+    if run_dir_holder(cell.run_dir) is not None:
+        return "running"
+    finished = (cell.run_dir / "result.json").exists()
+    resume = (cell.run_dir / "checkpoints" / "last.ckpt").exists()
+    if (finished or resume) and stale_arguments(cell):
+        return "stale"
+    return "finished" if finished else "resume" if resume else "fresh"
+
+
+def _unreadable_result(cell: Cell) -> str:
+    """Why a finished cell's result.json cannot be read (a damaged file: it is written atomically), with
+    the way out; empty when it reads."""
+    from offbench.errors import UserError
+
+    try:
+        read_json(
+            cell.run_dir / "result.json",
+            fix=f"delete it and run the grid again: the cell then resumes from {cell.run_dir / 'checkpoints/last.ckpt'} "
+            "and writes it again (or delete the run directory to run the cell from the start)",
+        )
+    except UserError as e:
+        return str(e)
+    return ""
+
+
+def stale_arguments(cell: Cell) -> str:
+    """How the arguments recorded in the cell's `cell.json` (those its run was made with) differ from
+    the grid file's now, as `old -> new` pieces; empty when they agree or nothing is recorded."""
+    recorded = read_json(cell.run_dir / "cell.json", fix="delete it (the runner writes it again when the cell starts)")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), list):
+        return ""
+    old, new = [str(a) for a in recorded["args"]], cell.args
+    pieces = [
+        f"{shlex.join(old[i1:i2]) or '(none)'} -> {shlex.join(new[j1:j2]) or '(none)'}"
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes()
+        if tag != "equal"
+    ]
+    return "; ".join(pieces)
+
+
+def set_aside(cell: Cell, output: Path) -> Path:
+    """Move a stale cell's run directory out of the grid's output (to `<output>.stale/<time>/...`), so
+    that the tables never mix its results with those of the grid's current settings."""
+    target = output.with_name(f"{output.name}.stale") / time.strftime("%Y%m%d-%H%M%S") / cell.run_dir.relative_to(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(cell.run_dir, target)
+    return target
+
+
+def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str]:
+    """The subprocess command of a cell: `python -m offbench.cli fit ...` (the interpreter running
+    the grid, so the cell sees the same environment), resumed from its last checkpoint if it has one."""
+    command = [sys.executable, "-m", "offbench.cli", *cell.args]
+    if devices == "cpu":
+        command += ["--trainer.accelerator", "cpu"]
+    elif devices == "cuda":
+        command += ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
+    if state == "resume":
+        command += ["--ckpt_path", "last"]
+    return command
+
+
+def start_cell(cell: Cell, command: list[str], env: dict[str, str], die_with_parent: bool = True) -> subprocess.Popen:
+    """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`. With `die_with_parent`
+    (Linux), the cell is killed when this process dies, however it dies: no cell outlives its runner.
+    (Leftover partial files of a crash are removed by the cell's `fit` itself, under its run lock.)"""
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)}, default=str)
+    preexec = _die_with_parent(os.getpid()) if die_with_parent and _LIBC is not None else None
+    with open(cell.run_dir / "bench.log", "a") as log:
+        log.write(f"\n### offbench bench {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec
+        )
+
+
+def _load_libc() -> Any:
+    """libc, loaded once here: the child side of a fork must not load libraries (see _die_with_parent)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc to load
+        return None
+
+
+_LIBC = _load_libc()
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A Popen preexec_fn: the child gets SIGKILL when `parent` dies (prctl PR_SET_PDEATHSIG), and exits
+    at once if it already has. Its last checkpoint stays (checkpoints are written atomically)."""
+
+    def preexec() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the runner died between fork and prctl
+            os._exit(1)
+
+    return preexec
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of the cell's latest attempt (the reason a failed cell failed)."""
+    if not path.exists():
+        return ""
+    text = path.read_text(errors="replace")
+    attempt = text.rsplit("\n### offbench bench ", 1)[-1]
+    return "\n".join(attempt.splitlines()[1:][-lines:])
+
+
+def _updates_done(run_dir: Path) -> int | None:
+    """The latest `updates` value in the cell's metrics.csv (read from its header and tail only)."""
+    path = run_dir / "metrics.csv"
+    try:
+        with open(path, "rb") as f:
+            header = f.readline().decode().strip().split(",")
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode(errors="replace").splitlines()[1:]
+    except OSError:
+        return None
+    if "updates" not in header:
+        return None
+    column = header.index("updates")
+    for line in reversed(tail):
+        values = line.split(",")
+        if len(values) == len(header) and values[column]:
+            try:
+                return int(float(values[column]))
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass
+
+
+class Running:
+    """A launched cell: a local subprocess or a Ray task."""
+
+    cell: Cell
+    state: CellState
+    process: subprocess.Popen | None = None  # local launcher
+    task: Any = None  # Ray launcher: the task's ObjectRefGenerator (see _ray_cell)
+    gpu: int | str | None = None
+    node: str | None = None  # Ray: the host the cell runs on
+    started: float | None = field(default_factory=time.monotonic)  # None: a Ray task waiting for resources
+    first_updates: tuple[float, int] | None = None  # (time, updates) when progress was first seen
+    updates: int | None = None

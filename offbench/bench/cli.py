@@ -1,0 +1,88 @@
+"""`offbench bench` on the command line: its arguments, the dry run, the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from offbench.bench.cells import cell_command, cell_state
+from offbench.bench.grid import GridError, load_grid
+from offbench.bench.ray import RayOptions
+from offbench.bench.runner import run_grid
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offbench bench",
+        description="Run a grid of (algorithm x dataset x seed) cells, one `offbench fit` subprocess each; "
+        "finished cells are skipped, interrupted ones resumed from their last checkpoint; tables at the end.",
+    )
+    parser.add_argument("grid", help="grid file, e.g. configs/grids/quick.yaml")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="cells run at the same time (default: 1 locally; with Ray, as many as the cluster's resources allow)",
+    )
+    parser.add_argument(
+        "--devices", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto: CUDA when available (cells spread over the visible GPUs, several per GPU allowed), else CPU",
+    )
+    parser.add_argument(
+        "--launcher", choices=("local", "ray"), default="local",
+        help="local: subprocesses of this machine; ray: one Ray task per cell on a Ray cluster whose nodes share "
+        "this machine's filesystem (repository, datasets, results) and Python environment "
+        "(needs pip install 'offbench[ray]')",
+    )
+    ray = parser.add_argument_group("Ray (--launcher ray)")
+    ray.add_argument(
+        "--address", default=None,
+        help="the Ray cluster, as ray.init(address=...) takes it: 'auto' or HOST:PORT run on a node of the cluster, 'local' for a new local instance "
+        "(default: $RAY_ADDRESS, else the cluster that `ray start` made on this machine, else a new local Ray instance)",
+    )
+    ray.add_argument("--cpus-per-cell", type=float, default=None, help="CPUs reserved for each cell (default 1)")
+    ray.add_argument(
+        "--gpus-per-cell", type=float, default=None,
+        help="share of a GPU reserved for each cell, e.g. 0.5: two cells per GPU (default: 1 when the cluster "
+        "has GPUs, else 0)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
+    parser.add_argument("--no-tables", action="store_true", help="do not write the tables at the end")
+    parser.add_argument(
+        "--rerun-stale", action="store_true",
+        help="run again the cells whose runs were made with other arguments than the grid file's now (their run "
+        "directories are moved to <output>.stale/); without it they are reported and left alone",
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    ray_args = {"--address": args.address, "--cpus-per-cell": args.cpus_per_cell, "--gpus-per-cell": args.gpus_per_cell}
+    if args.launcher != "ray" and any(value is not None for value in ray_args.values()):
+        given = [name for name, value in ray_args.items() if value is not None]
+        parser.error(f"{', '.join(given)}: only with --launcher ray")
+    try:
+        grid = load_grid(args.grid)
+    except GridError as e:
+        print(f"offbench bench: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        states = {c.id: cell_state(c) for c in grid.cells}
+        for cell in grid.cells:
+            print(f"[{states[cell.id]:8}] {cell.id}\n    offbench {shlex.join(cell_command(cell, states[cell.id], 'auto')[3:])}")
+        counts = {s: list(states.values()).count(s) for s in ("finished", "resume", "fresh", "running", "stale")}
+        print(f"grid {grid.name}: {len(grid.cells)} cells: {counts['finished']} finished (skipped), "
+              f"{counts['resume']} to resume, {counts['fresh']} to start, {counts['running']} running elsewhere, "
+              f"{counts['stale']} stale (run with other arguments; --rerun-stale runs them again); output {grid.output}")
+        return 0
+    ray_options = None
+    if args.launcher == "ray":
+        cpus = 1.0 if args.cpus_per_cell is None else args.cpus_per_cell
+        ray_options = RayOptions(args.address, cpus, args.gpus_per_cell)
+    report = run_grid(
+        grid, args.workers, args.devices, tables=not args.no_tables, ray_options=ray_options, rerun_stale=args.rerun_stale
+    )
+    if report.interrupted:
+        return 130
+    return 1 if report.failed or report.busy or report.stale else 0

@@ -1,0 +1,66 @@
+"""The grid's live progress display: per running cell its updates, rate, elapsed time and ETA."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from offbench.bench.cells import Running, _updates_done
+from offbench.bench.grid import Grid
+
+if TYPE_CHECKING:
+    from offbench.bench.runner import GridReport
+
+
+def _poll_progress(r: Running) -> None:
+    if r.started is None:
+        return
+    updates = _updates_done(r.cell.run_dir)
+    if updates is None:
+        return
+    if r.first_updates is None or updates < r.first_updates[1]:
+        r.first_updates = (time.monotonic(), updates)
+    r.updates = updates
+
+
+def _render(grid: Grid, report: GridReport, running: list[Running], waiting: int, elapsed: float) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    total = len(grid.cells)
+    summary = Text.assemble(
+        (f"{grid.name} ", "bold"),
+        f"{len(report.finished) + len(report.skipped)}/{total} done ",
+        (f"({len(report.skipped)} skipped) ", "dim"),
+        (f"{len(running)} running ", "cyan"),
+        (f"{len(report.failed)} failed ", "red" if report.failed else "dim"),
+        f"{waiting} waiting, elapsed {_hms(elapsed)}",
+    )
+    if not running:
+        return summary
+    nodes = any(r.node for r in running)
+    table = Table(box=None, pad_edge=False)
+    for column in ("cell", "updates", "updates/s", "elapsed", "ETA", "gpu", *(("node",) if nodes else ())):
+        table.add_column(column, justify="left" if column in ("cell", "node") else "right")
+    for r in running:
+        now = time.monotonic()
+        rate = eta = None
+        if r.first_updates is not None and r.updates is not None and now > r.first_updates[0] + 1:
+            rate = (r.updates - r.first_updates[1]) / (now - r.first_updates[0])
+            eta = (r.cell.updates - r.updates) / rate if rate > 0 else None
+        table.add_row(
+            r.cell.id + (" (resumed)" if r.state == "resume" else ""),
+            f"{r.updates or 0}/{r.cell.updates}",
+            f"{rate:.0f}" if rate else "-",
+            _hms(now - r.started),
+            _hms(eta) if eta is not None else "-",
+            "-" if r.gpu is None else str(r.gpu),
+            *((r.node or "-",) if nodes else ()),
+        )
+    return Group(summary, table)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
