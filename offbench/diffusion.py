@@ -122,6 +122,8 @@ class DiffusionPolicy(nn.Module):
         clip_denoised: clip the predicted a_0 to [-max_action, max_action] before forming the
             posterior mean (official code). Without clipping the mean equals the paper's
             (a_i - beta_i / sqrt(1 - abar_i) eps) / sqrt(alpha_i).
+        model: the noise network eps_theta(a_i, i, s) (called as model(a_i, i, s), i the long step
+            index 0..T-1); by default Diffusion-QL's NoiseMLP of width `hidden` (IDQL passes its LN-ResNet).
     """
 
     def __init__(
@@ -134,11 +136,12 @@ class DiffusionPolicy(nn.Module):
         variance: Literal["posterior", "beta"] = "posterior",
         clip_denoised: bool = True,
         hidden: int = 256,
+        model: nn.Module | None = None,
     ):
         super().__init__()
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
-        self.model = NoiseMLP(obs_dim, act_dim, hidden)
+        self.model = NoiseMLP(obs_dim, act_dim, hidden) if model is None else model
         betas = make_betas(beta_schedule, n_timesteps)  # float64 here, float32 buffers below
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)
