@@ -162,6 +162,31 @@ def test_update_never_reads_tensors_on_the_host():
         module.step += 1
 
 
+def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
+    """Through `offbench fit`: the EMA, the behaviour model's cosine lr, the dropout's random draws and the
+    optimisers continue from the checkpoint exactly."""
+    from offbench.cli import main
+
+    def args(root, *extra):
+        return [
+            "fit", "--config", "configs/algorithms/idql.yaml", "--data.dataset", str(tiny_hopper),
+            "--data.reward_tuning", "none", "--updates", "40", "--data.eval_every", "20", "--data.block_size", "10",
+            "--data.batch_size", "16", "--model.init_args.hidden", "[16, 16]", "--model.init_args.actor_hidden", "16",
+            "--model.init_args.actor_blocks", "1", "--model.init_args.n_candidates", "2", "--eval.episodes", "1",
+            "--eval.num_envs", "1", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *extra,
+        ]
+
+    main(args(tmp_path / "full"))
+    with pytest.raises(SystemExit):
+        main(args(tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
+    main(args(tmp_path / "resumed", "--ckpt_path", "last"))
+    full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert full["lr_schedulers"] == resumed["lr_schedulers"]
+
+
 # --------------------------------------------------------------------------- the behaviour model
 
 
