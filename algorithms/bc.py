@@ -29,7 +29,7 @@ class BC(OfflineRLModule):
         max_action: float = 1.0,
         policy: Literal["deterministic", "gaussian"] = "deterministic",
         hidden: tuple[int, ...] = (256, 256),
-        lr: float = 1e-3,
+        actor_lr: float = 1e-3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -37,7 +37,7 @@ class BC(OfflineRLModule):
         self.actor = actor(obs_dim, act_dim, max_action, hidden)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr)
         return self.actor_opt
 
     @compilable  # no cadence: the whole update is one compiled step

@@ -1,6 +1,7 @@
-"""DiffCPS: Diffusion Model based Constrained Policy Search for Offline RL (He et al. 2023;
-paper in shared/papers/diffcps-paper.md, official code github.com/felix-thu/DiffCPS, a fork of
-Diffusion-QL).
+"""DiffCPS: Diffusion Model based Constrained Policy Search for Offline RL (He, Bai, Zhang,
+Wang & Li, arXiv:2310.05333; official code github.com/felix-thu/DiffCPS, a fork of Diffusion-QL's).
+Written as Diffusion-QL (algorithms/diffusion_ql.py) with a dual variable in place of its fixed
+weight eta: the critic update, the targets, the Q term and act() are Diffusion-QL's.
 
 The constrained policy search  max_mu E[Q(s, a)]  s.t.  H(pi_b, mu) <= kappa_0  is solved through its
 Lagrange dual, with the cross entropy replaced by the diffusion ELBO surrogate L_c (Proposition 1):
@@ -29,6 +30,13 @@ Where the official code departs from the paper, the default is the code's, the p
 - L_c averaged over batch and action dims, the scale kappa is tuned on (`lc_reduction="mean"`;
   "sum" sums over action dims as ||.||^2 reads, inflating L_c by act_dim);
 - constant learning rates (the code's cosine option, off by default, steps once per 50 epochs).
+With `action_approximation: true` (EDP, Kang et al. 2023, arXiv:2305.20081; off by default) the Q
+term is taken at the one-step reconstruction a0_hat of L_c's own noised dataset action, so L_c and
+the Q term share one noise-model pass (see algorithms/diffusion_ql.py).
+
+Verified against the official code as Diffusion-QL is (tests/test_golden.py): one whole update,
+lambda's dual step included, equals the official one on its weights, batch and random draws.
+
 Other choices: before update 1000 the code keeps the EMA actor at its initial weights (step_ema
 returns early; facts.md says "copied"): `ema_warmup="hold"`, "copy" copies the actor every update.
 The random head is drawn on the device (torch.randint) instead of with numpy; the evaluation's softmax
@@ -38,19 +46,18 @@ code); the logged `lambda` is the clamped value the actor uses.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from algorithms.diffusion_ql import NO_DRAWS, DiffusionQL, UpdateDraws
 from offbench.batch import Batch
-from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
-from offbench.module import OfflineRLModule, compilable, soft_update
-from offbench.nets import CriticEnsemble
+from offbench.diffusion import BetaSchedule, DiffusionPolicy
+from offbench.module import compilable
 
 
-class DiffCPS(OfflineRLModule):
+class DiffCPS(DiffusionQL):
     def __init__(
         self,
         obs_dim: int,
@@ -61,7 +68,7 @@ class DiffCPS(OfflineRLModule):
         lambda_clip: float = 0.0,
         lambda_max: float = 100.0,
         policy_every: int = 2,
-        lr: float = 3e-4,
+        actor_lr: float = 3e-4,
         critic_lr: float = 3e-4,
         lambda_lr: float = 3e-5,
         max_grad_norm: float | None = 1.0,
@@ -79,62 +86,44 @@ class DiffCPS(OfflineRLModule):
         sampling_variance: Literal["posterior", "beta"] = "posterior",
         q_normalizer: Literal["online", "target"] = "online",
         lc_reduction: Literal["mean", "sum"] = "mean",
+        action_approximation: bool = False,
         n_eval_candidates: int = 50,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, sampling_variance, hidden=hidden)
-        self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=(hidden,) * 3, activation=nn.Mish)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        super().__init__(
+            obs_dim, act_dim, max_action, actor_lr=actor_lr, critic_lr=critic_lr, max_grad_norm=max_grad_norm, gamma=gamma,
+            tau=tau, max_q_backup=max_q_backup, n_backup_actions=n_backup_actions, n_timesteps=n_timesteps,
+            beta_schedule=beta_schedule, sampling_variance=sampling_variance, ema_decay=ema_decay,
+            ema_start=ema_start, ema_every=ema_every, ema_warmup=ema_warmup,
+            action_approximation=action_approximation, n_eval_candidates=n_eval_candidates, hidden=hidden,
+        )
+        self.remove_ignored_hparams(["eta"])  # Diffusion-QL's fixed weight: lambda takes its place
+        self.save_hyperparameters()  # now hparams (and hparams_initial) are exactly DiffCPS's arguments
         self.lagrange = nn.Parameter(torch.tensor(float(lambda_init)))  # raw lambda; clamped where used
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=hp.lr)
-        self.lambda_opt = torch.optim.Adam([self.lagrange], lr=hp.lambda_lr)
-        return [self.critic_opt, self.actor_opt, self.lambda_opt]
+        self.lambda_opt = torch.optim.Adam([self.lagrange], lr=self.hparams.lambda_lr)
+        return [*super().configure_optimizers(), self.lambda_opt]
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        hp = self.hparams
-        metrics = self.critic_update(batch)
-        if self.step % hp.policy_every == 0:  # every policy_every updates: the actor, then lambda
-            metrics |= self.actor_update(batch)
-        # 4. targets: EMA actor on the official cadence, Polyak critic
-        update_ema(self.actor_ema, self.actor, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, hp.ema_warmup)
-        soft_update(self.critic_target, self.critic, hp.tau)
+    def update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
+        metrics = self.critic_update(batch, draws.next_chain)  # 1. critic (Diffusion-QL's)
+        if self.step % self.hparams.policy_every == 0:  # every policy_every updates: the actor, then lambda
+            metrics |= self.actor_update(batch, draws)
+        self.update_targets()  # 4. targets: EMA actor on the official cadence, Polyak critic
         return metrics
 
-    @compilable
-    def critic_update(self, batch: Batch) -> dict[str, Tensor]:
-        """1. critic: TD target from the (EMA) actor's next actions, max over n per head, min over heads."""
-        hp = self.hparams
-        with torch.no_grad():
-            n = hp.n_backup_actions if hp.max_q_backup else 1
-            next_obs = repeat_rows(batch.next_obs, n)
-            next_actor = self.actor_ema if hp.target_actor == "ema" else self.actor
-            q_next = self.critic_target(next_obs, next_actor.sample(next_obs))
-            q_next = q_next.view(2, -1, n).amax(-1).amin(0)
-            y = batch.rew + hp.gamma * (1.0 - batch.done) * q_next
-        q = self.critic(batch.obs, batch.act)
-        critic_loss = (q - y).pow(2).mean(1).sum()
-        self.optimize(self.critic_opt, critic_loss, hp.max_grad_norm)
-        return {"loss/critic": critic_loss, "q/mean": q.mean()}
+    def target_actor(self) -> DiffusionPolicy:
+        return self.actor_ema if self.hparams.target_actor == "ema" else self.actor
 
     @compilable
-    def actor_update(self, batch: Batch) -> dict[str, Tensor]:
+    def actor_update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """2. actor: normalised Q term + clamped lambda * L_c; 3. dual ascent on lambda."""
         hp = self.hparams
-        l_c = self.actor.loss(batch.act, batch.obs)
-        if hp.lc_reduction == "sum":
-            l_c = l_c * hp.act_dim
-        new_act = self.actor(batch.obs)
-        q_new = self.critic(batch.obs, new_act)
-        q_den = q_new if hp.q_normalizer == "online" else self.critic_target(batch.obs, new_act.detach())
-        i = torch.randint(2, (1,), device=q_new.device)
-        q_loss = -q_new.index_select(0, i).mean() / q_den.index_select(0, 1 - i).abs().mean().detach()
+        terms = self.actor.denoise(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
+        l_c = terms.loss() * (hp.act_dim if hp.lc_reduction == "sum" else 1)
+        new_act = self.policy_action(batch.obs, terms, draws.new_chain)  # the chain's sample, or EDP's a0_hat
+        normalizer = self.critic_target if hp.q_normalizer == "target" else None
+        q_loss = self.q_loss(batch.obs, new_act, draws.head, normalizer)
         lam = self.lagrange.clamp(hp.lambda_clip, hp.lambda_max).detach()
         actor_loss = q_loss + lam * l_c
         self.optimize(self.actor_opt, actor_loss, hp.max_grad_norm)
@@ -145,12 +134,3 @@ class DiffCPS(OfflineRLModule):
             "loss/actor": actor_loss, "loss/q": q_loss, "loss/lambda": lambda_loss, "lambda": lam,
             "L_c": l_c, "slack": hp.kappa - l_c,
         }
-
-    @torch.no_grad()
-    def act(self, obs: Tensor) -> Tensor:
-        """One of `n_eval_candidates` actions of the online actor, drawn with softmax(min_j Q'_j)."""
-        n = self.hparams.n_eval_candidates
-        obs_rep = repeat_rows(obs, n)
-        actions = self.actor.sample(obs_rep)
-        q = self.critic_target(obs_rep, actions).amin(0)
-        return resample(actions.view(obs.shape[0], n, -1), q.view(obs.shape[0], n))

@@ -78,12 +78,12 @@ class LNResNetNoise(nn.Module):
     """IDQL's noise network eps_theta(a_i, i, s): the step's Fourier features through an MLP 256-256
     (swish), concatenated with (a_i, s), into the LN-ResNet (official jaxrl5/networks/diffusion.py DDPM)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n_blocks: int = 3, dropout: float = 0.1,
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), dropout: float = 0.1,
                  t_dim: int = 128):
         super().__init__()
         self.time = nn.Sequential(FourierFeatures(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.SiLU(),
                                   nn.Linear(2 * t_dim, 2 * t_dim))
-        self.net = LNResNet(act_dim + obs_dim + 2 * t_dim, act_dim, hidden, n_blocks, dropout)
+        self.net = LNResNet(act_dim + obs_dim + 2 * t_dim, act_dim, hidden, dropout)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.net(torch.cat([x, s, self.time(t)], dim=-1))
@@ -106,7 +106,8 @@ class IDQL(OfflineRLModule):
         obs_dim: int,
         act_dim: int,
         max_action: float = 1.0,
-        hidden: tuple[int, ...] = (256, 256),
+        hidden: tuple[int, ...] = (256, 256, 256),
+        critic_hidden: tuple[int, ...] = (256, 256),
         actor_lr: float = 3e-4,
         actor_weight_decay: float = 1e-4,
         critic_lr: float = 3e-4,
@@ -116,8 +117,6 @@ class IDQL(OfflineRLModule):
         expectile: float = 0.7,
         n_timesteps: int = 5,
         beta_schedule: BetaSchedule = "vp",
-        actor_hidden: int = 256,
-        actor_blocks: int = 3,
         actor_dropout: float = 0.1,
         ema_decay: float = 0.999,
         n_candidates: int = 64,
@@ -128,16 +127,16 @@ class IDQL(OfflineRLModule):
         if selection not in Selection.__args__:
             raise ValueError(f"selection must be one of {Selection.__args__}, got {selection!r}")
         self.save_hyperparameters()
-        noise = LNResNetNoise(obs_dim, act_dim, actor_hidden, actor_blocks, actor_dropout)
+        noise = LNResNetNoise(obs_dim, act_dim, hidden, actor_dropout)  # one block per entry of `hidden`
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, variance="beta",
                                      clip_denoised=False, model=noise)
         self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
         for module in self.actor_ema.modules():  # it only samples: never dropout (official sampler: training=False)
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), mlp(obs_dim, 1, hidden))
+        self.value = nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), mlp(obs_dim, 1, critic_hidden))
 
     def configure_optimizers(self):
         h = self.hparams

@@ -10,7 +10,7 @@ Critic (twin Q, clipped double-Q, target policy smoothing, next-action penalty):
     y  = reward_scale * r + gamma (1 - done) [min_k Q_targ_k(s', a') - beta_2 ||a' - a'_D||^2]
     L_Q = sum_k E (Q_k(s, a) - y)^2
   where a'_D is the dataset's action at s' (`Batch.next_act`).
-Actor, every `policy_freq` updates (then both targets move by Polyak averaging):
+Actor, every `policy_every` updates (then both targets move by Polyak averaging):
     lambda = 1 / mean|min_k Q_k(s, pi(s))|   (detached; `normalize_q`, else 1)
     L_pi = E [beta_1 ||pi(s) - a||^2 - lambda min_k Q_k(s, pi(s))]
   (TD3+BC differs: it uses Q_1, alpha / mean|Q|, and the mean over action dims instead of the sum.)
@@ -26,7 +26,7 @@ critic lr 5e-5, gamma 0.999, rewards x 100 (`reward_scale`). beta_1 / beta_2 per
 episodes on locomotion, every 50 with 100 on AntMaze.
 
 Deviations and choices: the actor and the targets update on the updates counted from 0 with
-`step % policy_freq == 0` (the official `delayed_updates`: the very first update is a full one). The
+`step % policy_every == 0` (the official `delayed_updates`: the very first update is a full one). The
 AntMaze reward scale is an argument of the algorithm (`reward_scale`), since the suite's reward
 tunings do not include it. The repository's later calibration commit (the critic target clipped
 from below by Monte-Carlo returns, for fine-tuning) is not part of the paper and not used. At the
@@ -70,7 +70,7 @@ class ReBRAC(OfflineRLModule):
         tau: float = 0.005,
         policy_noise: float = 0.2,
         noise_clip: float = 0.5,
-        policy_freq: int = 2,
+        policy_every: int = 2,
         actor_bc_coef: float = 1.0,
         critic_bc_coef: float = 1.0,
         normalize_q: bool = True,
@@ -96,8 +96,8 @@ class ReBRAC(OfflineRLModule):
             raise ValueError("ReBRAC's critic penalty needs the dataset's next actions: pass batches with Batch.next_act "
                              "(OfflineDataModule.sample fills it; Transitions.next_actions() computes it)")
         metrics = self.critic_update(batch)
-        # every policy_freq updates, counted from 0 as the official delayed_updates: the actor, then both targets
-        if self.step % self.hparams.policy_freq == 0:
+        # every policy_every updates, counted from 0 as the official delayed_updates: the actor, then both targets
+        if self.step % self.hparams.policy_every == 0:
             metrics |= self.actor_update(batch)
         return metrics
 

@@ -5,7 +5,7 @@ Critic (TD3, twin Q with clipped double-Q and target policy smoothing):
     a' = clip(pi_targ(s') + clip(eps, -c, c), -max_action, max_action),   eps ~ N(0, sigma^2)
     y  = r + gamma * (1 - done) * min_k Q_targ_k(s', a')
     L_Q = sum_k E (Q_k(s, a) - y)^2
-Actor, every `policy_freq` updates (then both targets move by Polyak averaging):
+Actor, every `policy_every` updates (then both targets move by Polyak averaging):
     lambda = alpha / mean|Q_1(s, pi(s))|   (detached)
     L_pi = -lambda * mean Q_1(s, pi(s)) + mean (pi(s) - a)^2
 
@@ -44,7 +44,7 @@ class TD3BC(OfflineRLModule):
         tau: float = 0.005,
         policy_noise: float = 0.2,
         noise_clip: float = 0.5,
-        policy_freq: int = 2,
+        policy_every: int = 2,
         alpha: float = 2.5,
     ) -> None:
         super().__init__()
@@ -61,8 +61,8 @@ class TD3BC(OfflineRLModule):
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
         metrics = self.critic_update(batch)
-        # every policy_freq updates (counted like the official total_it): the actor, then both targets
-        if (self.step + 1) % self.hparams.policy_freq == 0:
+        # every policy_every updates (counted like the official total_it): the actor, then both targets
+        if (self.step + 1) % self.hparams.policy_every == 0:
             metrics |= self.actor_update(batch)
         return metrics
 

@@ -28,11 +28,14 @@ A grid file (YAML; relative paths are relative to the working directory):
     overrides:
       hopper-medium-v2: {updates: 2000000}
     references: configs/references/table1.yaml   # optional paper numbers for the tables
+    wandb: {project: offbench, mode: offline}    # optional: every cell also logs to W&B (`true` for the
+                                                 #   defaults; pip install 'offbench[wandb]'), see below
 
 The fit arguments of a cell are, in order: the algorithm config, the extra configs (top level,
 top-level dataset override, the algorithm's dataset override), dataset, seed, budget, evaluation
-protocol, run directory, then `args` (top level, dataset override, algorithm, algorithm's dataset
-override): later arguments win, as in `offbench fit`.
+protocol, run directory, the W&B arguments when the grid has `wandb:` (`--logger wandb`, the grid's
+name as the W&B group, the run name algorithm/dataset/seed<k>, its options), then `args` (top level,
+dataset override, algorithm, algorithm's dataset override): later arguments win, as in `offbench fit`.
 
 Launchers. `local` (the default) runs the cells as subprocesses of this machine, `--workers N` at a
 time, GPUs round-robin. `ray` (`--launcher ray`; `pip install 'offbench[ray]'`) hands each cell to a
@@ -53,6 +56,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import importlib.util
+import json
 import os
 import re
 import shlex
@@ -72,7 +77,9 @@ import yaml
 from offbench.files import read_json, write_json_atomic
 
 SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
-GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", *SETTING_KEYS)
+GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
+             *SETTING_KEYS)
+WANDB_KEYS = ("project", "entity", "tags", "mode")  # a grid's `wandb:` options; group and run names come from the grid
 ALGORITHM_KEYS = ("name", "overrides", *SETTING_KEYS)
 LOG_TAIL_LINES = 25  # lines of a failed cell's output kept as its reason in failures.json
 # The driver's variables that a Ray cell gets too: where the datasets are (the nodes share the disk).
@@ -161,6 +168,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     _check_datasets(datasets, problems)
 
     overrides = _overrides(raw.get("overrides"), datasets, "the grid's `overrides`", problems)
+    wandb = _wandb_args(raw.get("wandb"), name, problems)
     references = raw.get("references")
     if references is not None and not Path(references).is_file():
         problems.append(f"`references`: no file at {references}")
@@ -200,7 +208,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 _check_config(config, where, problems)
             for seed in seeds:
                 run_dir = output / "runs" / algo / dataset_slug(dataset) / f"seed{seed}"
-                cells.append(_cell(algo, dataset, seed, run_dir, configs, settings))
+                run_name = [] if wandb is None else [*wandb, "--wandb.name", f"{algo}/{dataset}/seed{seed}"]
+                cells.append(_cell(algo, dataset, seed, run_dir, configs, settings, run_name))
     if problems:
         # Many identical messages come from one bad setting repeated over datasets: report each once.
         unique = list(dict.fromkeys(problems))
@@ -211,7 +220,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
     )
 
 
-def _cell(algo: str, dataset: str, seed: int, run_dir: Path, configs: list[str], s: dict[str, Any]) -> Cell:
+def _cell(
+    algo: str, dataset: str, seed: int, run_dir: Path, configs: list[str], s: dict[str, Any], logger: list[str]
+) -> Cell:
     args = ["fit"]
     for config in configs:
         args += ["--config", str(config)]
@@ -223,8 +234,34 @@ def _cell(algo: str, dataset: str, seed: int, run_dir: Path, configs: list[str],
         args += ["--eval.episodes", str(s["eval_episodes"])]
     # The grid's own progress display replaces the per-cell bar (it would fill the cell's log).
     args += ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
+    args += logger  # W&B: before the grid's `args`, which may override it
     args += s["args"]
     return Cell(algo, dataset, seed, run_dir, args, int(s["updates"]))
+
+
+def _wandb_args(value: Any, grid_name: str, problems: list[str]) -> list[str] | None:
+    """`offbench fit` arguments for a grid's `wandb:` (true, false or a mapping of WANDB_KEYS): one W&B
+    group per grid, named after it; None when the grid does not log to W&B."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        problems.append(f"`wandb` must be true, false or a mapping of {', '.join(WANDB_KEYS)}, got {value!r}")
+        return None
+    _check_keys(value, WANDB_KEYS, "`wandb`", problems)
+    if value.get("mode") not in (None, "offline", "online"):
+        problems.append(f"`wandb.mode` must be offline or online, got {value['mode']!r}")
+    if importlib.util.find_spec("wandb") is None:
+        problems.append("`wandb` logging needs the wandb package, which is not installed. Install it with: "
+                        "pip install 'offbench[wandb]'")
+    args = ["--logger", "wandb", "--wandb.group", grid_name]
+    for key in ("project", "entity", "mode"):
+        if value.get(key) is not None:
+            args += [f"--wandb.{key}", str(value[key])]
+    if value.get("tags"):
+        args += ["--wandb.tags", json.dumps([str(t) for t in value["tags"]])]
+    return args
 
 
 def _merge(levels: list[dict[str, Any]], where: str, problems: list[str]) -> dict[str, Any]:

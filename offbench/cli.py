@@ -2,6 +2,7 @@
 
     offbench fit --config configs/algorithms/bc.yaml --data.dataset synthetic/hopper-random-v0
     offbench fit ... --compile true        # the update through torch.compile (CUDA graphs on CUDA)
+    offbench fit ... --logger wandb        # W&B beside the CSV log (offline unless --wandb.mode online)
     offbench data synth|info ...
 
 `fit` goes to LightningCLI (model by class path, DataModule arguments, Trainer arguments, one run
@@ -11,11 +12,12 @@ directory per run); the other commands are plain functions with their own argume
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import pandas as pd
@@ -27,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from offbench.data.datamodule import OfflineDataModule
 from offbench.evaluation import EvalCallback
 from offbench.module import OfflineRLModule
+from offbench.wandb_logging import WandbOptions, require_wandb
 
 USAGE = """usage: offbench COMMAND ...
 
@@ -67,6 +70,12 @@ class OffbenchCLI(LightningCLI):
             help="run the update through torch.compile (CUDA graphs on CUDA): OfflineRLModule.enable_compile",
         )
         parser.add_lightning_class_args(EvalCallback, "eval")
+        parser.add_argument(
+            "--logger", type=Literal["csv", "wandb"], default="csv",
+            help="csv: metrics.csv (and TensorBoard when installed) in the run directory; wandb: also a W&B run "
+            "(options under --wandb.*; pip install 'offbench[wandb]')",
+        )
+        parser.add_class_arguments(WandbOptions, "wandb", instantiate=False)
         parser.link_arguments(("updates", "data.eval_every"), "trainer.max_epochs", compute_fn=epochs_for, apply_on="parse")
         for name in ("obs_dim", "act_dim", "max_action"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
@@ -80,6 +89,7 @@ class OffbenchCLI(LightningCLI):
         root = Path(trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(_last_checkpoint(root))
+        _check_logger(config)
         self.resumed_updates = None
         if config.get("ckpt_path") is None:
             _check_run_dir(root)
@@ -98,12 +108,35 @@ class OffbenchCLI(LightningCLI):
             loggers: list[Logger] = [RunCSVLogger(root, self.resumed_updates)]
             if importlib.util.find_spec("tensorboard") is not None:
                 loggers.append(TensorBoardLogger(root, name="", version="", default_hp_metric=False))
+            if self.config[self.subcommand].logger == "wandb":
+                loggers.append(_wandb_logger(self.config[self.subcommand], root, self.resumed_updates is not None))
             kwargs["logger"] = loggers
         callbacks = [*(trainer_config.get("callbacks") or []), LastCheckpoint(Path(root) / "checkpoints")]
         if trainer_config.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def _check_logger(config: Any) -> None:
+    """`--logger wandb` adds W&B beside the suite's CSV log; it needs wandb and the default loggers."""
+    if config.logger != "wandb":
+        return
+    require_wandb("--logger wandb")
+    if config.trainer.logger not in (None, True):
+        raise SystemExit(
+            "error: --logger wandb adds W&B beside the run directory's CSV log, but --trainer.logger replaces the "
+            "loggers: use one of them."
+        )
+
+
+def _wandb_logger(config: Any, root: str, resumed: bool) -> Logger:
+    from offbench.wandb_logging import RunWandbLogger
+
+    algo = config.model.class_path.rsplit(".", 1)[-1].lower()
+    name = f"{algo}/{config.data.dataset}/seed{config.seed_everything}"
+    resolved = json.loads(json.dumps(config.as_dict(), default=str))  # the whole resolved config, JSON-safe
+    return RunWandbLogger(root, WandbOptions(**config.wandb.as_dict()), name, resolved, resumed)
 
 
 class LastCheckpoint(Checkpoint):

@@ -78,20 +78,21 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class NoiseMLP(nn.Module):
-    """eps_theta(a_i, i, s): an MLP on [a_i, time embedding, s] (Diffusion-QL's agents/model.py)."""
+    """eps_theta(a_i, i, s): an MLP on [a_i, time embedding, s] with Mish hidden layers of the widths
+    `hidden` (Diffusion-QL's agents/model.py: 3 x 256)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n_hidden: int = 3, t_dim: int = 16):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), t_dim: int = 16):
         super().__init__()
         self.time_mlp = nn.Sequential(
             SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)
         )
         layers: list[nn.Module] = []
         width = act_dim + t_dim + obs_dim
-        for _ in range(n_hidden):
-            layers += [nn.Linear(width, hidden), nn.Mish()]
-            width = hidden
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Mish()]
+            width = size
         self.mid = nn.Sequential(*layers)
-        self.final = nn.Linear(hidden, act_dim)
+        self.final = nn.Linear(width, act_dim)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.final(self.mid(torch.cat([x, self.time_mlp(t), s], dim=-1)))
@@ -135,14 +136,14 @@ class DiffusionPolicy(nn.Module):
         beta_schedule: BetaSchedule = "vp",
         variance: Literal["posterior", "beta"] = "posterior",
         clip_denoised: bool = True,
-        hidden: int = 256,
+        hidden: tuple[int, ...] = (256, 256, 256),
         model: nn.Module | None = None,
     ):
         super().__init__()
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
         self.model = NoiseMLP(obs_dim, act_dim, hidden) if model is None else model
-        betas = make_betas(beta_schedule, n_timesteps)  # float64 here, float32 buffers below
+        betas = make_betas(beta_schedule, n_timesteps)  # float64 here
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)
         abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
@@ -164,8 +165,8 @@ class DiffusionPolicy(nn.Module):
             "post_coef_xt": (1 - abar_prev) * alphas.sqrt() / (1 - abar),
             "sample_std": std,
         }
-        for name, value in buffers.items():
-            self.register_buffer(name, value.float())
+        for name, value in buffers.items():  # computed in float64, stored in the default dtype (float32)
+            self.register_buffer(name, value.to(torch.get_default_dtype()))
 
     def denoise(self, a0: Tensor, s: Tensor, noise: Tensor | None = None, i: Tensor | None = None) -> DenoisingTerms:
         """One pass of the noise model on noised dataset actions: a_i = sqrt(abar_i) a0 + sqrt(1 - abar_i) eps
@@ -235,11 +236,12 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def sample_by_score(scores: Tensor, k: int = 1) -> Tensor:
+def sample_by_score(scores: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
     """Indices (n, k) drawn without replacement from softmax(scores) along the last dim (Gumbel-top-k,
     Kool et al. 2019): k = 1 is torch.multinomial(softmax(scores), 1) in distribution, without its
-    underflow failures for peaked scores and without a host sync."""
-    u = torch.rand_like(scores).clamp(1e-12, 1.0 - 1e-7)
+    underflow failures for peaked scores and without a host sync. `u` (uniforms shaped like scores)
+    are the random draws; by default they are drawn on the device."""
+    u = (torch.rand_like(scores) if u is None else u).clamp(1e-12, 1.0 - 1e-7)
     return (scores - torch.log(-torch.log(u))).topk(k, dim=-1).indices
 
 
@@ -248,10 +250,11 @@ def repeat_rows(x: Tensor, n: int) -> Tensor:
     return x[:, None].expand(-1, n, -1).reshape(-1, x.shape[-1])
 
 
-def resample(candidates: Tensor, logits: Tensor, k: int = 1) -> Tensor:
+def resample(candidates: Tensor, logits: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
     """Pick from `candidates` (n, m, d) by drawing k of the m without replacement with probabilities
-    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling."""
-    idx = sample_by_score(logits, k)
+    softmax(logits) (n, m), and average the k picks: (n, d). k = 1 is plain softmax sampling; `u` as
+    in `sample_by_score`."""
+    idx = sample_by_score(logits, k, u)
     picked = candidates.gather(1, idx[..., None].expand(-1, -1, candidates.shape[-1]))
     return picked.mean(1)
 

@@ -1,17 +1,61 @@
 """OfflineRLModule: the one thin base class between Lightning and the algorithms.
 
-It owns the contract of shared/design.md and no algorithm logic:
-- an algorithm writes `update(batch)`: one gradient step in plain PyTorch that steps its own raw
-  `torch.optim` optimisers and returns its losses as tensors (no `.item()`, no host sync);
-- `training_step` runs a block of updates per Lightning call (Lightning's per-call overhead is
-  about as large as a small update), drawing batches from the DataModule's device-resident sampler;
-- the number of updates done is the buffer `updates` (saved in checkpoints) mirrored by the Python
-  int `step`; every cadence keys off them, never off Lightning's `global_step`;
-- checkpoints also carry the global RNG states, so a resumed run continues bit-identically;
-- an opt-in compiled path (`enable_compile`, `offbench fit --compile true`) runs the methods an
-  algorithm marks `@compilable` through torch.compile (CUDA graphs on CUDA). Those methods never read
-  the update counter, so the graphs do not change from one update to the next: the cadence (policy
-  delay, EMA, phases) stays in `update()`, in plain Python, around them.
+The contract an algorithm author relies on (an algorithm is one subclass; examples/awac.py is a
+complete one outside the package, algorithms/bc.py the smallest inside it):
+
+__init__(obs_dim, act_dim, max_action, ...)
+    Typed arguments with defaults are the hyperparameters: `offbench fit` turns them into the config
+    schema (`--model.init_args.NAME`). Call `self.save_hyperparameters()` and read them from
+    `self.hparams`. The CLI fills three of them from the dataset: `obs_dim`, `act_dim` and `max_action`
+    (the evaluation env's action bound; D4RL's envs have +-1). An algorithm without a `max_action`
+    argument runs only on envs whose bounds are +-1: on any other env `offbench fit` stops with an
+    error before training, never silently.
+    One naming scheme across the algorithms (configs rely on it): learning rates `<network>_lr`
+    (`actor_lr`, `critic_lr`, `value_lr`, `lambda_lr`; never a bare `lr`), a policy delay
+    `policy_every`, layer widths `hidden: tuple[int, ...]` (one entry per hidden layer; a second
+    network's `critic_hidden`), gradient clipping `max_grad_norm`, EMA `ema_decay` / `ema_start` /
+    `ema_every`, and state before action in every call (`critic(obs, act)`).
+configure_optimizers() -> list[torch.optim.Optimizer]
+    Creates raw `torch.optim` optimisers, keeps each as an attribute (`self.actor_opt = Adam(...)`)
+    and returns them all. Lightning checkpoints the returned ones; the compiled path finds them as
+    attributes; training stops with an error when the two differ.
+update(batch) -> dict[str, Tensor]
+    One gradient step on one `offbench.batch.Batch` (obs, act, rew, next_obs, done, idx, next_act; all on the
+    training device; obs normalised when the DataModule normalises), in plain PyTorch: compute the
+    losses, then `self.optimize(opt, loss, max_grad_norm)` (zero_grad, backward, optional clipping,
+    step) for each optimiser. No `manual_backward`, no LightningOptimizer, and no host
+    synchronisation (no `.item()`, `float(tensor)`, `bool(tensor)`, printing, or Python branching on
+    tensor values): the update must stay compilable and run at GPU speed. Return scalar tensors named
+    like `loss/critic`, `loss/actor`, `q/mean`; the base class averages them over a block of updates
+    and logs them (anything else fails with a TypeError naming this contract). Cadences (policy delay,
+    EMA, phases) key off `self.step`, the number of updates done before this one (a Python int).
+act(obs) -> Tensor
+    Actions (n, act_dim) within [-max_action, max_action] for normalised observations (n, obs_dim),
+    under torch.no_grad; the evaluation calls it in eval mode on batches of vectorised envs.
+
+Lightning hooks: the base class owns `training_step` (a block of `update` calls per Lightning call,
+batches from the DataModule's device-resident sampler), `on_train_start` (update count, compiled path,
+optimiser checks), `on_save_checkpoint` and `on_load_checkpoint` (RNG states): an override must call
+`super()`. An algorithm may use the others, e.g. `on_fit_start` or `setup` to build per-dataset tables
+on the device from `self.trainer.datamodule.transitions` (a `Transitions` of numpy arrays, with
+`normalize_obs` to apply the run's observation normalisation); `Batch.idx` holds the dataset rows of
+a batch, so per-row quantities (AWR's TD(lambda) returns, SfBC's planned returns) are read as
+`table[batch.idx]` (algorithms/awr.py).
+
+Counting: one *update* is one `update()` call. The buffer `updates` (saved in checkpoints) and its
+host mirror `self.step` count them; `metrics.csv` has one counter column, `updates`, in every row.
+Lightning's `global_step` is not used (it counts Lightning-stepped optimisers: none here).
+
+Checkpoints carry modules, optimisers, `updates` and the global RNG states, so a resumed run continues
+bit-identically on the CPU; state that is not a parameter or buffer (a Python attribute that changes
+during training) must be saved by the algorithm (`on_save_checkpoint`) or registered as a buffer.
+
+The compiled path (`offbench fit --compile true`, opt-in; see `enable_compile`): methods marked
+`@compilable` run through torch.compile (CUDA graphs on CUDA). Rules: a compilable method reads no
+update counter (`self.step`): `update()` keeps the cadence in plain Python and picks which compilable
+methods to call; it steps optimisers only through `self.optimize`; see `graph_break` for the one rule
+that eager code does not need. `--compile true` on a module with no `@compilable` method, or whose
+optimisers are not attributes, stops with an error (compiling nothing would run eager silently).
 """
 
 from __future__ import annotations
@@ -98,6 +142,18 @@ class OfflineRLModule(pl.LightningModule):
         optimiser, so a process that compiles several modules calls torch._dynamo.reset() between them
         (as `offbench perf` does). Known limit (torch 2.13): compiled Adam divides by the learning
         rate, so a rate of exactly 0 gives NaN (IQL's cosine schedule reaches 0 after its last update)."""
+        compiled = sorted({name for cls in type(self).__mro__ for name, v in vars(cls).items() if getattr(v, "compilable", False)})
+        if not compiled:
+            raise ValueError(
+                f"--compile true: {type(self).__name__} marks no method @compilable, so nothing would be compiled. Mark the "
+                "step-free parts of update() with @offbench.module.compilable (see the contract in offbench/module.py), "
+                "or run without --compile."
+            )
+        if not self._raw_optimizers():
+            raise ValueError(
+                f"--compile true: {type(self).__name__} keeps no torch.optim optimiser as an attribute; the compiled path "
+                "needs them (configure_optimizers: self.opt = torch.optim.Adam(...); return [self.opt])."
+            )
         scalars = [n for n, p in self.named_parameters() if p.dim() == 0 and p.dtype == torch.float64 and not p.is_cuda]
         if scalars:  # seen with torch 2.13 on the CPU: the compiled Adam step leaves them unchanged
             raise ValueError(f"the compiled path cannot train 0-dim float64 parameters on the CPU ({', '.join(scalars)}): use float32")
@@ -128,6 +184,13 @@ class OfflineRLModule(pl.LightningModule):
     # --- the Lightning side -----------------------------------------------------------------
     def on_train_start(self) -> None:
         self.step = int(self.updates)  # one host read per fit: picks up the count after a resume
+        found, returned = self._raw_optimizers(), self.trainer.optimizers
+        if {id(o) for o in found} != {id(o) for o in returned}:
+            raise TypeError(
+                f"{type(self).__name__}.configure_optimizers returned other optimisers ({len(returned)}) than the module "
+                f"keeps as attributes ({len(found)}): keep each returned optimiser as an attribute and return them all "
+                "(the contract in offbench/module.py)."
+            )
         if self.compile_update:
             self.enable_compile()  # after the checkpoint's optimiser states are loaded
         else:  # a compiled run's checkpoint holds tensor learning rates: eager steps take floats
@@ -143,6 +206,11 @@ class OfflineRLModule(pl.LightningModule):
         for _ in range(n_updates):
             metrics = self.run_update(sample())
             for name, value in metrics.items():
+                if not isinstance(value, Tensor):
+                    raise TypeError(
+                        f"{type(self).__name__}.update() returned {name}={value!r} ({type(value).__name__}): update() returns "
+                        "a dict of scalar tensors, without .item() or float() (the contract in offbench/module.py)."
+                    )
                 value = value.detach()
                 # The first value is copied: a CUDA graph's output is overwritten by its next replay.
                 totals[name] = totals[name] + value if name in totals else value.clone()

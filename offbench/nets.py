@@ -120,15 +120,19 @@ class LNResNetBlock(nn.Module):
 
 
 class LNResNet(nn.Module):
-    """Linear(in -> hidden), `n_blocks` LNResNetBlocks, activation, Linear(hidden -> out) (IDQL's MLPResNet)."""
+    """Linear(in -> width), one LNResNetBlock per entry of `hidden`, activation, Linear(width -> out)
+    (IDQL's MLPResNet). The blocks are residual, so every entry of `hidden` is the same width."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, n_blocks: int = 3, dropout: float = 0.0,
+    def __init__(self, in_dim: int, out_dim: int, hidden: tuple[int, ...] = (256, 256, 256), dropout: float = 0.0,
                  activation: type[nn.Module] = nn.SiLU):
         super().__init__()
+        if not hidden or len(set(hidden)) != 1:
+            raise ValueError(f"LNResNet's blocks are residual: give one width per block, all equal (e.g. (256, 256, 256)), got {hidden}")
+        width = hidden[0]
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            *(LNResNetBlock(hidden, dropout, activation=activation) for _ in range(n_blocks)),
-            activation(), nn.Linear(hidden, out_dim),
+            nn.Linear(in_dim, width),
+            *(LNResNetBlock(width, dropout, activation=activation) for _ in hidden),
+            activation(), nn.Linear(width, out_dim),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""`offbench table RESULTS_DIR`: normalized-score tables, IQM, paper references, learning curves.
+"""`offbench table RESULTS_DIR`: normalized-score tables, rliable statistics, paper references, curves.
 
 Reads every `result.json` under RESULTS_DIR (the run directories of `offbench bench`, or any
 `offbench fit` runs) and writes, in RESULTS_DIR:
@@ -6,10 +6,12 @@ Reads every `result.json` under RESULTS_DIR (the run directories of `offbench be
 - `table.md` and `table.csv` (and `table.tex` with --latex): rows = datasets, columns = algorithms,
   one table for each of the three per-run scores `last`, `best` and `final_mean`; a cell is the mean
   +- std over training seeds of that score (std with ddof=0); domain averages (locomotion, AntMaze,
-  other) are means of the per-dataset means, as in DiffCPS Table 1; each algorithm's IQM over all
-  its runs with a stratified-bootstrap 95% CI; paper numbers from a references file as labelled
-  columns, and a diff report of our cells against the paper's.
+  other) are means of the per-dataset means, as in DiffCPS Table 1; under each table, rliable's
+  aggregates of that score (IQM, mean, median, optimality gap with stratified-bootstrap 95% CIs) and
+  the probability of improvement between every pair of algorithms (offbench/stats.py); paper
+  numbers from a references file as labelled columns, and a diff report of our cells against the paper's.
 - `curves/<dataset>.png`: normalized score against updates, mean over seeds with the min-max band.
+- `profiles.png`: rliable's performance profiles, one panel per per-run score.
 
 `grid.json` (written by `offbench bench`) gives the seeds the grid asks for, the row and column
 order and the references file; without it the largest seed count found is taken as the target.
@@ -26,14 +28,15 @@ import os
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from offbench import stats
 from offbench.files import read_json, write_text_atomic
 
 KINDS = ("last", "best", "final_mean")
@@ -44,12 +47,15 @@ KIND_TEXT = {
     "what the official DiffCPS code reports and Table 1 shows)",
     "final_mean": "mean score of the last K evaluations of each run",
 }
+PROFILE_TITLES = {
+    "last": "last: final evaluation of each run",
+    "best": "best: highest evaluation of each run (optimistic)",
+    "final_mean": "final_mean: mean of each run's last K evaluations",
+}
 DOMAINS = ("locomotion", "antmaze", "other")
 DOMAIN_TEXT = {"locomotion": "locomotion", "antmaze": "AntMaze", "other": "other"}
 DDOF = 0  # std over seeds as numpy's default (population std), as most offline-RL tables compute it
 DIFF_POINTS = 3.0  # a measured cell is flagged when it is further from the paper than max(paper std, this)
-BOOTSTRAP_REPS = 2000
-BOOTSTRAP_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -83,39 +89,6 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(float(array.mean()), float(array.std(ddof=DDOF)), len(array))
 
 
-def iqm(values: Sequence[float] | np.ndarray, axis: int | None = None) -> float | np.ndarray:
-    """Interquartile mean: the mean of the values left after cutting floor(n/4) from each end
-    (scipy.stats.trim_mean(x, 0.25), which rliable uses)."""
-    array = np.asarray(values, dtype=np.float64)
-    if axis is None:
-        array, axis = array.ravel(), 0
-    array = np.sort(array, axis=axis)
-    n = array.shape[axis]
-    cut = int(0.25 * n)
-    return np.take(array, range(cut, n - cut), axis=axis).mean(axis=axis)
-
-
-def stratified_bootstrap_ci(
-    groups: Sequence[Sequence[float]],
-    statistic: Callable[..., Any] = iqm,
-    reps: int = BOOTSTRAP_REPS,
-    confidence: float = 0.95,
-    rng: np.random.Generator | int | None = BOOTSTRAP_SEED,
-) -> tuple[float, float]:
-    """Percentile confidence interval of `statistic` over all runs, resampling runs with replacement
-    within each group (stratum = dataset; rliable's stratified bootstrap). The RNG draws, for each
-    group in order, an index array of shape (reps, len(group))."""
-    rng = np.random.default_rng(rng)
-    samples = []
-    for group in groups:
-        values = np.asarray(group, dtype=np.float64)
-        samples.append(values[rng.integers(0, len(values), size=(reps, len(values)))])
-    stats = np.asarray(statistic(np.concatenate(samples, axis=1), axis=1), dtype=np.float64)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(stats, [tail, 100 - tail])
-    return float(low), float(high)
-
-
 # --------------------------------------------------------------------------- reading results
 
 
@@ -131,9 +104,13 @@ def domain(dataset: str) -> str:
 
 def collect_runs(results_dir: str | os.PathLike) -> list[Run]:
     """Every finished run under `results_dir`. Labels come from the cell.json that `offbench bench`
-    writes next to result.json, else from result.json itself (class name, dataset, seed)."""
+    writes next to result.json, else from result.json itself (class name, dataset, seed). The copies
+    of result.json inside a run's W&B directory (`<run>/wandb/`, see offbench/wandb_logging.py) are
+    not runs."""
     runs = []
     for path in sorted(Path(results_dir).rglob("result.json")):
+        if "wandb" in path.relative_to(results_dir).parts[:-1]:
+            continue
         result = json.loads(path.read_text())
         cell = read_json(path.parent / "cell.json") or {}
         algorithm = cell.get("algorithm") or str(result.get("algorithm", "?")).rsplit(".", 1)[-1].lower()
@@ -191,6 +168,7 @@ class Tables:
     failed: dict[tuple[str, str], list[dict[str, Any]]]
     references: dict[str, Any]
     seeds_from_grid: bool
+    _statistics: Statistics | None = field(default=None, repr=False)  # see statistics()
 
 
 def build(results_dir: str | os.PathLike, references: str | os.PathLike | None = None) -> Tables:
@@ -298,20 +276,53 @@ def _run_protocol(run: Run) -> str:
     )
 
 
-def iqm_rows(t: Tables, kind: str) -> list[tuple[str, float, float, float, int, int]]:
-    """(algorithm, IQM, CI low, CI high, runs, datasets) over all runs of each algorithm."""
-    rows = []
+def score_matrices(t: Tables, kind: str) -> dict[str, stats.Matrix]:
+    """Each algorithm's (runs, datasets) matrix of the per-run score `kind`, runs in seed order."""
+    out = {}
     for algorithm in t.algorithms:
-        groups = defaultdict(list)
-        for run in t.runs:
-            if run.algorithm == algorithm and run.score(kind) is not None:
-                groups[run.dataset].append(run.score(kind))
-        if not groups:
-            continue
-        strata = [groups[d] for d in sorted(groups)]
-        low, high = stratified_bootstrap_ci(strata)
-        rows.append((algorithm, float(iqm([v for g in strata for v in g])), low, high, sum(map(len, strata)), len(strata)))
-    return rows
+        by_dataset: dict[str, list[float]] = {}
+        for dataset in t.datasets:
+            runs = sorted((r for r in t.runs if (r.algorithm, r.dataset) == (algorithm, dataset) and r.score(kind) is not None),
+                          key=_seed_order)
+            if runs:
+                by_dataset[dataset] = [r.score(kind) for r in runs]
+        if by_dataset:
+            out[algorithm] = stats.score_matrix(algorithm, by_dataset)
+    return out
+
+
+def _seed_order(run: Run) -> tuple[int, Any]:
+    return (0, run.seed) if isinstance(run.seed, int) else (1, str(run.seed))
+
+
+@dataclass
+class Statistics:
+    """rliable's estimates for every per-run score: the matrices, the aggregates and P(X > Y)."""
+
+    matrices: dict[str, dict[str, stats.Matrix]]  # kind -> algorithm -> matrix
+    aggregates: dict[str, dict[str, dict[str, tuple[float, float, float]]]]  # kind -> algorithm -> metric -> (p, lo, hi)
+    improvements: dict[str, dict[tuple[str, str], tuple[float, float, float, list[str]]]]  # kind -> (x, y) -> ...
+
+
+def statistics(t: Tables) -> Statistics:
+    """Computed once per Tables (a few seconds: one bootstrap per algorithm and per pair and kind).
+    P(Y > X) is 1 - P(X > Y) on the same resamples, so each pair is bootstrapped once."""
+    if t._statistics is None:
+        matrices, aggregates, improvements = {}, {}, {}
+        for kind in KINDS:
+            matrices[kind] = m = score_matrices(t, kind)
+            aggregates[kind] = {a: stats.aggregates(matrix) for a, matrix in m.items()}
+            improvements[kind] = {}
+            names = list(m)
+            for i, x in enumerate(names):
+                for y in names[i + 1:]:
+                    result = stats.improvement(m[x], m[y])
+                    if result is not None:
+                        p, low, high, datasets = result
+                        improvements[kind][(x, y)] = result
+                        improvements[kind][(y, x)] = (1 - p, 1 - high, 1 - low, datasets)
+        t._statistics = Statistics(matrices, aggregates, improvements)
+    return t._statistics
 
 
 def diff_rows(t: Tables) -> list[dict[str, Any]]:
@@ -361,7 +372,8 @@ def render_markdown(t: Tables, results_dir: Path) -> str:
     out = [f"# Results: {results_dir}", ""]
     out.append(f"{len(t.runs)} finished runs; {len(t.algorithms)} algorithms; {len(t.datasets)} datasets. "
                "Three tables, one per per-run score; read `last` or `final_mean` as the honest numbers, `best` as the "
-               "optimistic one the papers report.")
+               "optimistic one the papers report. Under each table: rliable's aggregates and probabilities of improvement "
+               "of that same per-run score; `profiles.png`: performance profiles of each score.")
     if not t.runs:
         out += ["", f"No finished runs (result.json) under {results_dir} yet."]
     notes = _dataset_notes(t)
@@ -377,17 +389,44 @@ def render_markdown(t: Tables, results_dir: Path) -> str:
             if len(datasets) > 1:
                 cells = [_average_text(t, kind, datasets, c, dom) for c in t.columns]
                 out.append(f"| **{DOMAIN_TEXT[dom]} average** | " + " | ".join(cells) + " |")
-        rows = iqm_rows(t, kind)
-        if rows:
-            out += ["", f"IQM of `{kind}` over all runs of each algorithm (all its datasets and seeds pooled), with a "
-                    f"95% percentile CI from a stratified bootstrap ({BOOTSTRAP_REPS} resamples of the seeds within each "
-                    f"dataset, RNG seed {BOOTSTRAP_SEED}); comparable between algorithms only over the same datasets:", "",
-                    "| algorithm | IQM | 95% CI | runs | datasets |", "|---|---|---|---|---|"]
-            out += [f"| {a} | {m:.1f} | [{lo:.1f}, {hi:.1f}] | {n} | {nd} |" for a, m, lo, hi, n, nd in rows]
+        out += _statistics_markdown(t, kind)
     out += _reference_notes(t)
     out += _diff_markdown(t)
     out += _failure_markdown(t)
     return "\n".join(out) + "\n"
+
+
+def _ci(value: tuple[float, ...], digits: int = 1) -> str:
+    return f"{value[0]:.{digits}f} [{value[1]:.{digits}f}, {value[2]:.{digits}f}]"
+
+
+def _statistics_markdown(t: Tables, kind: str) -> list[str]:
+    s = statistics(t)
+    matrices, aggregates, improvements = s.matrices[kind], s.aggregates[kind], s.improvements[kind]
+    if not matrices:
+        return []
+    bootstrap = (f"95% percentile CIs from rliable's stratified bootstrap ({stats.REPS} resamples of the runs within each "
+                 f"dataset, numpy seed {stats.SEED} for each estimate)")
+    out = ["", f"Aggregates of `{kind}` with rliable over each algorithm's runs × datasets score matrix: IQM (mean of the "
+           "middle 50% of all its runs), mean and median of the per-dataset means, optimality gap (100 − the mean of "
+           f"min(score, 100): how far below expert level); {bootstrap}. Comparable between algorithms only over the same "
+           "datasets.", "",
+           "| algorithm | " + " | ".join(stats.METRICS) + " | runs × datasets |", "|---" * (len(stats.METRICS) + 2) + "|"]
+    for algorithm, m in matrices.items():
+        shape = f"{m.runs} × {len(m.datasets)}" + (f" (the first {m.runs} seeds of each dataset; {m.finished} runs finished)" if m.finished > m.scores.size else "")
+        out.append(f"| {algorithm} | " + " | ".join(_ci(aggregates[algorithm][name]) for name in stats.METRICS) + f" | {shape} |")
+    names = list(matrices)
+    if len(names) > 1:
+        out += ["", f"Probability of improvement on `{kind}`: P(row > column), the probability that a run of the row algorithm "
+                "scores higher than a run of the column algorithm on a dataset (ties count one half), averaged over the "
+                f"datasets both ran; {bootstrap.replace('stratified bootstrap', 'stratified independent bootstrap')}. "
+                "Above 0.5: the row tends to beat the column.", "",
+                "| P(row > column) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for x in names:
+            cells = ["—" if x == y else (_ci(improvements[(x, y)][:3], 2) if (x, y) in improvements else "no common dataset")
+                     for y in names]
+            out.append(f"| {x} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _dataset_notes(t: Tables) -> list[str]:
@@ -478,9 +517,14 @@ def render_csv(t: Tables) -> str:
                     if mean is not None:
                         writer.writerow([kind, f"average {dom}", dom, c.label, c.source, mean, "", "", "", "", "",
                                          f"mean of per-dataset means over {k}/{len(datasets)} rows"])
-        for algorithm, mean, low, high, n, nd in iqm_rows(t, kind):
-            writer.writerow([kind, "IQM all runs", "", algorithm, "measured", mean, "", n, "", low, high,
-                             f"stratified bootstrap 95% CI over {nd} datasets"])
+        st = statistics(t)
+        for algorithm, m in st.matrices[kind].items():
+            for name, (point, low, high) in st.aggregates[kind][algorithm].items():
+                writer.writerow([kind, name, "aggregate", algorithm, "measured", point, "", m.runs, "", low, high,
+                                 f"rliable, {m.runs} runs x {len(m.datasets)} datasets, stratified bootstrap 95% CI"])
+        for (x, y), (point, low, high, datasets) in st.improvements[kind].items():
+            writer.writerow([kind, f"P({x} > {y})", "probability of improvement", x, "measured", point, "", "", "", low,
+                             high, f"rliable, over {len(datasets)} common datasets, stratified independent bootstrap 95% CI"])
     return buffer.getvalue()
 
 
@@ -538,11 +582,7 @@ def plot_curves(t: Tables, out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = out_dir / f"{_slug(dataset)}.png"
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, path)
-            written.append(path)
+            written.append(stats.save_figure(fig, out_dir / f"{_slug(dataset)}.png"))
         plt.close(fig)
     return written
 
@@ -553,7 +593,7 @@ def plot_curves(t: Tables, out_dir: Path) -> list[Path]:
 def write_tables(
     results_dir: str | os.PathLike, latex: bool = False, references: str | os.PathLike | None = None
 ) -> list[Path]:
-    """Write table.md, table.csv (table.tex with `latex`) and curves/*.png into `results_dir`."""
+    """Write table.md, table.csv (table.tex with `latex`), curves/*.png and profiles.png into `results_dir`."""
     results_dir = Path(results_dir)
     t = build(results_dir, references)
     files = {"table.md": render_markdown(t, results_dir), "table.csv": render_csv(t)}
@@ -565,6 +605,9 @@ def write_tables(
         write_text_atomic(path, text)
         written.append(path)
     written += plot_curves(t, results_dir / "curves")
+    panels = {kind: m for kind, m in statistics(t).matrices.items() if m}
+    if panels:
+        written.append(stats.plot_profiles(panels, results_dir / "profiles.png", PROFILE_TITLES))
     return written
 
 

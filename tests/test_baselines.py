@@ -202,7 +202,7 @@ def _params(net: torch.nn.Module) -> torch.Tensor:
 
 
 def test_td3bc_policy_delay_moves_actor_and_targets_every_second_update():
-    module, batch = build("td3bc", policy_freq=2), random_batch()
+    module, batch = build("td3bc", policy_every=2), random_batch()
     moved = []
     for _ in range(4):
         before = {k: _params(getattr(module, k)) for k in ("actor", "actor_target", "critic", "critic_target")}

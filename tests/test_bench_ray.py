@@ -22,7 +22,7 @@ from offbench import bench
 from offbench.bench import RayOptions, load_grid, run_grid
 from tests.test_bench import BC, TINY, quiet, write_grid
 
-DIVERGING = ["--model.init_args.lr", "1e30"]  # BC's loss becomes NaN in its first block of updates
+DIVERGING = ["--model.init_args.actor_lr", "1e30"]  # BC's loss becomes NaN in its first block of updates
 
 
 @pytest.fixture(scope="module")

@@ -55,13 +55,13 @@ CASES = {
     "cql": (CQL, {"hidden": (16, 16), "num_random": 2, "bc_steps": 3}, 6, 6),  # BC warm-up, then SAC's actor loss
     "cql-lagrange": (CQL, {"hidden": (16, 16), "num_random": 2, "bc_steps": 0, "with_lagrange": True}, 4, 4),
     "awr": (AWR, {"hidden": (16, 16), "critic_steps": 2, "actor_steps": 3}, 6, 10),  # phases, refreshes
-    "diffcps": (DiffCPS, {"hidden": 16, "ema_start": 3, "ema_every": 2}, 8, 8),  # policy delay 2, EMA from 3
-    "diffusion_ql": (DiffusionQL, {"hidden": 16, "ema_start": 3, "ema_every": 2}, 8, 8),
+    "diffcps": (DiffCPS, {"hidden": (16, 16, 16), "ema_start": 3, "ema_every": 2}, 8, 8),  # policy delay 2, EMA from 3
+    "diffusion_ql": (DiffusionQL, {"hidden": (16, 16, 16), "ema_start": 3, "ema_every": 2}, 8, 8),
     # behaviour for 2 updates, critic rounds of 3; round 1 (update 5) plans and resets the critic
     "sfbc": (SfBC, {"behavior_steps": 2, "critic_steps": 3, "planning_iterations": 2, "solver_steps": 3,
                     "n_planning_candidates": 2}, 9, 6),
     "rebrac": (ReBRAC, {"hidden": (16, 16)}, 4, 6),  # policy delay 2 (actor on even updates)
-    "idql": (IDQL, {"hidden": (16, 16), "actor_hidden": 16, "actor_blocks": 1, "lr_decay_steps": 100}, 4, 6),
+    "idql": (IDQL, {"hidden": (16,), "critic_hidden": (16, 16), "lr_decay_steps": 100}, 4, 6),
     # (IDQL: EMA and the behaviour model's lr change every update; dropout 0.1 draws random numbers)
 }
 DEFAULT = ("bc", "td3bc")  # the others compile for one to three minutes each on a CPU

@@ -21,7 +21,7 @@ def batch(n=32, act_dim=ACT, seed=0):
 
 def make(cls=DiffCPS, act_dim=ACT, zero_noise_model=False, **kwargs):
     torch.manual_seed(0)
-    model = cls(OBS, act_dim, hidden=32, **kwargs)
+    model = cls(OBS, act_dim, hidden=(32, 32, 32), **kwargs)
     model.configure_optimizers()
     if zero_noise_model:  # eps_theta = 0, so L_c = E ||eps||^2 / act_dim, about 1
         torch.nn.init.zeros_(model.actor.model.final.weight)
@@ -132,3 +132,29 @@ def test_diffusion_ql_actor_loss_is_bc_plus_eta_q():
     model = make(DiffusionQL, eta=2.5)
     m = model.update(batch())
     assert m["loss/actor"].item() == pytest.approx(m["loss/bc"].item() + 2.5 * m["loss/q"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DiffCPS, DiffusionQL])
+@pytest.mark.parametrize("approximation", [False, True])
+def test_action_approximation_makes_the_actor_step_one_noise_model_pass(cls, approximation):
+    """EDP's option: the Q term at a0_hat from L_c's own pass (1 call) instead of the T-step chain (1 + T)."""
+    model = make(cls, n_timesteps=5, action_approximation=approximation)
+    calls = []
+    model.actor.model.register_forward_hook(lambda *_: calls.append(1))
+    out = model.actor_update(batch())
+    assert len(calls) == (1 if approximation else 1 + 5)
+    assert torch.isfinite(out["loss/actor"])
+
+
+def test_action_approximation_takes_the_q_gradient_through_a0_hat():
+    """With the approximation, Q's gradient reaches the noise model through a0_hat; a0_hat is clipped
+    to the bounds and equals the noised action's one-step reconstruction."""
+    model = make(DiffusionQL, action_approximation=True)
+    b = batch()
+    i, noise = torch.randint(0, 5, (len(b.act),)), torch.randn_like(b.act)
+    terms = model.actor.denoise(b.act, b.obs, noise=noise, i=i)
+    a_i = model.actor.sqrt_abar[i, None] * b.act + model.actor.sqrt_one_minus_abar[i, None] * noise
+    expected = (a_i - model.actor.sqrt_one_minus_abar[i, None] * terms.eps_pred) / model.actor.sqrt_abar[i, None]
+    torch.testing.assert_close(terms.a0_hat, expected.clamp(-1, 1))
+    model.q_loss(b.obs, terms.a0_hat, torch.tensor([0])).backward()
+    assert model.actor.model.final.weight.grad.abs().sum() > 0

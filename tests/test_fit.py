@@ -152,3 +152,41 @@ def test_fit_on_a_d4rl_name_and_a_minari_id_with_the_data_where_the_real_data_go
         main(fit_args(tiny_hopper, root, "--data.dataset", name, "--updates", "100"))
         result = json.loads((root / "result.json").read_text())
         assert result["dataset"] == name and result["updates"] == 100
+
+
+BROKEN = {  # an out-of-tree algorithm that breaks one rule of the contract -> the error it gets
+    "loss as a float": ('return {"loss/actor": loss.item()}', "returned loss/actor=", "return self.opt"),
+    "optimiser not kept": ('return {"loss/actor": loss}', "returned other optimisers", "return torch.optim.SGD([self.mean], lr=0.1)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_contract_breaks_fail_with_a_message_naming_the_contract(case, tiny_hopper, tmp_path, monkeypatch):
+    returned, message, optimizers = BROKEN[case]
+    module = f"broken_algo_{list(BROKEN).index(case)}"  # one module name per case: imports are cached
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+        import torch
+        from offbench.module import OfflineRLModule
+
+        class Broken(OfflineRLModule):
+            def __init__(self, obs_dim: int, act_dim: int, max_action: float = 1.0):
+                super().__init__()
+                self.mean = torch.nn.Parameter(torch.zeros(act_dim))
+
+            def configure_optimizers(self):
+                self.opt = torch.optim.SGD([self.mean], lr=0.1)
+                {optimizers}
+
+            def update(self, batch):
+                loss = (self.mean - batch.act).pow(2).mean()
+                self.optimize(self.opt, loss)
+                {returned}
+
+            @torch.no_grad()
+            def act(self, obs):
+                return self.mean.expand(len(obs), -1)
+    """))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=message) as error:
+        main(fit_args(tiny_hopper, tmp_path / "run", "--model", f"{module}.Broken"))
+    assert "contract in offbench/module.py" in str(error.value)

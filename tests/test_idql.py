@@ -19,7 +19,7 @@ from offbench.nets import LNResNetBlock
 from tests.test_rebrac import bc_scores, forged_pendulum, train_and_score
 
 OBS, ACT = 3, 2
-SMALL = {"hidden": (16, 16), "actor_hidden": 16, "actor_blocks": 1, "n_candidates": 4}
+SMALL = {"hidden": (16,), "critic_hidden": (16, 16), "n_candidates": 4}
 
 
 def random_batch(n: int = 16) -> Batch:
@@ -171,8 +171,8 @@ def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
         return [
             "fit", "--config", "configs/algorithms/idql.yaml", "--data.dataset", str(tiny_hopper),
             "--data.reward_tuning", "none", "--updates", "40", "--data.eval_every", "20", "--data.block_size", "10",
-            "--data.batch_size", "16", "--model.init_args.hidden", "[16, 16]", "--model.init_args.actor_hidden", "16",
-            "--model.init_args.actor_blocks", "1", "--model.init_args.n_candidates", "2", "--eval.episodes", "1",
+            "--data.batch_size", "16", "--model.init_args.hidden", "[16]", "--model.init_args.critic_hidden", "[16, 16]",
+            "--model.init_args.n_candidates", "2", "--eval.episodes", "1",
             "--eval.num_envs", "1", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *extra,
         ]
@@ -218,7 +218,7 @@ def test_reverse_chain_clips_after_every_step():
 
 def test_ln_resnet_noise_network_in_the_diffusion_policy():
     torch.manual_seed(0)
-    net = LNResNetNoise(OBS, ACT, hidden=16, n_blocks=2, dropout=0.0, t_dim=8)
+    net = LNResNetNoise(OBS, ACT, hidden=(16, 16), dropout=0.0, t_dim=8)
     policy = DiffusionPolicy(OBS, ACT, model=net)
     assert policy.model is net and not any(type(m).__name__ == "NoiseMLP" for m in policy.modules())
     s = torch.randn(5, OBS)
@@ -246,7 +246,7 @@ def test_ln_resnet_block_is_a_residual_around_layer_norm_and_mlp():
 # normalized score of the last five evaluations. Test-only settings for a CPU budget: LN-ResNet of width 64
 # (official 256), critics and value 64-64, batch 256 (official 512), 16 candidates (official 64), 5000
 # updates; the expectile and the rest as the official locomotion settings (rewards r * 1000 / return range).
-IDQL_TEST = {"hidden": (64, 64), "actor_hidden": 64, "n_candidates": 16}
+IDQL_TEST = {"hidden": (64, 64, 64), "critic_hidden": (64, 64), "n_candidates": 16}
 
 
 # Measured while writing this test: greedy 7.2 and resample -9.1 against BC's -15.6 (the data's behaviour

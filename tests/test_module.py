@@ -56,3 +56,37 @@ def test_reward_tuning_hand_values():
 def test_reward_tuning_rejects_flat_returns():
     with pytest.raises(ValueError, match="spread of episode returns"):
         tune_rewards(_transitions([1.0, 1.0], [0, 1]), "iql_locomotion")
+
+
+class _Linear(OfflineRLModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(2, 1)
+
+    def configure_optimizers(self):
+        self.opt = torch.optim.Adam(self.net.parameters())
+        return [self.opt]
+
+
+def test_compile_with_nothing_compilable_is_an_error():
+    module = _Linear()
+    module.configure_optimizers()
+    with pytest.raises(ValueError, match="marks no method @compilable"):
+        module.enable_compile()
+
+
+def test_compile_with_optimisers_it_cannot_find_is_an_error():
+    from offbench.module import compilable
+
+    class Hidden(_Linear):
+        @compilable
+        def step_fn(self, x):
+            return self.net(x)
+
+        def configure_optimizers(self):
+            return [torch.optim.Adam(self.net.parameters())]  # not kept as an attribute
+
+    module = Hidden()
+    module.configure_optimizers()
+    with pytest.raises(ValueError, match="keeps no torch.optim optimiser as an attribute"):
+        module.enable_compile()

@@ -1,5 +1,5 @@
 """`offbench table`: values on hand-made result.json files (mean, std over seeds, averages, the paper
-column, the diff report), IQM and its stratified bootstrap against hand computations."""
+column, the diff report), and the rliable statistics against rliable itself and hand computations."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rliable import library as rly
+from rliable import metrics
 
-from offbench import tables
-from offbench.tables import build, diff_rows, iqm, stratified_bootstrap_ci, write_tables
+from offbench import stats, tables
+from offbench.tables import build, diff_rows, render_markdown, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCES = REPO / "configs/references/table1.yaml"
@@ -40,6 +42,12 @@ def result(dataset: str, seed: int, last: float, best: float, final_mean: float)
     }
 
 
+@pytest.fixture(autouse=True)
+def few_resamples(monkeypatch):
+    """200 bootstrap resamples instead of 2000 keep these tests fast; every check holds for any count."""
+    monkeypatch.setattr(stats, "REPS", 200)
+
+
 @pytest.fixture
 def results(tmp_path) -> Path:
     """A results directory as `offbench bench` leaves it: grid.json (3 seeds, the table1 references),
@@ -55,6 +63,10 @@ def results(tmp_path) -> Path:
             run.mkdir(parents=True)
             (run / "cell.json").write_text(json.dumps({"algorithm": algorithm, "dataset": dataset, "seed": seed}))
             (run / "result.json").write_text(json.dumps(result(dataset, seed, *scores)))
+    # a W&B run keeps a copy of result.json (offline-run-*/files/): not a run of its own
+    copy = tmp_path / "runs/bc/hopper-medium-v2/seed0/wandb/offline-run-1-abc/files"
+    copy.mkdir(parents=True)
+    (copy / "result.json").write_text((copy.parents[2] / "result.json").read_text())
     (tmp_path / "failures.json").write_text(json.dumps({"diffcps/synthetic-pendulum-random-v0/seed0": {
         "algorithm": "diffcps", "dataset": "synthetic/pendulum-random-v0", "seed": 0, "exit": "exit code 1",
         "reason": "Traceback...\nFloatingPointError: loss/actor became NaN", "log": "x/bench.log"}}))
@@ -124,38 +136,87 @@ def test_diff_report_flags_cells_outside_the_paper_std_or_3_points(results):
     assert "Outside: best 1/3, last 3/3, final_mean 2/3" in md
 
 
-def test_iqm_by_hand():
-    assert iqm([1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx(4.5)  # drop 1, 2 and 7, 8
-    assert iqm([8, 1, 100, 2]) == pytest.approx(5.0)  # n=4: drop one each side -> mean(2, 8)
-    assert iqm([3, 1, 2]) == pytest.approx(2.0)  # n=3: floor(0.75) = 0 dropped
-    assert iqm(np.array([[1, 2, 3, 4], [0, 0, 0, 40]]), axis=1).tolist() == [2.5, 0.0]
+def write_matrix(root: Path, scores: dict[str, np.ndarray], datasets: list[str]) -> None:
+    """A results directory holding `scores[algorithm][seed, dataset]` as the `last` score of each run."""
+    for algorithm, matrix in scores.items():
+        for seed, row in enumerate(matrix):
+            for dataset, value in zip(datasets, row):
+                run = root / "runs" / algorithm / tables._slug(dataset) / f"seed{seed}"
+                run.mkdir(parents=True)
+                (run / "cell.json").write_text(json.dumps({"algorithm": algorithm, "dataset": dataset, "seed": seed}))
+                (run / "result.json").write_text(json.dumps(result(dataset, seed, float(value), float(value), float(value))))
 
 
-def test_stratified_bootstrap_by_hand():
-    groups = [[1.0, 2.0], [3.0, 5.0, 10.0]]
-    low, high = stratified_bootstrap_ci(groups, reps=4, rng=123)
-    # The same draws by hand: per stratum an index array of shape (reps, stratum size), in order.
-    rng = np.random.default_rng(123)
-    first, second = rng.integers(0, 2, size=(4, 2)), rng.integers(0, 3, size=(4, 3))
-    stats = []
-    for r in range(4):
-        sample = sorted([groups[0][i] for i in first[r]] + [groups[1][i] for i in second[r]])
-        stats.append(sum(sample[1:4]) / 3)  # 5 values: IQM drops floor(5/4) = 1 at each end
-    stats.sort()
-    # numpy's linear percentile on 4 sorted values: position 0.025 * 3 and 0.975 * 3
-    assert low == pytest.approx(stats[0] + 0.075 * (stats[1] - stats[0]))
-    assert high == pytest.approx(stats[2] + 0.925 * (stats[3] - stats[2]))
-    # Seeds that agree within every stratum leave nothing to resample: the CI is the point.
-    assert stratified_bootstrap_ci([[4.0, 4.0], [7.0, 7.0, 7.0]]) == pytest.approx((iqm([4, 4, 7, 7, 7]),) * 2)
+def test_aggregates_equal_rliables_on_a_fixed_score_matrix(tmp_path):
+    datasets = ["halfcheetah-medium-v2", "hopper-medium-v2", "walker2d-medium-v2"]  # the table's (found) order
+    rng = np.random.default_rng(7)
+    scores = {"a": rng.uniform(0, 110, size=(5, 3)).round(1), "b": rng.uniform(20, 60, size=(5, 3)).round(1)}
+    write_matrix(tmp_path, scores, datasets)
+    write_tables(tmp_path)
+    table = rows(tmp_path / "table.csv")
+
+    def rliable_metrics(x):
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x), metrics.aggregate_median(x),
+                         metrics.aggregate_optimality_gap(x, 100)])
+
+    for algorithm, matrix in scores.items():
+        np.random.seed(stats.SEED)  # rliable's bootstraps draw from numpy's global RNG
+        point, interval = rly.get_interval_estimates({algorithm: matrix}, rliable_metrics, reps=stats.REPS)
+        for i, name in enumerate(stats.METRICS):
+            row = table[("last", name, algorithm)]
+            assert float(row["mean"]) == pytest.approx(point[algorithm][i], abs=1e-12), name
+            assert float(row["ci_low"]) == pytest.approx(interval[algorithm][0, i], abs=1e-12), name
+            assert float(row["ci_high"]) == pytest.approx(interval[algorithm][1, i], abs=1e-12), name
+            assert row["n_seeds"] == "5"
+    # IQM by hand: 15 values, scipy's trim_mean cuts int(0.25 * 15) = 3 from each end
+    middle = np.sort(scores["a"].ravel())[3:12]
+    assert float(table[("last", "IQM", "a")]["mean"]) == pytest.approx(middle.mean())
+    gap = 100 - np.minimum(scores["a"], 100).mean()
+    assert float(table[("last", "optimality gap", "a")]["mean"]) == pytest.approx(gap)
+
+    # P(a > b) with rliable's own (scipy Mann-Whitney) function on the same resamples
+    np.random.seed(stats.SEED)
+    point, interval = rly.get_interval_estimates({"ab": [scores["a"], scores["b"]]}, metrics.probability_of_improvement,
+                                                 reps=stats.REPS)
+    ab, ba = table[("last", "P(a > b)", "a")], table[("last", "P(b > a)", "b")]
+    assert float(ab["mean"]) == pytest.approx(point["ab"])
+    assert (float(ab["ci_low"]), float(ab["ci_high"])) == pytest.approx(tuple(np.ravel(interval["ab"])))
+    assert float(ba["mean"]) == pytest.approx(1 - point["ab"])
+    assert (float(ba["ci_low"]), float(ba["ci_high"])) == pytest.approx((1 - float(ab["ci_high"]), 1 - float(ab["ci_low"])))
+    md = (tmp_path / "table.md").read_text()
+    assert "Aggregates of `final_mean` with rliable" in md and "Probability of improvement on `best`" in md
+    assert (tmp_path / "profiles.png").stat().st_size > 10_000
 
 
-def test_iqm_rows_in_the_tables(results):
-    write_tables(results)
-    table = rows(results / "table.csv")
-    bc = table[("last", "IQM all runs", "bc")]
-    values = [s[0] for (a, _), seeds in RUNS.items() if a == "bc" for s in seeds]
-    assert float(bc["mean"]) == pytest.approx(iqm(values)) and bc["n_seeds"] == "9"
-    assert float(bc["ci_low"]) <= float(bc["mean"]) <= float(bc["ci_high"])
+def test_probability_of_improvement_and_profiles_match_rliable():
+    x = np.array([[1.0, 5.0], [3.0, 5.0]])
+    y = np.array([[2.0, 5.0], [2.0, 4.0]])
+    # dataset 0: 1 < 2, 1 < 2, 3 > 2, 3 > 2 -> 1/2; dataset 1: ties 5 = 5 count 1/2: (0.5 + 1 + 0.5 + 1) / 4
+    assert stats.probability_of_improvement(x, y) == pytest.approx((0.5 + 0.75) / 2)
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # small integers: many ties; unequal run counts
+        a = rng.integers(0, 4, size=(rng.integers(1, 5), 3)).astype(float)
+        b = rng.integers(0, 4, size=(rng.integers(1, 5), 3)).astype(float)
+        assert stats.probability_of_improvement(a, b) == pytest.approx(metrics.probability_of_improvement(a, b))
+        taus = np.linspace(-1, 4, 11)
+        assert stats.score_distribution(a, taus) == pytest.approx(rly.score_distributions(a, taus))
+
+
+def test_statistics_under_unequal_seed_counts(results):
+    """diffcps has 3, 2 and 3 seeds on its datasets: rliable's matrix takes 2 runs of each, and says so."""
+    t = build(results)
+    assert len(t.runs) == sum(map(len, RUNS.values()))  # the W&B copy of a result.json is not counted
+    assert tables.statistics(t).matrices["last"]["bc"].scores.shape == (3, 3)
+    m = tables.statistics(t).matrices["last"]["diffcps"]
+    assert m.datasets == ["hopper-medium-v2", "walker2d-medium-v2", "D4RL/antmaze/umaze-v1"]
+    assert m.scores.tolist() == [[80.0, 88.0, 90.0], [84.0, 86.0, 70.0]] and m.finished == 8
+    bc = tables.statistics(t).aggregates["last"]["bc"]["mean"]
+    assert bc[0] == pytest.approx(np.mean([52, 72, 20]))  # mean of the per-dataset means
+    # bc vs diffcps over the two datasets both ran: bc's runs are all below diffcps's there
+    p, low, high, common = tables.statistics(t).improvements["last"][("bc", "diffcps")]
+    assert common == ["hopper-medium-v2", "walker2d-medium-v2"] and (p, low, high) == (0.0, 0.0, 0.0)
+    md = render_markdown(t, results)
+    assert "| diffcps | " in md and "2 × 3 (the first 2 seeds of each dataset; 8 runs finished)" in md
 
 
 def test_command_line_writes_latex_and_curves(results, capsys):

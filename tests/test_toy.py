@@ -80,7 +80,7 @@ def test_toy_command_diffusion_policy_lands_on_the_ring_and_awr_does_not(tmp_pat
     dql = tmp_path / "dql_small.yaml"
     dql.write_text(
         "label: Diffusion-QL (small)\nsteps_arg: n_timesteps\nmodel:\n  class_path: algorithms.diffusion_ql.DiffusionQL\n"
-        "  init_args: {hidden: 64, lr: 0.01, max_grad_norm: null}\n"
+        "  init_args: {hidden: [64, 64, 64], actor_lr: 0.01, max_grad_norm: null}\n"
     )
     out, cache = tmp_path / "toy", tmp_path / "cache"
     args = ["toy", "--methods", "awr", str(dql), "--updates", "800", "--samples", "300", "--steps", "10",
