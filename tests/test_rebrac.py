@@ -285,7 +285,7 @@ def bc_scores(dataset: str, updates: int) -> list[float]:
     from algorithms.bc import BC
 
     torch.manual_seed(0)
-    return train_and_score(BC(3, 1, 2.0, policy="deterministic", lr=1e-3), dataset, forged_pendulum(), updates, 256, True)
+    return train_and_score(BC(3, 1, 2.0, policy="deterministic", actor_lr=1e-3), dataset, forged_pendulum(), updates, 256, True)
 
 
 # Test-only settings for a CPU budget: 64-unit networks (3 layers, as ReBRAC's), batch 256, 8000 updates;
