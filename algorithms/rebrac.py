@@ -31,7 +31,7 @@ AntMaze reward scale is an argument of the algorithm (`reward_scale`), since the
 tunings do not include it. The repository's later calibration commit (the critic target clipped
 from below by Monte-Carlo returns, for fine-tuning) is not part of the paper and not used. At the
 last row of a truncated episode the dataset holds no next action (D4RL's conversion drops the
-timeout row); `Batch.next_act` repeats the row's own action there (about one row in a thousand).
+timeout row); `Batch.next_act` repeats the row's own action there (one row per truncated episode).
 """
 
 from __future__ import annotations
