@@ -12,8 +12,22 @@ WORKERS ?= 2
 # `make perf`: updates timed per measurement. 300: 18 minutes on this 2-core CPU (SfBC's batch-4096
 # update takes about a second on a CPU core); use PERF_UPDATES=1000 on a GPU.
 PERF_UPDATES ?= 300
+# `make gpu-wheels` (on a machine with network) and `make gpu-check` (on a CUDA machine, with or without
+# network; docs/gpu.md). The GPU machines this project borrows (x86-64, CPython 3.12, CUDA torch, Lightning,
+# torchmetrics, h5py, pandas, rich, matplotlib, pytest) lack these; the versions are the ones .venv resolves.
+# Left out: mujoco-studio and websockets (mujoco's viewer app: nothing here imports it, 13 MB).
+GPU_WHEELS ?= gpu-wheels
+GPU_PY ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+GPU_PACKAGES := gymnasium==1.4.0 farama-notifications==0.0.6 mujoco==4.0.0 mujoco-core==4.0.0 glfw==2.11.0 \
+	pyopengl==3.1.10 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 minari==0.5.4 \
+	gymnasium-robotics==1.4.2 pettingzoo==1.27.0
+GPU_SITE ?= /tmp/offbench-gpu-site
+# The Python that has CUDA torch: .venv's when there is one (made with a CUDA torch wheel), else python3.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_ARGS ?=
 
-.PHONY: help install test test-all lint benchmark table perf clean-venv
+.PHONY: help install test test-all lint benchmark table perf gpu-wheels gpu-check clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -44,6 +58,22 @@ table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX
 
 perf: $(STAMP)  ## training updates/s with and without Lightning and compiled, eval env-steps/s -> results/perf/
 	$(BIN)/offbench perf --compile --updates $(PERF_UPDATES) --block-size $(PERF_UPDATES)
+
+gpu-wheels:  ## download the wheels a GPU machine without network lacks into gpu-wheels/ (CPython 3.12, x86-64)
+	rm -rf $(GPU_WHEELS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) $(GPU_PACKAGES)
+	@ls -s1 $(GPU_WHEELS); kib=$$(du -sk $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$((kib / 1024)) MiB"; \
+		test $$kib -le 65536 || { echo "error: $(GPU_WHEELS) is over 64 MiB"; exit 1; }
+
+gpu-check:  ## on a CUDA machine: the cuda tests and perf on CUDA in under 8 min -> results/perf/perf-cuda.md
+	@set -e; path="$(CURDIR)"; \
+	if [ -d "$(GPU_WHEELS)" ]; then \
+		echo "installing $(GPU_WHEELS)/*.whl into $(GPU_SITE) (no index, no deps: the machine's own torch)"; \
+		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; \
+		path="$(GPU_SITE):$$path"; \
+	fi; \
+	PYTHONPATH="$$path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m offbench.gpu_check $(GPU_CHECK_ARGS)
 
 .PHONY: toy
 toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model, 11 models: ~2 h on one CPU core) -> results/toy/

@@ -65,6 +65,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -74,7 +75,8 @@ from typing import Any, Literal
 
 import yaml
 
-from offbench.files import read_json, write_json_atomic
+from offbench.errors import UserError
+from offbench.files import read_json, run_dir_holder, write_json_atomic
 
 SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
@@ -85,7 +87,7 @@ LOG_TAIL_LINES = 25  # lines of a failed cell's output kept as its reason in fai
 # The driver's variables that a Ray cell gets too: where the datasets are (the nodes share the disk).
 RAY_FORWARD_ENV = ("OFFBENCH_", "MINARI_", "OMP_NUM_THREADS")
 
-CellState = Literal["finished", "resume", "fresh"]
+CellState = Literal["finished", "resume", "fresh", "running", "stale"]
 
 
 class GridError(ValueError):
@@ -373,12 +375,56 @@ def _check_config(config: Any, where: str, problems: list[str]) -> None:
 
 
 def cell_state(cell: Cell) -> CellState:
-    """finished: result.json exists; resume: a checkpoint but no result; fresh: nothing to continue."""
-    if (cell.run_dir / "result.json").exists():
-        return "finished"
-    if (cell.run_dir / "checkpoints" / "last.ckpt").exists():
-        return "resume"
-    return "fresh"
+    """running: a process (a cell of an earlier runner, a fit by hand) holds the run directory's lock;
+    stale: the run has a result or a checkpoint made with other arguments than the grid file's now;
+    finished: result.json exists; resume: a checkpoint but no result; fresh: nothing to continue."""
+    if run_dir_holder(cell.run_dir) is not None:
+        return "running"
+    finished = (cell.run_dir / "result.json").exists()
+    resume = (cell.run_dir / "checkpoints" / "last.ckpt").exists()
+    if (finished or resume) and stale_arguments(cell):
+        return "stale"
+    return "finished" if finished else "resume" if resume else "fresh"
+
+
+def _unreadable_result(cell: Cell) -> str:
+    """Why a finished cell's result.json cannot be read (a damaged file: it is written atomically), with
+    the way out; empty when it reads."""
+    from offbench.errors import UserError
+
+    try:
+        read_json(
+            cell.run_dir / "result.json",
+            fix=f"delete it and run the grid again: the cell then resumes from {cell.run_dir / 'checkpoints/last.ckpt'} "
+            "and writes it again (or delete the run directory to run the cell from the start)",
+        )
+    except UserError as e:
+        return str(e)
+    return ""
+
+
+def stale_arguments(cell: Cell) -> str:
+    """How the arguments recorded in the cell's `cell.json` (those its run was made with) differ from
+    the grid file's now, as `old -> new` pieces; empty when they agree or nothing is recorded."""
+    recorded = read_json(cell.run_dir / "cell.json", fix="delete it (the runner writes it again when the cell starts)")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("args"), list):
+        return ""
+    old, new = [str(a) for a in recorded["args"]], cell.args
+    pieces = [
+        f"{shlex.join(old[i1:i2]) or '(none)'} -> {shlex.join(new[j1:j2]) or '(none)'}"
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes()
+        if tag != "equal"
+    ]
+    return "; ".join(pieces)
+
+
+def set_aside(cell: Cell, output: Path) -> Path:
+    """Move a stale cell's run directory out of the grid's output (to `<output>.stale/<time>/...`), so
+    that the tables never mix its results with those of the grid's current settings."""
+    target = output.with_name(f"{output.name}.stale") / time.strftime("%Y%m%d-%H%M%S") / cell.run_dir.relative_to(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(cell.run_dir, target)
+    return target
 
 
 def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str]:
@@ -394,19 +440,47 @@ def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str
     return command
 
 
-def start_cell(cell: Cell, command: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`."""
+def start_cell(cell: Cell, command: list[str], env: dict[str, str], die_with_parent: bool = True) -> subprocess.Popen:
+    """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`. With `die_with_parent`
+    (Linux), the cell is killed when this process dies, however it dies: no cell outlives its runner.
+    (Leftover partial files of a crash are removed by the cell's `fit` itself, under its run lock.)"""
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)}, default=str)
-    # A crash while a checkpoint was being written leaves only `last.ckpt.part`; `fit` would take the
-    # directory for an interrupted run with nothing to resume. The partial file holds nothing usable.
-    if not (cell.run_dir / "checkpoints" / "last.ckpt").exists():
-        for part in (cell.run_dir / "checkpoints").glob("*.part"):
-            part.unlink()
+    preexec = _die_with_parent(os.getpid()) if die_with_parent and _LIBC is not None else None
     with open(cell.run_dir / "bench.log", "a") as log:
         log.write(f"\n### offbench bench {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
         log.flush()
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec
+        )
+
+
+def _load_libc() -> Any:
+    """libc, loaded once here: the child side of a fork must not load libraries (see _die_with_parent)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc to load
+        return None
+
+
+_LIBC = _load_libc()
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A Popen preexec_fn: the child gets SIGKILL when `parent` dies (prctl PR_SET_PDEATHSIG), and exits
+    at once if it already has. Its last checkpoint stays (checkpoints are written atomically)."""
+
+    def preexec() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the runner died between fork and prctl
+            os._exit(1)
+
+    return preexec
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -467,6 +541,8 @@ class GridReport:
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     launched: list[str] = field(default_factory=list)
     interrupted: bool = False
+    busy: dict[str, int] = field(default_factory=dict)  # cells another process runs (its PID; 0: unknown)
+    stale: dict[str, str] = field(default_factory=dict)  # cells run with other arguments: how they differ
 
 
 @dataclass(frozen=True)
@@ -486,7 +562,7 @@ def _gpu_count(devices: str) -> int:
 
     count = torch.cuda.device_count()
     if devices == "cuda" and count == 0:
-        raise SystemExit("error: --devices cuda, but no CUDA device is visible")
+        raise UserError("--devices cuda, but no CUDA device is visible")
     return count
 
 
@@ -523,8 +599,12 @@ def run_grid(
     console: Any = None,
     tables: bool = True,
     ray_options: RayOptions | None = None,
+    rerun_stale: bool = False,
 ) -> GridReport:
-    """Run every unfinished cell of `grid`, then write the tables. Locally (no `ray_options`): subprocesses,
+    """Run every unfinished cell of `grid`, then write the tables. A cell whose run another process holds
+    is skipped; a stale cell (run with other arguments than the grid file's now) is reported and left
+    alone, unless `rerun_stale`: then its run directory is set aside and it runs again. SIGTERM and SIGHUP
+    stop the grid as Ctrl+C does (the running cells are stopped; a rerun resumes them). Locally (no `ray_options`): subprocesses,
     at most `workers` (None: 1) at a time; GPUs (when used) go to the least-loaded device, so cells
     spread round-robin and several cells may share one GPU. On Ray: one Ray task per cell, at most
     `workers` at a time (None: as many as the cluster's resources allow)."""
@@ -539,10 +619,25 @@ def run_grid(
     workers = workers or (1 if ray_options is None else len(grid.cells))
     grid.output.mkdir(parents=True, exist_ok=True)
     lock = _lock(grid.output)
+    previous = _interrupt_on_termination()
     try:
-        return _run(grid, workers, devices, gpus, ray_options, console, tables)
+        return _run(grid, workers, devices, gpus, ray_options, console, tables, rerun_stale)
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         lock.unlink(missing_ok=True)
+
+
+def _interrupt_on_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, so that a runner stopped by `kill`
+    or a closed terminal stops its cells and releases its lock as on Ctrl+C. Returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _lock(output: Path) -> Path:
@@ -554,8 +649,8 @@ def _lock(output: Path) -> Path:
         text = lock.read_text().strip()
         pid = int(text) if text.isdigit() else 0
         if pid and _alive(pid):
-            raise SystemExit(
-                f"error: another `offbench bench` (pid {pid}) is running into {output}; wait for it or stop it "
+            raise UserError(
+                f"another `offbench bench` (pid {pid}) is running into {output}; wait for it or stop it "
                 f"(if that pid is not a bench run, delete {lock})"
             ) from None
         lock.unlink(missing_ok=True)  # left by a runner that was killed
@@ -576,21 +671,45 @@ def _alive(pid: int) -> bool:
 
 
 def _run(
-    grid: Grid, workers: int, devices: str, gpus: int, ray_options: RayOptions | None, console: Any, tables: bool
+    grid: Grid, workers: int, devices: str, gpus: int, ray_options: RayOptions | None, console: Any, tables: bool,
+    rerun_stale: bool = False,
 ) -> GridReport:
     from rich.live import Live
 
     _write_grid_json(grid)
     failures_path = grid.output / "failures.json"
-    failures: dict[str, Any] = read_json(failures_path) or {}
+    failures: dict[str, Any] = read_json(
+        failures_path, fix="delete it: it only lists earlier failures, and failed cells are tried again anyway"
+    ) or {}
 
     report = GridReport()
     pending: deque[tuple[Cell, CellState]] = deque()
     for cell in grid.cells:
         state = cell_state(cell)
-        if state == "finished":
+        if state == "stale" and rerun_stale:
+            console.print(f"stale  {cell.id}: its run moved to {set_aside(cell, grid.output)}; running it again")
+            state = "fresh"
+        if state == "finished" and (damage := _unreadable_result(cell)):
+            failures[cell.id] = report.failed[cell.id] = {
+                "algorithm": cell.algorithm, "dataset": cell.dataset, "seed": cell.seed, "run_dir": str(cell.run_dir),
+                "exit": "unreadable result.json", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "reason": damage,
+            }
+            console.print(f"[red]damaged[/red] {cell.id}: {damage}")
+        elif state == "finished":
             report.skipped.append(cell.id)
             failures.pop(cell.id, None)  # finished since (e.g. by hand): no longer a failure
+        elif state == "running":
+            pid = report.busy[cell.id] = run_dir_holder(cell.run_dir) or 0
+            console.print(
+                f"[yellow]busy[/yellow]   {cell.id}: its run is still alive in process {pid or '(unknown)'} "
+                "(an earlier runner's cell, or a fit by hand); skipped: run the grid again when it has ended"
+            )
+        elif state == "stale":
+            report.stale[cell.id] = stale_arguments(cell)
+            console.print(
+                f"[yellow]stale[/yellow]  {cell.id}: run with other arguments than the grid file's now "
+                f"({report.stale[cell.id]}); left alone: pass --rerun-stale to run it again"
+            )
         else:
             pending.append((cell, state))
     write_json_atomic(failures_path, failures, default=str)
@@ -666,14 +785,20 @@ def _run(
             f"[yellow]interrupted[/yellow]: stopped {stopped} running cell(s); run the same command again "
             "to resume them from their last checkpoints"
         )
-        return report
-
-    console.print(
-        f"grid {grid.name}: {len(report.finished)} finished, {len(report.skipped)} skipped (finished before), "
-        f"{len(report.failed)} failed in {_hms(time.monotonic() - start)}"
-        + (f"; failures listed in {failures_path}" if failures else "")
-    )
-    if tables:
+    else:
+        console.print(
+            f"grid {grid.name}: {len(report.finished)} finished, {len(report.skipped)} skipped (finished before), "
+            f"{len(report.failed)} failed in {_hms(time.monotonic() - start)}"
+            + (f", {len(report.busy)} busy elsewhere" if report.busy else "")
+            + (f", {len(report.stale)} stale" if report.stale else "")
+            + (f"; failures listed in {failures_path}" if failures else "")
+        )
+    if tables and report.stale:
+        console.print(
+            f"[yellow]tables not written[/yellow]: {len(report.stale)} stale cell(s) hold results of other settings, "
+            "which a table would mix with the grid's; rerun them with --rerun-stale (or restore the grid file)"
+        )
+    elif tables:
         from offbench.tables import write_tables
 
         written = write_tables(grid.output)
@@ -817,8 +942,8 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise SystemExit(
-            "error: --launcher ray needs Ray, which is not installed here: pip install 'offbench[ray]'"
+        raise UserError(
+            "--launcher ray needs Ray, which is not installed here: pip install 'offbench[ray]'"
         ) from None
     return ray
 
@@ -827,14 +952,14 @@ def _check_ray_options(options: RayOptions, devices: str) -> None:
     """Everything that can be checked before connecting (Ray installed, sensible resources)."""
     _import_ray()
     if options.cpus_per_cell <= 0:
-        raise SystemExit(f"error: --cpus-per-cell must be positive, got {options.cpus_per_cell:g}")
+        raise UserError(f"--cpus-per-cell must be positive, got {options.cpus_per_cell:g}")
     if options.gpus_per_cell is not None and not 0 <= options.gpus_per_cell <= 1:
-        raise SystemExit(
-            f"error: --gpus-per-cell is a share of one GPU, from 0 to 1 (a cell runs on one device), "
+        raise UserError(
+            f"--gpus-per-cell is a share of one GPU, from 0 to 1 (a cell runs on one device), "
             f"got {options.gpus_per_cell:g}"
         )
     if devices == "cpu" and options.gpus_per_cell:
-        raise SystemExit("error: --gpus-per-cell asks for GPUs, but --devices cpu runs the cells on CPUs")
+        raise UserError("--gpus-per-cell asks for GPUs, but --devices cpu runs the cells on CPUs")
 
 
 def _ray_connect(options: RayOptions, devices: str) -> RayCluster:
@@ -849,7 +974,7 @@ def _ray_connect(options: RayOptions, devices: str) -> RayCluster:
     if devices == "cuda" and not cluster_gpus:
         if disconnect:
             ray.shutdown()
-        raise SystemExit("error: --devices cuda, but the Ray cluster has no GPU")
+        raise UserError("--devices cuda, but the Ray cluster has no GPU")
     gpus = options.gpus_per_cell
     if gpus is None:
         gpus = 1.0 if devices != "cpu" and cluster_gpus else 0.0
@@ -887,7 +1012,7 @@ def _ray_cell(cell: Cell, state: CellState, mode: str, cwd: str, env: dict[str, 
     # is the local launcher's (SIGINT, Lightning shuts down cleanly) instead of a kill after the grace.
     blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
-        process = start_cell(cell, cell_command(cell, state, mode), {**os.environ, **env})
+        process = start_cell(cell, cell_command(cell, state, mode), {**os.environ, **env}, die_with_parent=False)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     started = time.monotonic()
@@ -989,6 +1114,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
     parser.add_argument("--no-tables", action="store_true", help="do not write the tables at the end")
+    parser.add_argument(
+        "--rerun-stale", action="store_true",
+        help="run again the cells whose runs were made with other arguments than the grid file's now (their run "
+        "directories are moved to <output>.stale/); without it they are reported and left alone",
+    )
     return parser
 
 
@@ -1008,15 +1138,18 @@ def main(argv: list[str]) -> int:
         states = {c.id: cell_state(c) for c in grid.cells}
         for cell in grid.cells:
             print(f"[{states[cell.id]:8}] {cell.id}\n    offbench {shlex.join(cell_command(cell, states[cell.id], 'auto')[3:])}")
-        counts = {s: list(states.values()).count(s) for s in ("finished", "resume", "fresh")}
+        counts = {s: list(states.values()).count(s) for s in ("finished", "resume", "fresh", "running", "stale")}
         print(f"grid {grid.name}: {len(grid.cells)} cells: {counts['finished']} finished (skipped), "
-              f"{counts['resume']} to resume, {counts['fresh']} to start; output {grid.output}")
+              f"{counts['resume']} to resume, {counts['fresh']} to start, {counts['running']} running elsewhere, "
+              f"{counts['stale']} stale (run with other arguments; --rerun-stale runs them again); output {grid.output}")
         return 0
     ray_options = None
     if args.launcher == "ray":
         cpus = 1.0 if args.cpus_per_cell is None else args.cpus_per_cell
         ray_options = RayOptions(args.address, cpus, args.gpus_per_cell)
-    report = run_grid(grid, args.workers, args.devices, tables=not args.no_tables, ray_options=ray_options)
+    report = run_grid(
+        grid, args.workers, args.devices, tables=not args.no_tables, ray_options=ray_options, rerun_stale=args.rerun_stale
+    )
     if report.interrupted:
         return 130
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.busy or report.stale else 0

@@ -46,6 +46,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -59,9 +60,10 @@ from torch import Tensor, nn
 
 from offbench.batch import Batch
 from offbench.data.catalog import DatasetInfo, forge_dir, forge_minari_id, forge_name, forge_slug
-from offbench.data.synthetic import Episode, write_d4rl_hdf5, write_minari_dataset
+from offbench.data.synthetic import Episode, minari_datasets_root, write_d4rl_hdf5, write_minari_dataset
+from offbench.errors import UserError
 from offbench.evaluation import evaluate, isolated_rng
-from offbench.files import write_json_atomic
+from offbench.files import read_json, write_json_atomic
 from offbench.module import OfflineRLModule, soft_update
 from offbench.nets import CriticEnsemble
 from offbench.sac import TanhGaussianActor
@@ -582,16 +584,39 @@ def _stats(episodes: list[Episode], refs: tuple[float, float] | None) -> dict[st
     return out
 
 
-def _check_minari_ids(ids: list[str], owner: str) -> None:
-    """Refuse to replace a Minari dataset that another forge folder (or anything else) wrote."""
-    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+def _check_minari_ids(ids: list[str], owner: str, root: Path, config: ForgeConfig) -> None:
+    """Refuse to replace a Minari dataset in `root` that something else wrote, except the copies of a
+    complete forge of the same settings elsewhere (identical data; an earlier offbench put the copies
+    of `--out` forges in the global Minari folder): those are taken over, so the default forge recovers
+    by itself."""
     for minari_id in ids:
         metadata = root / minari_id / "data" / "metadata.json"
-        if (root / minari_id).exists() and owner not in (metadata.read_text() if metadata.is_file() else ""):
-            raise SystemExit(
-                f"Minari dataset {minari_id} exists in {root} and was not written by this forge folder; pass another "
-                "--minari-namespace (e.g. offbench/<env>-seed1), or delete it (`minari delete`)"
-            )
+        if not (root / minari_id).exists():
+            continue
+        text = metadata.read_text() if metadata.is_file() else ""
+        if owner in text:
+            continue
+        other = _owner_folder(text)
+        manifest = read_json(other / MANIFEST, fix="it is not a forge's manifest") if other is not None else None
+        if isinstance(manifest, dict) and manifest.get("config") == config.to_dict():
+            print(f"offbench forge: taking over Minari dataset {minari_id} in {root} from the forge folder {other} "
+                  "(a complete forge of the same settings)", file=sys.stderr)
+            continue
+        by = f"the forge folder {other}, made with other settings" if other is not None else "something else"
+        raise UserError(
+            f"Minari dataset {minari_id} exists in {root} and was written by {by}; pass another --minari-namespace "
+            f"(e.g. offbench/<env>-seed1), or delete it (`minari delete {minari_id}`)"
+        )
+
+
+def _owner_folder(metadata: str) -> Path | None:
+    """The forge folder named in a forged Minari dataset's description (`...; forge folder <path>`)."""
+    try:
+        description = json.loads(metadata).get("description", "")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    _, found, folder = description.rpartition("; forge folder ")
+    return Path(folder) if found and folder else None
 
 
 def forge(
@@ -600,7 +625,10 @@ def forge(
 ) -> dict[str, Any]:
     """Make D4RL's five datasets for `config.env_id` in `out` (default: where the catalog looks,
     `forge_dir(env_id)`) and as Minari datasets `<minari_namespace>/<kind>-v0` (default namespace
-    offbench/<slug>); returns the manifest.
+    offbench/<slug>); returns the manifest. The Minari copies of the catalog's folder go to the user's
+    Minari folder ($MINARI_DATASETS_PATH or ~/.minari/datasets); those of any other `out` stay with
+    their family, in `<out>/minari` (read them with MINARI_DATASETS_PATH=<out>/minari), so a forge into
+    a folder never blocks the default one.
 
     A finished family with the same configuration is left as it is; another configuration (in the
     manifest or the saved SAC state) is an error unless `force`, which deletes the folder's forge
@@ -608,6 +636,8 @@ def forge(
     datasets are replaced only when this forge folder wrote them.
     """
     out = Path(out) if out is not None else forge_dir(config.env_id)
+    in_catalog = out.resolve() == forge_dir(config.env_id).resolve()  # catalog names point here
+    minari_root = minari_datasets_root() if in_catalog else out.resolve() / "minari"
     namespace = minari_namespace or forge_minari_id(config.env_id, "x").rsplit("/", 1)[0]
     minari_ids = {kind: f"{namespace}/{kind}-v0" for kind in KINDS}
     owner = f"forge folder {out.resolve()}"
@@ -618,10 +648,10 @@ def forge(
         manifest_path.unlink(missing_ok=True)
         shutil.rmtree(sac_dir, ignore_errors=True)
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path, fix="delete it, and the forge writes the family again (its SAC run is kept)")
         if manifest["config"] == config.to_dict():
             return manifest
-        raise SystemExit(
+        raise UserError(
             f"{out} holds a forged family made with other settings (see {manifest_path}); pass --force to replace "
             "it, or choose another --out"
         )
@@ -629,11 +659,11 @@ def forge(
         saved_config = torch.load(state_path, map_location="cpu", weights_only=False)["config"]
         if saved_config != config.to_dict():
             changed = sorted(k for k in saved_config if saved_config[k] != config.to_dict().get(k))
-            raise SystemExit(
+            raise UserError(
                 f"{state_path} is an interrupted SAC run with other settings ({', '.join(changed)} differ); rerun with "
                 "the same settings to resume it, or pass --force to start again"
             )
-    _check_minari_ids(list(minari_ids.values()), owner)
+    _check_minari_ids(list(minari_ids.values()), owner, minari_root, config)
     out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
 
@@ -736,7 +766,6 @@ def forge(
             "medium-expert": "medium episodes, then expert episodes",
         }
         datasets: dict[str, Any] = {}
-        in_catalog = out.resolve() == forge_dir(config.env_id).resolve()  # catalog names point here
         task = bar.task("writing", len(KINDS))
         for i, kind in enumerate(KINDS):
             file_name = f"{kind}.hdf5"
@@ -750,10 +779,11 @@ def forge(
                 minari_id, episodes[kind], env, algorithm_name=f"offbench forge: {made_by[kind]}",
                 code_permalink="offbench/forge.py",
                 description=f"{kind} dataset of {config.env_id}: {made_by[kind]}; {owner}",
-                ref_min=refs[0], ref_max=refs[1], ref_episodes=config.ref_episodes, overwrite=True,
+                ref_min=refs[0], ref_max=refs[1], ref_episodes=config.ref_episodes, overwrite=True, root=minari_root,
             )
             datasets[kind] = {
                 "name": forge_name(config.env_id, kind) if in_catalog else None, "hdf5": file_name, "minari_id": minari_id,
+                "minari_root": str(minari_root),
                 "made_by": made_by[kind], **_stats(episodes[kind], refs),
             }
             bar.update(task, i + 1, kind)

@@ -2,14 +2,21 @@
 evaluation env-steps/s with vectorised envs against one env at a time.
 
 For each algorithm config: one OfflineDataModule and one module at the config's batch size and the
-class's default network sizes. Lightning runs two epochs of `updates` updates (the first is the
-warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
+class's default network sizes, set up for the config's whole run (`updates`: what schedules such as
+IQL's cosine learning rate span) and stopped after the epochs measured. Lightning runs two epochs of
+`updates` updates (the first is the warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
 updates in a plain Python loop (`module.update(dm.sample())`), timed the same way. The ratio of the
 two is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches to
-the compiled path (`enable_compile`: torch.compile, CUDA graphs on CUDA) and runs the plain loop's
-update numbers again, twice: the first pass compiles every graph those updates need and warms up,
-the second is timed; the compile time reported is the first pass's time minus the second's.
-On CUDA the clock is read after a device synchronisation.
+the compiled path (`enable_compile`) and runs the plain loop's update numbers again, twice: the first
+pass compiles every graph those updates need and warms up, the second is timed; the compile time
+reported is the first pass's time minus the second's. Compiled modes: torch.compile's default
+(inductor kernels, "compiled") everywhere, and on CUDA also "reduce-overhead" (the same kernels
+replayed as CUDA graphs, "cudagraphs"), each after a torch._dynamo.reset().
+On CUDA the clock is read after a device synchronisation. A compiled mode that fails is reported with
+its error (the other measurements stand) and `offbench perf` then exits with status 1.
+`--no-lightning` skips the Lightning timing (Lightning then only sets the module up).
+Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env (and,
+with `--eval-async-envs N`, for N envs stepped in subprocesses).
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
@@ -19,8 +26,11 @@ import argparse
 import importlib
 import os
 import platform
+import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ from lightning.pytorch.loggers import CSVLogger
 from offbench.data.datamodule import OfflineDataModule
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
+from offbench.gpu_check import gpu_driver
 from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor
 
@@ -59,62 +70,141 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, Any], dict[str, Any]]:
-    """(module class, its init_args, the data section) of a configs/algorithms/*.yaml file."""
+class StopAfter(pl.Callback):
+    """Ends fit after `epochs` epochs, whatever the trainer's max_epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, Any], dict[str, Any], int]:
+    """(module class, its init_args, the data section, the run's updates or 0) of a configs/algorithms/*.yaml file."""
     config = yaml.safe_load(path.read_text())
     module_name, class_name = config["model"]["class_path"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {})
+    return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {}), int(config.get("updates") or 0)
+
+
+def describe(error: BaseException) -> str:
+    """The exception's type and message on one line, without torch's hints on how to get more logs."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Set TORCHDYNAMO_VERBOSE", "For even more developer context"))]
+    return f"{type(error).__name__}: {' '.join(lines)}"[:500]
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """Lightning's accelerator name for "auto", "cpu", "gpu" or "cuda": "gpu" when CUDA is there for "auto"."""
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --accelerator {accelerator}, but torch {torch.__version__} sees no CUDA device")
+        return "gpu"
+    if accelerator != "cpu":
+        raise SystemExit(f"error: --accelerator must be auto, cpu or gpu, got {accelerator!r}")
+    return "cpu"
+
+
+def compile_modes(accelerator: str) -> dict[str, str]:
+    """{result name: torch.compile mode} of the compiled path on this accelerator."""
+    modes = {"compiled": "default"}
+    if accelerator == "gpu":
+        modes["cudagraphs"] = "reduce-overhead"
+    return modes
 
 
 def measure_training(
-    config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False
+    config: Path, dataset: str, updates: int, block_size: int, accelerator: str, compile_update: bool = False,
+    lightning: bool = True, progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    cls, init_args, data = load_algorithm_config(config)
+    """Updates/s of one algorithm config: Lightning, plain loop, and (with `compile_update`) each compiled mode.
+    Without `lightning`, Lightning only sets the module up (one epoch of a few updates) and is not timed.
+    `progress` gets the row as it stands after each measurement (a caller that may be stopped keeps those)."""
+    accelerator = resolve_accelerator(accelerator)
+    cls, init_args, data, run_updates = load_algorithm_config(config)
+    epoch = updates if lightning else min(updates, 10)
     dm = OfflineDataModule(
-        dataset, batch_size=data.get("batch_size", 256), eval_every=updates, block_size=block_size,
+        dataset, batch_size=data.get("batch_size", 256), eval_every=epoch, block_size=min(block_size, epoch),
         normalize_obs=data.get("normalize_obs", False),
     )
     model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **init_args)
     timer = EpochTimer()
+    epochs = 2 if lightning else 1
+    # The trainer is told the config's whole run (what schedules over the run, e.g. IQL's cosine learning
+    # rate, are set up from) and stopped after the epochs measured here.
+    run_epochs = max(epochs, -(-run_updates // epoch))
     with tempfile.TemporaryDirectory() as logs:
         trainer = pl.Trainer(
-            max_epochs=2, accelerator=accelerator, devices=1, logger=CSVLogger(logs), callbacks=[timer],
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            log_every_n_steps=1,
+            max_epochs=run_epochs, accelerator=accelerator, devices=1, logger=CSVLogger(logs),
+            callbacks=[timer, StopAfter(epochs)], enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, log_every_n_steps=1,
         )
-        trainer.fit(model, dm)
-    lightning_seconds = timer.seconds[1]  # epoch 0 was the warm-up
-
-    # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning,
-    # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
-    # phases or a policy delay, make some updates cost more than others).
-    first = updates
-    plain_seconds = _time_updates(model, dm, updates, first)
-    compiled: dict[str, Any] = {"compiled_updates_per_s": None, "compile_seconds": None}
-    if compile_update:
-        # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
-        # Dynamo's recompile limit counts per code object and process: the shared `optimize` is compiled
-        # once per optimiser, so every algorithm starts from a clean slate rather than the last ones' count.
-        torch._dynamo.reset()
-        model.enable_compile()
-        warmup_seconds, compiled_seconds = (_time_updates(model, dm, updates, first) for _ in range(2))
-        compiled = {
-            "compiled_updates_per_s": updates / compiled_seconds,
-            "compile_seconds": warmup_seconds - compiled_seconds,
-        }
-    return {
+        trainer.fit(model, dm)  # also what sets the module up: device, optimisers, the dataset hooks
+    lightning_seconds = timer.seconds[1] if lightning else None  # epoch 0 was the warm-up
+    back_to_device(model, trainer.strategy.root_device)
+    modes = compile_modes(accelerator)
+    row: dict[str, Any] = {
         "algorithm": f"{cls.__module__}.{cls.__qualname__}",
         "config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
         "batch_size": dm.batch_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "updates_timed": updates,
         "block_size": block_size,
-        "lightning_updates_per_s": updates / lightning_seconds,
-        "plain_updates_per_s": updates / plain_seconds,
-        "lightning_overhead_pct": 100.0 * (lightning_seconds / plain_seconds - 1.0),
-        **compiled,
+        "lightning_updates_per_s": updates / lightning_seconds if lightning else None,
+        "plain_updates_per_s": None,
+        "lightning_overhead_pct": None,
+        **{key: None for name in modes for key in (f"{name}_updates_per_s", _seconds_key(name))},
+        "errors": {},
     }
+
+    # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning,
+    # over the same update numbers as the timed epoch (phases and cadences, e.g. AWR's value and policy
+    # phases or a policy delay, make some updates cost more than others).
+    first = updates
+    plain_seconds = _time_updates(model, dm, updates, first)
+    row["plain_updates_per_s"] = updates / plain_seconds
+    if lightning:
+        row["lightning_overhead_pct"] = 100.0 * (lightning_seconds / plain_seconds - 1.0)
+    for name, mode in modes.items():
+        if progress is not None:
+            progress(row)
+        if not compile_update:
+            continue
+        # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
+        # Dynamo's recompile limit counts per code object and process: the shared `optimize` is compiled
+        # once per optimiser, so every algorithm and mode starts from a clean slate rather than the last ones' count.
+        torch._dynamo.reset()
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+        try:
+            model.enable_compile(mode)
+            warmup_seconds, compiled_seconds = (_time_updates(model, dm, updates, first) for _ in range(2))
+        except Exception as error:  # reported in the row and by the exit status; the other modes still run
+            traceback.print_exc()
+            row["errors"][name] = describe(error)
+            continue
+        row[f"{name}_updates_per_s"] = updates / compiled_seconds
+        row[_seconds_key(name)] = warmup_seconds - compiled_seconds
+        if name == "cudagraphs":  # graphs inductor ran without CUDA graphs (its log says why)
+            row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+    if progress is not None:
+        progress(row)
+    return row
+
+
+def back_to_device(model: OfflineRLModule, device: torch.device) -> None:
+    """Lightning's teardown at the end of fit moves the module and its optimisers' states to the CPU; the
+    plain loops run on the device the sampler's tensors are on, so put them back (Adam's `step` counters
+    stay where they are: on the CPU unless capturable, as torch.optim keeps them)."""
+    model.to(device)
+    for optimizer in model._raw_optimizers():
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":
+                    state[key] = value.to(device)
 
 
 def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, first: int | None = None) -> float:
@@ -130,26 +220,43 @@ def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, f
     return time.perf_counter() - start
 
 
-def measure_evaluation(dataset: str, episodes: int, num_envs: int, accelerator: str) -> dict[str, Any]:
-    """Env steps/s of the evaluation loop with `num_envs` envs and with one, for an MLP policy."""
+def measure_evaluation(
+    dataset: str, episodes: int, num_envs: int | list[int], accelerator: str, async_envs: int = 0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Env steps/s of the evaluation loop with each of `num_envs` envs and with one, for an MLP policy,
+    and with `async_envs` envs in subprocesses (gymnasium's AsyncVectorEnv) when it is positive.
+    `episodes` per measurement, at least as many as envs (every env slot runs an episode). `progress`
+    gets the result as it stands after each run."""
     dm = OfflineDataModule(dataset)
-    device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+    device = torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
     policy = DeterministicActor(dm.obs_dim, dm.act_dim, dm.max_action).to(device).eval()
-    rates = {}
-    for n in (num_envs, 1):
-        result = evaluate(policy, dm.info, episodes, num_envs=n, seed=0, device=device)
-        rates[n] = result["env_steps"] / result["seconds"]
-    return {
-        "dataset": dataset, "env_id": dm.info.env_id, "episodes": episodes,
-        "policy": "untrained 2x256 MLP (DeterministicActor)",
-        f"env_steps_per_s_{num_envs}_envs": rates[num_envs], "env_steps_per_s_1_env": rates[1],
+    counts = sorted({*(num_envs if isinstance(num_envs, list) else [num_envs]), 1}, reverse=True)
+    result: dict[str, Any] = {
+        "dataset": dataset, "env_id": dm.info.env_id, "device": str(device),
+        "policy": "untrained 2x256 MLP (DeterministicActor)", "runs": [],
     }
+    for n, asynchronous in [(n, False) for n in counts] + ([(async_envs, True)] if async_envs > 0 else []):
+        run = evaluate(policy, dm.info, max(episodes, n), num_envs=n, seed=0, device=device, asynchronous=asynchronous)
+        rate = run["env_steps"] / run["seconds"]
+        result["runs"].append({"envs": n, "asynchronous": asynchronous, "episodes": run["episodes"], "env_steps": run["env_steps"],
+                               "seconds": run["seconds"], "env_steps_per_s": rate})
+        result[f"env_steps_per_s_{n}_env{'s' if n > 1 else ''}{'_async' if asynchronous else ''}"] = rate
+        if progress is not None:
+            progress(result)
+    return result
+
+
+def _seconds_key(name: str) -> str:
+    return "compile_seconds" if name == "compiled" else f"{name}_compile_seconds"
 
 
 def machine() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "driver": gpu_driver() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -158,8 +265,49 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f}%"
+
+
+def training_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of `measure_training` rows (n/a: a mode not run on this machine or failed)."""
+    lines = [
+        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead | compiled upd/s "
+        "| compile s | CUDA graphs upd/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
+            f"| {_rate(r['lightning_updates_per_s'])} | {r['plain_updates_per_s']:.1f} | {_percent(r['lightning_overhead_pct'])} "
+            f"| {_rate(r.get('compiled_updates_per_s'))} | {_rate(r.get('compile_seconds'))} "
+            f"| {_rate(r.get('cudagraphs_updates_per_s'))} | {_rate(r.get('cudagraphs_compile_seconds'))} |"
+        )
+    notes = []
+    for r in rows:
+        for mode, error in (r.get("errors") or {}).items():
+            notes.append(f"- {r['algorithm']}, {mode}: failed with {error}")
+        if r.get("cudagraph_skips"):
+            notes.append(f"- {r['algorithm']}: {r['cudagraph_skips']} graph(s) ran without CUDA graphs (inductor's log says why)")
+    return lines + ([""] + notes if notes else [])
+
+
+def evaluation_lines(e: dict[str, Any]) -> list[str]:
+    """One line per run of a `measure_evaluation` result."""
+    return [
+        f"- {r['envs']} env{'s' if r['envs'] > 1 else ''}{' in subprocesses (async)' if r['asynchronous'] else ''}: "
+        f"{r['env_steps_per_s']:.0f} env steps/s ({r['episodes']} episodes of {r['env_steps'] / r['episodes']:.0f} steps on average)"
+        for r in e["runs"]
+    ]
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     m = report["machine"]
+    e = report["evaluation"]
     lines = [
         "# Training throughput",
         "",
@@ -169,30 +317,18 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
         "sampler calling update() in a Python loop over the same update numbers (the same phases). One timing "
         "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
-        "plain loop's update numbers again after `enable_compile()` (torch.compile; CUDA graphs on CUDA), timed "
-        "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's "
-        "(n/a: run without --compile).",
+        "plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), timed "
+        "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "
+        "graphs = the same with mode reduce-overhead (CUDA only). n/a: not run (without --compile, or no CUDA) or failed.",
         "",
-        "| algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | overhead | compiled upd/s "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["training"]:
-        rate, seconds = r.get("compiled_updates_per_s"), r.get("compile_seconds")
-        lines.append(
-            f"| {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
-            f"| {r['lightning_updates_per_s']:.1f} | {r['plain_updates_per_s']:.1f} | {r['lightning_overhead_pct']:+.1f}% "
-            f"| {'n/a' if rate is None else f'{rate:.1f}'} | {'n/a' if seconds is None else f'{seconds:.1f}'} |"
-        )
-    e = report["evaluation"]
-    n = report["eval_envs"]
-    lines += [
+        *training_table(report["training"]),
         "",
         "# Evaluation",
         "",
-        f"{e['episodes']} episodes of `{e['env_id']}` with an {e['policy']}: "
-        f"{e[f'env_steps_per_s_{n}_envs']:.0f} env steps/s with {n} vectorised envs (one policy call per "
-        f"step for all), {e['env_steps_per_s_1_env']:.0f} env steps/s with one env.",
+        f"`{e['env_id']}` with an {e['policy']} on {e['device']}, one policy call per step for all "
+        "vectorised envs (in-process unless said otherwise):",
+        "",
+        *evaluation_lines(e),
         "",
     ]
     write_json_atomic(out_dir / "perf.json", report)
@@ -206,31 +342,39 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--updates", type=int, default=500, help="updates timed per measurement")
     parser.add_argument("--block-size", type=int, default=250, help="updates per Lightning training_step")
     parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--eval-envs", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation measurement (at least one per env)")
+    parser.add_argument("--eval-envs", type=int, nargs="+", default=[10], help="vectorised env counts to time (and always 1)")
+    parser.add_argument("--eval-async-envs", type=int, default=0, help="also time this many envs in subprocesses (0: no)")
     parser.add_argument("--out", type=Path, default=REPO / "results/perf")
-    parser.add_argument("--compile", action="store_true", help="also time the compiled update (enable_compile)")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time the compiled update (enable_compile): inductor's default mode, and CUDA graphs on CUDA",
+    )
+    parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning timing (plain and compiled loops only)")
     args = parser.parse_args(argv)
     if args.updates <= 0 or args.block_size <= 0:
         parser.error("--updates and --block-size must be positive")
+    if args.eval_episodes <= 0 or min(args.eval_envs) <= 0:
+        parser.error("--eval-episodes and --eval-envs must be positive")
     training = []
     for config in args.configs:
-        result = measure_training(config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile)
-        compiled = (
-            f", compiled {result['compiled_updates_per_s']:.1f} upd/s (compile {result['compile_seconds']:.0f} s)"
-            if args.compile else ""
+        result = measure_training(
+            config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile, not args.no_lightning
+        )
+        compiled = "".join(
+            f", {name} {_rate(result[f'{name}_updates_per_s'])} upd/s (compile {_rate(result[_seconds_key(name)])} s)"
+            for name in compile_modes(resolve_accelerator(args.accelerator)) if args.compile
         )
         print(
-            f"{result['algorithm']}: Lightning {result['lightning_updates_per_s']:.1f} upd/s, plain "
-            f"{result['plain_updates_per_s']:.1f} upd/s, overhead {result['lightning_overhead_pct']:+.1f}%{compiled}",
+            f"{result['algorithm']}: Lightning {_rate(result['lightning_updates_per_s'])} upd/s, plain "
+            f"{result['plain_updates_per_s']:.1f} upd/s, overhead {_percent(result['lightning_overhead_pct'])}{compiled}",
             flush=True,
         )
+        for mode, error in result["errors"].items():
+            print(f"{result['algorithm']}: {mode} failed: {error}", file=sys.stderr, flush=True)
         training.append(result)
-    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator)
-    report = {
-        "machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation,
-        "eval_envs": args.eval_envs,
-    }
+    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator, args.eval_async_envs)
+    report = {"machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation}
     write_report(report, args.out)
     print(f"wrote {args.out / 'perf.md'} and perf.json")
-    return 0
+    return 1 if any(r["errors"] for r in training) else 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ import numpy as np
 import yaml
 
 from offbench import stats
+from offbench.errors import UserError
 from offbench.files import read_json, write_text_atomic
 
 KINDS = ("last", "best", "final_mean")
@@ -111,8 +111,14 @@ def collect_runs(results_dir: str | os.PathLike) -> list[Run]:
     for path in sorted(Path(results_dir).rglob("result.json")):
         if "wandb" in path.relative_to(results_dir).parts[:-1]:
             continue
-        result = json.loads(path.read_text())
-        cell = read_json(path.parent / "cell.json") or {}
+        try:
+            result = read_json(path, fix="this run is left out of the tables; delete the file and rerun its cell")
+            cell = read_json(path.parent / "cell.json", fix="this run is left out of the tables") or {}
+        except UserError as e:
+            print(f"offbench table: warning: {e}", file=sys.stderr)
+            continue
+        if result is None:  # removed since it was listed
+            continue
         algorithm = cell.get("algorithm") or str(result.get("algorithm", "?")).rsplit(".", 1)[-1].lower()
         dataset = cell.get("dataset") or result.get("dataset", "?")
         runs.append(Run(algorithm, dataset, cell.get("seed", result.get("seed")), result, path.parent))

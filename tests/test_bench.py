@@ -19,6 +19,7 @@ from rich.console import Console
 
 from offbench import bench
 from offbench.bench import GridError, cell_command, cell_state, expand_grid, load_grid, run_grid
+from offbench.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BC = str(REPO / "configs/algorithms/bc.yaml")
@@ -207,7 +208,7 @@ def test_one_runner_per_output_directory(tmp_path):
                                 algorithms=[{"name": "bc", "config": BC}]))
     (tmp_path / "out").mkdir()
     (tmp_path / "out/bench.lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(SystemExit, match="another `offbench bench`"):
+    with pytest.raises(UserError, match="another `offbench bench`"):
         run_grid(grid, devices="cpu", console=quiet())
 
 

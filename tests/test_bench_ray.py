@@ -20,6 +20,7 @@ import yaml
 
 from offbench import bench
 from offbench.bench import RayOptions, load_grid, run_grid
+from offbench.errors import UserError
 from tests.test_bench import BC, TINY, quiet, write_grid
 
 DIVERGING = ["--model.init_args.actor_lr", "1e30"]  # BC's loss becomes NaN in its first block of updates
@@ -137,7 +138,7 @@ def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch):
     grid = write_grid(tmp_path / "g.yaml", name="g", output=str(tmp_path / "out"), seeds=1, updates=10, eval_every=5,
                       datasets=["synthetic/pendulum-random-v0"], algorithms=[{"name": "bc", "config": BC}])
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
-    with pytest.raises(SystemExit, match=r"pip install 'offbench\[ray\]'"):
+    with pytest.raises(UserError, match=r"pip install 'offbench\[ray\]'"):
         bench.main([str(grid), "--launcher", "ray"])
     assert not (tmp_path / "out").exists()  # nothing written, nothing locked
 

@@ -2,6 +2,7 @@
 algorithms from outside the repo, and bad input failing before training with a useful message."""
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     assert scores["last"] == result["history"][-1]["score"]
     assert scores["best"] == max(h["score"] for h in result["history"])
     assert (run / "config.yaml").exists() and (run / "checkpoints/last.ckpt").exists()
-    metrics = (run / "metrics.csv").read_text()
+    metrics = pd.read_csv(run / "metrics.csv")
     assert "loss/actor" in metrics and "eval/score" in metrics
+    # One counter, in every row: training rows every 50 updates (a block), evaluation rows every 100.
+    assert not {"step", "epoch", "eval/updates"} & set(metrics.columns) and metrics["updates"].notna().all()
+    assert metrics.loc[metrics["eval/score"].notna(), "updates"].tolist() == [100, 200, 300]
+    assert metrics.loc[metrics["loss/actor"].notna(), "updates"].tolist() == list(range(50, 301, 50))
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
@@ -68,7 +73,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
     strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
     assert strip(history[0]) == strip(history[1])
     # The metric log of the resumed run holds each block once, with the same values.
-    columns = ["updates", "loss/actor", "eval/score", "eval/updates"]
+    columns = ["updates", "loss/actor", "eval/score"]
     logs = [pd.read_csv(tmp_path / d / "metrics.csv")[columns] for d in ("full", "resumed")]
     pd.testing.assert_frame_equal(logs[0], logs[1])
 
@@ -113,27 +118,29 @@ def test_algorithm_from_a_file_outside_the_repo(tiny_hopper, tmp_path, monkeypat
         (["--data.eval_every", "-1"], "data.eval_every must be a positive"),
         (["--model.init_args.learning_rate", "0.1"], "learning_rate"),
         (["--data.shuffle", "true"], "shuffle"),
-        (["--data.env_id", "HalfCheetah-v4"], "has 11-dim observations but its evaluation env HalfCheetah-v4 gives 17"),
+        (["--data.env_id", "HalfCheetah-v4"], "'observations' are 11-dim but the evaluation env HalfCheetah-v4 gives 17-dim"),
         (["--data.dataset", "hopper-medum-v2"], "hopper-medium-v2"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_hopper, tmp_path, capsys, extra, message):
-    with pytest.raises((SystemExit, ValueError)) as failure:
-        main(fit_args(tiny_hopper, tmp_path / "run", *extra))
-    err = capsys.readouterr().err + str(failure.value)
-    assert message in err
+    try:  # a user error: status 2, from main (offbench's own checks) or from the argument parser
+        code = main(fit_args(tiny_hopper, tmp_path / "run", *extra))
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "run/checkpoints").exists()
 
 
-def test_refuses_to_overwrite_a_finished_or_interrupted_run(tiny_hopper, tmp_path):
+def test_refuses_to_overwrite_a_finished_or_interrupted_run(tiny_hopper, tmp_path, capsys):
     root = tmp_path / "run"
     with pytest.raises(SystemExit):
         main(fit_args(tiny_hopper, root, "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
-    with pytest.raises(SystemExit, match="interrupted run.*--ckpt_path last"):
-        main(fit_args(tiny_hopper, root))
+    assert main(fit_args(tiny_hopper, root)) == 2
+    assert re.search("interrupted run.*--ckpt_path last", capsys.readouterr().err)
     main(fit_args(tiny_hopper, root, "--ckpt_path", "last"))
-    with pytest.raises(SystemExit, match="already holds a finished run"):
-        main(fit_args(tiny_hopper, root))
+    assert main(fit_args(tiny_hopper, root)) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
 
 
 def test_fit_on_a_d4rl_name_and_a_minari_id_with_the_data_where_the_real_data_goes(tiny_hopper, tmp_path, monkeypatch):
@@ -190,3 +197,25 @@ def test_contract_breaks_fail_with_a_message_naming_the_contract(case, tiny_hopp
     with pytest.raises(TypeError, match=message) as error:
         main(fit_args(tiny_hopper, tmp_path / "run", "--model", f"{module}.Broken"))
     assert "contract in offbench/module.py" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "extra", "message"),
+    [
+        (BC_CONFIG, ["--model.init_args.lr", "0.01"], "`lr` (in the command line) is now called `actor_lr`: --model.init_args.actor_lr 0.01"),
+        (str(REPO / "configs/algorithms/td3bc.yaml"), ["--model.init_args.policy_freq=3"], "is now called `policy_every`"),
+        (str(REPO / "configs/algorithms/diffcps.yaml"), ["--model.init_args.hidden", "64"], "now a list of layer widths, e.g. [64, 64, 64]"),
+    ],
+)
+def test_old_config_keys_fail_with_the_new_name(config, extra, message, tiny_hopper, tmp_path, capsys):
+    args = fit_args(tiny_hopper, tmp_path / "run", *extra)
+    args[2] = config
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_old_config_key_in_a_config_file(tiny_hopper, tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    lr: 0.001\n")
+    assert main(fit_args(tiny_hopper, tmp_path / "run", "--config", str(old))) == 2
+    assert f"`lr` (in {old}) is now called `actor_lr`" in capsys.readouterr().err

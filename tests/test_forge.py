@@ -16,6 +16,7 @@ from offbench.cli import main as cli_main
 from offbench.data.catalog import forge_dir, resolve
 from offbench.data.commands import main as data_main
 from offbench.data.sources import load_transitions, read_d4rl_hdf5, read_minari
+from offbench.errors import UserError
 from offbench.forge import KINDS, choose_expert, choose_medium, expert_candidates, forge, forge_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,20 +250,45 @@ def test_interrupted_writing_leaves_no_half_written_dataset(tiny, roots, tmp_pat
         forge(tiny_config(), run, minari_namespace="test/crash", progress=False)
     monkeypatch.setattr(forge_module, "write_minari_dataset", write)
     assert not (run / "manifest.json").exists()
-    assert sorted(p.name for p in run.iterdir()) == ["medium-replay.hdf5", "medium.hdf5", "random.hdf5", "sac"]
-    assert sorted(p.name for p in (roots / "minari/test/crash").iterdir()) == ["medium-v0", "random-v0"]
-    assert not Path(f"{roots / 'minari'}.staging").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["medium-replay.hdf5", "medium.hdf5", "minari", "random.hdf5", "sac"]
+    assert sorted(p.name for p in (run / "minari/test/crash").iterdir()) == ["medium-v0", "random-v0"]
+    assert not Path(f"{run / 'minari'}.staging").exists()
     again = forge(tiny_config(), run, minari_namespace="test/crash", progress=False)
     for kind in KINDS:
-        assert {k: v for k, v in again["datasets"][kind].items() if k not in ("name", "minari_id")} == {
-            k: v for k, v in manifest["datasets"][kind].items() if k not in ("name", "minari_id")
+        assert {k: v for k, v in again["datasets"][kind].items() if k not in ("name", "minari_id", "minari_root")} == {
+            k: v for k, v in manifest["datasets"][kind].items() if k not in ("name", "minari_id", "minari_root")
         }
 
 
-def test_minari_datasets_of_another_forge_folder_are_not_replaced(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="was not written by this forge folder.*--minari-namespace"):
-        forge(tiny_config(), tmp_path / "elsewhere", progress=False)  # offbench/pendulum/* belong to the catalog's folder
-    assert not (tmp_path / "elsewhere").exists()
+def test_a_forge_into_a_folder_keeps_its_minari_copies_there_and_the_default_forge_still_works(tmp_path, monkeypatch):
+    """`offbench data forge --out DIR`, then `make benchmark` (whose runner forges the catalog's family):
+    the folder's Minari copies stay in DIR/minari, so the default forge is not blocked. Copies that an
+    earlier offbench put in the global Minari folder are taken over when their forge is complete with
+    the same settings, and refused (named) otherwise."""
+    import shutil
+
+    from offbench import bench
+
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    mine = tmp_path / "mine"
+    assert data_main(["forge", "--env", "Pendulum-v1", "--out", str(mine), *TINY_FLAGS, "--quiet"]) == 0
+    assert sorted(p.name for p in (mine / "minari/offbench/pendulum").iterdir()) == sorted(f"{k}-v0" for k in KINDS)
+    assert not (tmp_path / "minari").exists()  # nothing in the user's Minari folder
+    monkeypatch.setattr(forge_module, "forge_config", lambda env_id, preset=None, **kw: tiny_config())
+    bench._prepare_datasets(["forge/pendulum-medium-v0"])  # what `make benchmark` does first
+    assert (forge_dir("Pendulum-v1") / "manifest.json").is_file()
+    default = json.loads((forge_dir("Pendulum-v1") / "manifest.json").read_text())
+    assert minari.load_dataset("offbench/pendulum/medium-v0").total_steps == default["datasets"]["medium"]["steps"]
+
+    # The layout an earlier offbench left: the folder's copies in the global Minari folder.
+    legacy = tmp_path / "legacy-minari"
+    shutil.copytree(mine / "minari", legacy)
+    ids = [f"offbench/pendulum/{kind}-v0" for kind in KINDS]
+    default_owner = f"forge folder {forge_dir('Pendulum-v1').resolve()}"
+    forge_module._check_minari_ids(ids, default_owner, legacy, tiny_config())  # same settings: taken over
+    with pytest.raises(UserError, match=f"written by the forge folder {mine.resolve()}, made with other settings"):
+        forge_module._check_minari_ids(ids, default_owner, legacy, tiny_config(seed=7))
 
 
 def test_rerun_keeps_a_finished_family_and_other_settings_need_force(tiny, capsys):
@@ -272,7 +298,7 @@ def test_rerun_keeps_a_finished_family_and_other_settings_need_force(tiny, capsy
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
     text = capsys.readouterr().out
     assert "forge/pendulum-medium-v0" in text and "medium-expert" in text
-    with pytest.raises(SystemExit, match="--force"):
+    with pytest.raises(UserError, match="--force"):
         data_main(["forge", "--env", "Pendulum-v1", *TINY_FLAGS, "--seed", "3", "--quiet"])
 
 

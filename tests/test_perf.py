@@ -19,4 +19,6 @@ def test_perf_writes_a_report_with_both_rates_and_the_machine(tiny_hopper, tmp_p
     assert row["algorithm"] == "algorithms.bc.BC" and row["updates_timed"] == 20 and row["batch_size"] == 256
     assert row["lightning_updates_per_s"] > 0 and row["plain_updates_per_s"] > 0
     assert report["evaluation"]["env_steps_per_s_2_envs"] > 0 and report["machine"]["torch"]
+    assert [(r["envs"], r["asynchronous"]) for r in report["evaluation"]["runs"]] == [(2, False), (1, False)]
+    assert row["compiled_updates_per_s"] is None and row["errors"] == {}  # run without --compile
     assert "algorithms.bc.BC" in (tmp_path / "perf.md").read_text()

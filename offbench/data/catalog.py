@@ -6,16 +6,19 @@ HDF5 file, whose env and reference scores come from the arguments or from the fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from offbench.data.synthetic import RECIPES, data_root
+from offbench.errors import MissingFileError, UserError
 from offbench.scores import REF_SCORES
 
 
@@ -241,7 +244,7 @@ def _forge_info(name: str) -> DatasetInfo:
     match = _FORGE_NAME.fullmatch(name)
     if match is None or int(match["version"]) != FORGE_VERSION:
         examples = ", ".join(forge_name(e.env_id, "medium") for e in list(FORGE_ENVS.values())[:2])
-        raise ValueError(
+        raise UserError(
             f"{name!r} is not a forge name: forge/<env>-<kind>-v{FORGE_VERSION} with kind one of "
             f"{', '.join(FORGE_KINDS)} (e.g. {examples})"
         )
@@ -251,10 +254,10 @@ def _forge_info(name: str) -> DatasetInfo:
     if not manifest_path.is_file():
         env_id = _env_of_slug(slug)
         if env_id is None:
-            raise ValueError(f"{name!r}: no forged data at {directory} and {slug!r} names no known env")
+            raise UserError(f"{name!r}: no forged data at {directory} and {slug!r} names no known env")
         entry = FORGE_ENVS.get(slug)
         cost = f"\nIt takes {entry.cost}." if entry else ""
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name} has not been forged on this machine (no {manifest_path}). Make the family (random, medium, "
             f"medium-replay, expert, medium-expert) with:\n  {forge_command(env_id, directory)}{cost}"
         )
@@ -281,6 +284,7 @@ def resolve(
     ref_min: float | None = None,
     ref_max: float | None = None,
     max_episode_steps: int | None = None,
+    env_id_flag: str = "--data.env_id",
 ) -> DatasetInfo:
     """The `DatasetInfo` of a catalog name, a forged dataset (`forge/<env>-<kind>-v0`, read from the
     forge's manifest; FileNotFoundError with the command that makes it when it is missing) or a path
@@ -288,7 +292,7 @@ def resolve(
 
     Arguments that are given replace the catalog's (or the file's) values: `env_id`, the reference
     scores (`ref_family` from offbench.scores.REF_SCORES, or `ref_min` and `ref_max`) and
-    `max_episode_steps`.
+    `max_episode_steps`. `env_id_flag` names the option `env_id` came from in error messages.
     """
     refs = _refs_from_args(ref_family, ref_min, ref_max)
     if name in CATALOG:
@@ -300,33 +304,60 @@ def resolve(
     else:
         close = difflib.get_close_matches(name, list(CATALOG), n=5, cutoff=0.5)
         suggestion = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise UserError(
             f"unknown dataset {name!r}.{suggestion} Run `offbench data info NAME` to check a name; for your own "
             "data pass a path to a D4RL-layout .hdf5 file with --data.env_id and --data.ref_family "
             "(or --data.ref_min/--data.ref_max)."
         )
     changes: dict[str, Any] = {}
     if env_id is not None:
+        check_env_id(env_id, f"{env_id_flag}, given on the command line")
         changes["env_id"] = env_id
     if refs is not None:
         changes["ref_min"], changes["ref_max"] = refs
     if max_episode_steps is not None:
         changes["max_episode_steps"] = int(max_episode_steps)
-    return replace(info, **changes)
+    info = replace(info, **changes)
+    if info.ref_min == info.ref_max and not info.success_scored:
+        source = "given on the command line" if refs is not None else f"the reference scores of {name}"
+        raise UserError(
+            f"ref_min equals ref_max ({info.ref_min}, {source}): the normalized score 100 * (return - ref_min) / "
+            "(ref_max - ref_min) is undefined; pass references that differ (--data.ref_min R_RANDOM --data.ref_max "
+            "R_EXPERT, or --data.ref_family)"
+        )
+    return info
 
 
 def _refs_from_args(ref_family: str | None, ref_min: float | None, ref_max: float | None) -> tuple[float, float] | None:
     if ref_family is not None:
         if ref_min is not None or ref_max is not None:
-            raise ValueError("pass either --data.ref_family or --data.ref_min/--data.ref_max, not both")
+            raise UserError("pass either --data.ref_family or --data.ref_min/--data.ref_max, not both")
         if ref_family not in REF_SCORES:
-            raise ValueError(f"unknown ref_family {ref_family!r}; known families: {sorted(REF_SCORES)}")
+            raise UserError(f"unknown ref_family {ref_family!r}; known families: {sorted(REF_SCORES)}")
         return REF_SCORES[ref_family]
     if (ref_min is None) != (ref_max is None):
-        raise ValueError("pass both --data.ref_min and --data.ref_max (or --data.ref_family)")
+        raise UserError("pass both --data.ref_min and --data.ref_max (or --data.ref_family)")
     if ref_min is None:
         return None
     return float(ref_min), float(ref_max)
+
+
+@contextlib.contextmanager
+def open_hdf5(path: str | os.PathLike) -> Iterator[Any]:
+    """`h5py.File(path, "r")`, with a file that h5py cannot read (truncated by an interrupted copy or
+    download, or not HDF5 at all) reported as a UserError naming the path."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            yield f
+    except UserError:
+        raise
+    except OSError as e:
+        raise UserError(
+            f"{path} is not a readable HDF5 file ({e}); it is probably truncated (an interrupted copy or "
+            "download) or not HDF5: copy, download or write it again"
+        ) from e
 
 
 def _hdf5_info(
@@ -334,25 +365,43 @@ def _hdf5_info(
 ) -> DatasetInfo:
     """A bring-your-own file: env and references from the arguments, else from the file's attributes
     (`env_id`, `ref_min`, `ref_max`, `max_episode_steps`, as offbench's synthetic writer stores them)."""
-    import h5py
-
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no HDF5 file at {path}")
-    with h5py.File(path, "r") as f:
+        raise MissingFileError(f"no HDF5 file at {path}")
+    with open_hdf5(path) as f:
         attrs = {k: f.attrs[k] for k in ("env_id", "ref_min", "ref_max", "max_episode_steps") if k in f.attrs}
-    env_id = env_id or (str(attrs["env_id"]) if "env_id" in attrs else None)
+    if env_id is None and "env_id" in attrs:
+        env_id = str(attrs["env_id"])
+        check_env_id(env_id, f"the `env_id` attribute of {path} (pass --data.env_id to override it)")
     if refs is None and "ref_min" in attrs and "ref_max" in attrs:
         refs = float(attrs["ref_min"]), float(attrs["ref_max"])
     if env_id is None or refs is None:
         absent = [what for what, value in (("the evaluation env", env_id), ("reference scores", refs)) if value is None]
         missing = " and ".join(absent)
-        raise ValueError(
+        raise UserError(
             f"{path} does not say {missing}: pass them, e.g. --data.env_id Hopper-v4 --data.ref_family hopper "
             "(or --data.ref_min R_RANDOM --data.ref_max R_EXPERT)"
         )
     if max_episode_steps is None:
         max_episode_steps = int(attrs["max_episode_steps"]) if "max_episode_steps" in attrs else _spec_limit(env_id)
     return DatasetInfo(path, "hdf5", path, env_id, refs[0], refs[1], max_episode_steps)
+
+
+def check_env_id(env_id: str, where: str) -> None:
+    """A UserError saying where `env_id` came from when it is not a registered gymnasium (or
+    gymnasium-robotics) env id, with the closest registered ids."""
+    import gymnasium as gym
+
+    if env_id in gym.registry:
+        return
+    with contextlib.suppress(ImportError):
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+    if env_id in gym.registry:
+        return
+    close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UserError(f"unknown env id {env_id!r} (from {where}): not a registered gymnasium or gymnasium-robotics env.{hint}")
 
 
 def _spec_limit(env_id: str) -> int:
@@ -364,8 +413,8 @@ def _spec_limit(env_id: str) -> int:
 
         gym.register_envs(gymnasium_robotics)
     if env_id not in gym.registry:
-        raise ValueError(f"{env_id!r} is not a registered gymnasium or gymnasium-robotics env id")
+        raise UserError(f"{env_id!r} is not a registered gymnasium or gymnasium-robotics env id")
     steps = gym.spec(env_id).max_episode_steps
     if steps is None:
-        raise ValueError(f"{env_id} has no registered episode limit: pass --data.max_episode_steps")
+        raise UserError(f"{env_id} has no registered episode limit: pass --data.max_episode_steps")
     return int(steps)

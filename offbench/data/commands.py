@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from offbench.data.catalog import CATALOG, FORGE_ENVS, FORGE_KINDS, forge_dir, forge_name, resolve
+from offbench.data.checks import check_transitions
 from offbench.data.sources import load_transitions, local_path
-from offbench.data.synthetic import write_random_dataset
+from offbench.data.synthetic import minari_datasets_root, write_random_dataset
+from offbench.envs import action_bounds, observation_dim
 from offbench.scores import REF_SCORES, normalized_score
 
 
@@ -120,6 +122,9 @@ def _forge(args: argparse.Namespace) -> int:
             f"{kind:14s} {d['steps']:9d} {d['episodes']:9d} {d['mean_return']:12.2f} {d['normalized_mean']:10.1f}  "
             f"{d['name'] or Path(out) / d['hdf5']} | Minari {d['minari_id']}"
         )
+    minari_root = next(iter(manifest["datasets"].values())).get("minari_root")
+    if minari_root and Path(minari_root).resolve() != minari_datasets_root().resolve():
+        print(f"the Minari copies are in {minari_root} (read them with MINARI_DATASETS_PATH={minari_root})")
     for warning in manifest.get("warnings", []):
         print(f"warning: {warning}")
     return 0
@@ -137,7 +142,7 @@ def _info(args: argparse.Namespace) -> int:
     try:
         info = resolve(
             args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
-            max_episode_steps=args.max_episode_steps,
+            max_episode_steps=args.max_episode_steps, env_id_flag="--env-id",
         )
     except FileNotFoundError as e:  # a forged family that is not there yet: the message says how to make it
         print(e)
@@ -157,9 +162,26 @@ def _info(args: argparse.Namespace) -> int:
     returns = t.episode_returns()
     scores = normalized_score(returns, info.ref_min, info.ref_max)
     print(f"transitions        {len(t)} (obs dim {t.obs_dim}, action dim {t.act_dim}), {int(t.done.sum())} done")
+    low, high = action_bounds(info)
+    check = check_transitions(t, str(path), info.env_id, observation_dim(info), low, high)
+    print(f"env action range   {_range(low, high)}")
+    print(f"data action range  {_range(check.data_min, check.data_max)}")
+    for problem in check.problems:
+        print(f"check              error: {problem}")
+    for warning in check.warnings:
+        print(f"check              warning: {warning}")
+    if not check.problems and not check.warnings:
+        print("check              ok (sizes match the env, actions within its bounds, no extreme values)")
     print(f"episodes           {t.n_episodes}, length mean {len(t) / t.n_episodes:.1f}")
     print(
         f"episode return     mean {returns.mean():.2f}, std {returns.std():.2f}, min {returns.min():.2f}, "
         f"max {returns.max():.2f} (normalized mean {np.mean(scores):.1f})"
     )
     return 0
+
+
+def _range(low: np.ndarray, high: np.ndarray) -> str:
+    """Per-feature ranges, shortened when every feature has the same one."""
+    if np.all(low == low[0]) and np.all(high == high[0]):
+        return f"[{low[0]:.4g}, {high[0]:.4g}]" + (f" in each of {len(low)} dims" if len(low) > 1 else "")
+    return " ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in zip(low, high))

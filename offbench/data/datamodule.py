@@ -8,6 +8,7 @@ offbench/module.py), and its length makes one epoch exactly one evaluation inter
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -18,8 +19,10 @@ from torch import Tensor
 
 from offbench.batch import Batch, Transitions
 from offbench.data.catalog import DatasetInfo, resolve
-from offbench.data.sources import load_transitions
+from offbench.data.checks import check_transitions
+from offbench.data.sources import load_transitions, local_path
 from offbench.envs import action_bounds, observation_dim
+from offbench.errors import UserError
 
 RewardTuning = Literal["none", "cql_antmaze", "iql_antmaze", "iql_locomotion"]
 
@@ -37,18 +40,38 @@ def tune_rewards(t: Transitions, tuning: RewardTuning) -> Transitions:
         returns = t.episode_returns()
         spread = float(returns.max() - returns.min())
         if spread <= 0:
-            raise ValueError("iql_locomotion reward tuning divides by the spread of episode returns, which is 0 here")
+            raise UserError("iql_locomotion reward tuning divides by the spread of episode returns, which is 0 here")
         rew = t.rew * (1000.0 / spread)
     else:
-        raise ValueError(f"unknown reward_tuning {tuning!r}; choose one of {RewardTuning.__args__}")
+        raise UserError(f"unknown reward_tuning {tuning!r}; choose one of {RewardTuning.__args__}")
     rew = rew.astype(np.float32)
     episode_return = np.bincount(t.episode, weights=rew)[t.episode].astype(np.float32)
     return replace(t, rew=rew, episode_return=episode_return)
 
 
+def checked(
+    t: Transitions, info: DatasetInfo, env_obs_dim: int, low: np.ndarray, high: np.ndarray, clip_actions: bool
+) -> Transitions:
+    """`t` after the checks of offbench/data/checks.py: a UserError listing the problems, warnings on
+    stderr, and with `clip_actions` the actions outside the bounds clipped (said on stderr)."""
+    where = str(local_path(info) or info.name)
+    check = check_transitions(t, where, info.env_id, env_obs_dim, low, high)
+    problems = check.problems
+    if clip_actions and check.outside_rows:
+        problems = [p for p in problems if "outside the action bounds" not in p]
+        print(f"offbench: clipped the actions of {check.outside_rows} transitions of {where} to the bounds of "
+              f"{info.env_id} (--data.clip_actions)", file=sys.stderr)
+        t = replace(t, act=np.clip(t.act, low, high).astype(np.float32))
+    if problems:
+        raise UserError(problems[0] if len(problems) == 1 else "the data cannot be trained on:\n  - " + "\n  - ".join(problems))
+    for warning in check.warnings:
+        print(f"offbench: warning: {warning}", file=sys.stderr)
+    return t
+
+
 def _positive(name: str, value: int) -> int:
     if value <= 0:
-        raise ValueError(f"{name} must be a positive number of updates/samples, got {value}")
+        raise UserError(f"{name} must be a positive number of updates/samples, got {value}")
     return value
 
 
@@ -68,6 +91,8 @@ class OfflineDataModule(pl.LightningDataModule):
             "iql_locomotion" (r*1000/return range).
         env_id, ref_family, ref_min, ref_max, max_episode_steps: for bring-your-own HDF5 files:
             the evaluation env and the reference scores of the normalized score.
+        clip_actions: clip actions outside the evaluation env's bounds to them (without it, such
+            actions are an error: see offbench/data/checks.py for every check made before training).
     """
 
     def __init__(
@@ -83,6 +108,7 @@ class OfflineDataModule(pl.LightningDataModule):
         ref_min: float | None = None,
         ref_max: float | None = None,
         max_episode_steps: int | None = None,
+        clip_actions: bool = False,
     ) -> None:
         super().__init__()
         self.batch_size = _positive("data.batch_size", batch_size)
@@ -94,20 +120,16 @@ class OfflineDataModule(pl.LightningDataModule):
             max_episode_steps=max_episode_steps,
         )
         transitions = load_transitions(self.info)
-        env_obs_dim = observation_dim(self.info)
-        if transitions.obs_dim != env_obs_dim:
-            raise ValueError(
-                f"dataset {self.info.name!r} has {transitions.obs_dim}-dim observations but its evaluation env "
-                f"{self.info.env_id} gives {env_obs_dim}: pass the env the data was collected in (--data.env_id)"
-            )
-        self.transitions = tune_rewards(transitions, reward_tuning)
         low, high = action_bounds(self.info)
+        transitions = checked(transitions, self.info, observation_dim(self.info), low, high, clip_actions)
+        self.transitions = tune_rewards(transitions, reward_tuning)
         self.max_action = float(np.max(np.abs(np.concatenate([low, high]))))
         obs = self.transitions.obs
         self.obs_mean = torch.as_tensor(obs.mean(0) if normalize_obs else np.zeros(obs.shape[1]), dtype=torch.float32)
         self.obs_std = torch.as_tensor(obs.std(0) + 1e-3 if normalize_obs else np.ones(obs.shape[1]), dtype=torch.float32)
         self._tensors: tuple[Tensor, ...] | None = None
         self._generator: torch.Generator | None = None
+        self.accept_changed_statistics = False  # a resume with accepted changes (offbench fit --accept_changes)
 
     @property
     def obs_dim(self) -> int:
@@ -155,9 +177,11 @@ class OfflineDataModule(pl.LightningDataModule):
         return {"generator": self._generator.get_state(), "obs_mean": self.obs_mean, "obs_std": self.obs_std}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not (torch.equal(state["obs_mean"], self.obs_mean) and torch.equal(state["obs_std"], self.obs_std)):
-            raise ValueError(
+        same = torch.equal(state["obs_mean"], self.obs_mean) and torch.equal(state["obs_std"], self.obs_std)
+        if not same and not self.accept_changed_statistics:
+            raise UserError(
                 f"the checkpoint's observation statistics differ from dataset {self.info.name!r}'s: "
-                "the data or --data.normalize_obs changed since the checkpoint was written; resume with the same data"
+                "the data or --data.normalize_obs changed since the checkpoint was written; resume with the same data "
+                "(or pass --accept_changes true to continue with this data's statistics)"
             )
         self._generator.set_state(state["generator"])

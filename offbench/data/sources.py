@@ -14,11 +14,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from offbench.batch import Transitions
-from offbench.data.catalog import DatasetInfo, maze_goal_xy
+from offbench.data.catalog import DatasetInfo, maze_goal_xy, open_hdf5
+from offbench.errors import MissingFileError, UserError
 
 D4RL_LOCOMOTION_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
 D4RL_ANTMAZE_V0_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/ant_maze_new/"
@@ -67,12 +67,12 @@ def transitions_from_d4rl(
         "terminals": len(terminals), "timeouts": len(timeouts),
     }
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"arrays have different numbers of rows {lengths}; every array needs one row per step")
+        raise UserError(f"arrays have different numbers of rows {lengths}; every array needs one row per step")
     keep = ~timeouts
     keep[-1:] = False  # the last row has no next observation
     idx = np.flatnonzero(keep)
     if len(idx) == 0:
-        raise ValueError(f"no transitions left from {n} rows: every row is a timeout or the last row")
+        raise UserError(f"no transitions left from {n} rows: every row is a timeout or the last row")
     rew = np.asarray(rewards, dtype=np.float32)[idx]
     # Episode boundaries of the kept rows: a kept row ends its episode when it is terminal or when
     # the raw row after it is a dropped timeout or the end of the file.
@@ -96,7 +96,7 @@ def _check_finite(name: str, array: np.ndarray, where: str) -> None:
     bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
-        raise ValueError(
+        raise UserError(
             f"{where}: '{name}' has NaN or inf in {len(rows)} row(s) (first at row {rows[0]}); "
             "clean or drop those rows before training on this data"
         )
@@ -107,14 +107,14 @@ def read_d4rl_hdf5(path: str | os.PathLike) -> Transitions:
     checking keys, shapes and finiteness; raise ValueError saying what is wrong and where."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no HDF5 file at {path}")
-    with h5py.File(path, "r") as f:
+        raise MissingFileError(f"no HDF5 file at {path}")
+    with open_hdf5(path) as f:
         missing = [k for k in D4RL_KEYS if k not in f]
         if missing:
             hint = (
                 " (D4RL -v0 locomotion files have no 'timeouts': use the -v2 files)" if missing == ["timeouts"] else ""
             )
-            raise ValueError(
+            raise UserError(
                 f"{path}: missing key(s) {missing}; the file has {sorted(f.keys())}. A D4RL-layout file needs "
                 f"{list(D4RL_KEYS)}{hint}"
             )
@@ -123,13 +123,33 @@ def read_d4rl_hdf5(path: str | os.PathLike) -> Transitions:
     for key, ndim in want_ndim.items():
         if data[key].ndim != ndim:
             shape = "(N, dim)" if ndim == 2 else "(N,)"
-            raise ValueError(f"{path}: '{key}' has shape {data[key].shape}, expected {shape}")
+            raise UserError(f"{path}: '{key}' has shape {data[key].shape}, expected {shape}")
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"{path}: keys have different numbers of rows {lengths}; every key needs one row per step")
+        raise UserError(f"{path}: keys have different numbers of rows {lengths}; every key needs one row per step")
+    if lengths["observations"] == 0:
+        raise UserError(f"{path}: the file has no rows (an empty dataset)")
     for key in ("observations", "actions", "rewards"):
         _check_finite(key, data[key], str(path))
-    return transitions_from_d4rl(**data)
+    for key in ("terminals", "timeouts"):
+        _check_flags(key, data[key], str(path))
+    try:
+        return transitions_from_d4rl(**data)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+
+
+def _check_flags(name: str, array: np.ndarray, where: str) -> None:
+    """terminals and timeouts are flags: 0/1 (or bool), nothing else (a NaN would read as True)."""
+    if array.dtype == bool:
+        return
+    bad = ~np.isin(array, (0, 1))  # NaN is not in it either
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise UserError(
+            f"{where}: '{name}' must hold 0 or 1, but {len(rows)} row(s) hold other values (first at row {rows[0]}: "
+            f"{array[rows[0]].item()!r}); fix those flags before training on this data"
+        )
 
 
 # --------------------------------------------------------------------------- downloads
@@ -201,7 +221,7 @@ def d4rl_file(file_name: str, data_dir: str | os.PathLike | None = None) -> Path
         return path
     url = d4rl_url(file_name)
     if not reachable(url):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"D4RL file {file_name} is not in {path.parent} and {urllib.parse.urlsplit(url).hostname} cannot be "
             f"reached. Download {url} on a machine with internet and copy it to {path} "
             "(or set OFFBENCH_D4RL_DIR to the folder that holds it)."
@@ -229,7 +249,7 @@ def _ensure_minari_local(dataset_id: str) -> None:
     where = minari_root() / dataset_id
     url = _minari_remote_url()
     if not reachable(url):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Minari dataset {dataset_id} is not at {where} and {url} cannot be reached. On a machine with "
             f'internet run `pip install "minari[hf]"` and `minari download {dataset_id}`, then copy the folder '
             f"to {where} (or set MINARI_DATASETS_PATH to the root that holds it)."
@@ -237,7 +257,7 @@ def _ensure_minari_local(dataset_id: str) -> None:
     try:
         import huggingface_hub  # noqa: F401  (minari's hf remote needs it)
     except ImportError as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f'Minari dataset {dataset_id} is not at {where}; downloading it needs `pip install "minari[hf]"`'
         ) from e
     import minari
@@ -248,16 +268,16 @@ def _ensure_minari_local(dataset_id: str) -> None:
 def _flatten_minari_obs(obs, obs_keys: tuple[str, ...] | None, dataset_id: str) -> np.ndarray:
     if isinstance(obs, dict):
         if not obs_keys:
-            raise ValueError(
+            raise UserError(
                 f"{dataset_id} has dict observations with keys {sorted(obs)}: pass obs_keys, the keys to "
                 "concatenate in order (AntMaze: ('achieved_goal', 'observation'))"
             )
         missing = [k for k in obs_keys if k not in obs]
         if missing:
-            raise ValueError(f"{dataset_id}: obs_keys {missing} not in its observation keys {sorted(obs)}")
+            raise UserError(f"{dataset_id}: obs_keys {missing} not in its observation keys {sorted(obs)}")
         return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(len(obs[k]), -1) for k in obs_keys], axis=1)
     if obs_keys:
-        raise ValueError(f"{dataset_id} has array observations; obs_keys {obs_keys} only apply to dict observations")
+        raise UserError(f"{dataset_id} has array observations; obs_keys {obs_keys} only apply to dict observations")
     obs = np.asarray(obs, dtype=np.float32)
     return obs.reshape(len(obs), -1)
 
@@ -292,7 +312,7 @@ def read_minari(
         t = len(ep.rewards)
         obs = _flatten_minari_obs(ep.observations, obs_keys, dataset_id)
         if len(obs) != t + 1:
-            raise ValueError(
+            raise UserError(
                 f"{dataset_id} episode {ep.id}: {len(obs)} observations for {t} steps; Minari episodes need "
                 "T+1 observations (a known defect of some old datasets: use a newer version)"
             )
@@ -300,7 +320,7 @@ def read_minari(
         rew = np.asarray(ep.rewards, dtype=np.float32)
         if goal_xy is not None:
             if not obs_keys or obs_keys[0] != "achieved_goal":
-                raise ValueError(f"{dataset_id}: relabelling to goal_xy needs obs_keys starting with 'achieved_goal'")
+                raise UserError(f"{dataset_id}: relabelling to goal_xy needs obs_keys starting with 'achieved_goal'")
             done = np.linalg.norm(obs[1:, :2] - np.asarray(goal_xy, dtype=np.float32), axis=1) <= ANTMAZE_GOAL_RADIUS
             rew = done.astype(np.float32)
         boundary = done.copy()
@@ -312,7 +332,7 @@ def read_minari(
         parts["done"].append(done)
         parts["boundary"].append(boundary)
     if not parts["rew"]:
-        raise ValueError(f"Minari dataset {dataset_id} has no episodes")
+        raise UserError(f"Minari dataset {dataset_id} has no episodes")
     data = {k: np.concatenate(v) for k, v in parts.items()}
     for key in ("obs", "act", "rew"):
         _check_finite(key, data[key], f"Minari dataset {dataset_id}")

@@ -19,6 +19,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
+from offbench.errors import UserError
 from offbench.scores import REF_SCORES
 
 
@@ -70,7 +71,7 @@ def synthetic_dir(data_dir: str | os.PathLike | None = None) -> Path:
 def ensure_synthetic(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The HDF5 file of recipe `name`, generated (deterministically) the first time it is asked for."""
     if name not in RECIPES:
-        raise ValueError(f"no synthetic recipe {name!r}; known: {sorted(RECIPES)}")
+        raise UserError(f"no synthetic recipe {name!r}; known: {sorted(RECIPES)}")
     path = synthetic_dir(data_dir) / f"{name}.hdf5"
     if not path.exists():
         r = RECIPES[name]
@@ -85,7 +86,7 @@ def ensure_synthetic(name: str, data_dir: str | os.PathLike | None = None) -> Pa
 def _flat(obs: np.ndarray | dict[str, np.ndarray], obs_keys: tuple[str, ...] | None) -> np.ndarray:
     if isinstance(obs, dict):
         if not obs_keys:
-            raise ValueError(
+            raise UserError(
                 f"the env returns dict observations (keys {sorted(obs)}): pass obs_keys, "
                 "e.g. ('achieved_goal', 'observation')"
             )
@@ -117,15 +118,15 @@ def write_random_dataset(
     Deterministic given `seed`. Returns the number of steps written.
     """
     if episodes < 1:
-        raise ValueError(f"episodes must be at least 1, got {episodes}")
+        raise UserError(f"episodes must be at least 1, got {episodes}")
     _register_robotics_if_needed(env_id)
     env = gym.make(env_id, max_episode_steps=max_episode_steps, **(env_kwargs or {}))
     limit = env.spec.max_episode_steps if env.spec is not None else None
     if limit is None:
-        raise ValueError(f"{env_id} has no episode limit: pass max_episode_steps")
+        raise UserError(f"{env_id} has no episode limit: pass max_episode_steps")
     space = env.action_space
     if not isinstance(space, gym.spaces.Box):
-        raise ValueError(f"random datasets need a continuous (Box) action space; {env_id} has {space}")
+        raise UserError(f"random datasets need a continuous (Box) action space; {env_id} has {space}")
     rng = np.random.default_rng(seed)
 
     collected = []
@@ -243,8 +244,10 @@ def write_minari_dataset(
     ref_max: float | None = None,
     ref_episodes: int | None = None,
     overwrite: bool = False,
+    root: Path | None = None,
 ) -> Path:
-    """Write `episodes` as Minari dataset `minari_id` under $MINARI_DATASETS_PATH (or ~/.minari/datasets).
+    """Write `episodes` as Minari dataset `minari_id` under `root` (default $MINARI_DATASETS_PATH, else
+    ~/.minari/datasets).
 
     Minari writes into its final folder step by step, so the dataset is built under a staging root
     next to the datasets root and then renamed into place: an interrupted write never leaves a
@@ -257,10 +260,10 @@ def write_minari_dataset(
 
     import minari
 
-    root = _minari_datasets_root()
+    root = Path(root) if root is not None else minari_datasets_root()
     final = root / minari_id
     if final.exists() and not overwrite:
-        raise ValueError(
+        raise UserError(
             f"A Minari dataset with ID {minari_id} already exists and it cannot be overridden. Please use a "
             "different dataset name or version."
         )
@@ -298,7 +301,7 @@ def write_minari_dataset(
     return final
 
 
-def _minari_datasets_root() -> Path:
+def minari_datasets_root() -> Path:
     """Minari's local root, as Minari finds it: $MINARI_DATASETS_PATH, else ~/.minari/datasets."""
     return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
 
