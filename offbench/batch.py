@@ -67,12 +67,23 @@ class Transitions:
         starts = np.flatnonzero(np.r_[True, np.diff(self.episode) != 0])
         return self.episode_return[starts]
 
+    def next_actions(self) -> np.ndarray:
+        """The dataset's action at `next_obs`, (N, act_dim): the next row's action within the episode
+        (ReBRAC's critic penalty needs it). An episode's last row has no next row here: after a
+        termination its value is never used (done = 1); after a timeout D4RL's conversion dropped the
+        row that held it, so the row's own action stands in (one row per truncated episode)."""
+        same_episode = np.r_[self.episode[1:] == self.episode[:-1], False]
+        rows = np.arange(len(self)) + same_episode
+        return self.act[rows]
+
 
 class Batch(NamedTuple):
     """One sampled minibatch on the training device; shapes (B, obs_dim), (B, act_dim), (B,)...
 
     `idx` holds the dataset rows the batch was drawn from, so that methods keeping per-row
-    quantities (AWR's TD(lambda) returns, SfBC's planned returns) look them up for the same rows."""
+    quantities (AWR's TD(lambda) returns, SfBC's planned returns) look them up for the same rows.
+    `next_act` is the dataset's action at `next_obs` (`Transitions.next_actions`), filled by the
+    sampler (ReBRAC's critic penalty)."""
 
     obs: Tensor
     act: Tensor
@@ -80,3 +91,4 @@ class Batch(NamedTuple):
     next_obs: Tensor
     done: Tensor
     idx: Tensor | None = None
+    next_act: Tensor | None = None

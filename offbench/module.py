@@ -20,7 +20,7 @@ configure_optimizers() -> list[torch.optim.Optimizer]
     and returns them all. Lightning checkpoints the returned ones; the compiled path finds them as
     attributes; training stops with an error when the two differ.
 update(batch) -> dict[str, Tensor]
-    One gradient step on one `offbench.batch.Batch` (obs, act, rew, next_obs, done, idx; all on the
+    One gradient step on one `offbench.batch.Batch` (obs, act, rew, next_obs, done, idx, next_act; all on the
     training device; obs normalised when the DataModule normalises), in plain PyTorch: compute the
     losses, then `self.optimize(opt, loss, max_grad_norm)` (zero_grad, backward, optional clipping,
     step) for each optimiser. No `manual_backward`, no LightningOptimizer, and no host

@@ -60,15 +60,30 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the last dim with each of `n` members' own scale and shift: (n, B, d) -> (n, B, d)."""
+
+    def __init__(self, n: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(n, 1, dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+
+
 class CriticEnsemble(nn.Module):
     """`n` Q-functions Q_k(s, a) as one module: forward(obs, act) -> (n, B).
 
     Inputs of shape (B, d) are shared by all members; (n, B, d) gives each member its own batch.
+    `layer_norm`: a LayerNorm (each member its own, eps 1e-6 as flax's) after every hidden layer's
+    activation, as ReBRAC's critics (Tarasov et al. 2023, arXiv:2305.09836); off by default.
     """
 
     def __init__(
         self, obs_dim: int, act_dim: int, n: int = 2, hidden: tuple[int, ...] = (256, 256),
-        activation: type[nn.Module] = nn.ReLU,
+        activation: type[nn.Module] = nn.ReLU, layer_norm: bool = False,
     ):
         super().__init__()
         self.n = n
@@ -76,6 +91,8 @@ class CriticEnsemble(nn.Module):
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [EnsembleLinear(n, a, b), activation()]
+            if layer_norm:
+                layers.append(EnsembleLayerNorm(n, b))
         layers.append(EnsembleLinear(n, sizes[-1], 1))
         self.net = nn.Sequential(*layers)
 
@@ -84,3 +101,39 @@ class CriticEnsemble(nn.Module):
         if x.dim() == 2:
             x = x.expand(self.n, *x.shape)
         return self.net(x).squeeze(-1)
+
+
+class LNResNetBlock(nn.Module):
+    """x + Linear(act(Linear(LayerNorm(dropout(x))))), widths dim -> expansion * dim -> dim: the block of
+    IDQL's LN-ResNet noise network (Hansen-Estruch et al. 2023, arXiv:2304.10573; official code
+    github.com/philippe-eecs/IDQL, jaxrl5/networks/resnet.py). LayerNorm eps 1e-6 as flax's."""
+
+    def __init__(self, dim: int, dropout: float = 0.0, expansion: int = 4, activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(dropout), nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, expansion * dim), activation(), nn.Linear(expansion * dim, dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+class LNResNet(nn.Module):
+    """Linear(in -> width), one LNResNetBlock per entry of `hidden`, activation, Linear(width -> out)
+    (IDQL's MLPResNet). The blocks are residual, so every entry of `hidden` is the same width."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: tuple[int, ...] = (256, 256, 256), dropout: float = 0.0,
+                 activation: type[nn.Module] = nn.SiLU):
+        super().__init__()
+        if not hidden or len(set(hidden)) != 1:
+            raise ValueError(f"LNResNet's blocks are residual: give one width per block, all equal (e.g. (256, 256, 256)), got {hidden}")
+        width = hidden[0]
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, width),
+            *(LNResNetBlock(width, dropout, activation=activation) for _ in hidden),
+            activation(), nn.Linear(width, out_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

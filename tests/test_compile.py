@@ -35,7 +35,9 @@ from algorithms.cql import CQL
 from algorithms.diffcps import DiffCPS
 from algorithms.diffusion_ql import DiffusionQL
 from algorithms.edp import EDP
+from algorithms.idql import IDQL
 from algorithms.iql import IQL
+from algorithms.rebrac import ReBRAC
 from algorithms.sfbc import SfBC
 from algorithms.td3bc import TD3BC
 from offbench.batch import Batch
@@ -64,6 +66,9 @@ CASES = {
     # behaviour for 2 updates, critic rounds of 3; round 1 (update 5) plans and resets the critic
     "sfbc": (SfBC, {"behavior_steps": 2, "critic_steps": 3, "planning_iterations": 2, "solver_steps": 3,
                     "n_planning_candidates": 2}, 9, 6),
+    "rebrac": (ReBRAC, {"hidden": (16, 16)}, 4, 6),  # policy delay 2 (actor on even updates)
+    "idql": (IDQL, {"hidden": (16,), "critic_hidden": (16, 16), "lr_decay_steps": 100}, 4, 6),
+    # (IDQL: EMA and the behaviour model's lr change every update; dropout 0.1 draws random numbers)
 }
 DEFAULT = ("bc", "td3bc")  # the others compile for one to three minutes each on a CPU
 
@@ -77,6 +82,7 @@ def random_batch(i: int, n: int = 16) -> Batch:
     return Batch(
         torch.randn(n, OBS, generator=g), (torch.rand(n, ACT, generator=g) * 2 - 1) * MAX_ACTION,
         torch.randn(n, generator=g), torch.randn(n, OBS, generator=g), (torch.rand(n, generator=g) < 0.2).float(),
+        next_act=(torch.rand(n, ACT, generator=g) * 2 - 1) * MAX_ACTION,  # drawn last: the other fields stay as they were
     )
 
 

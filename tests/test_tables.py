@@ -108,12 +108,14 @@ def test_domain_averages_and_the_paper_column(results):
 
     md = (results / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| dataset"))
-    assert header == "| dataset | bc | diffcps | DiffCPS (paper) |"  # the paper column beside ours
+    # the paper column beside ours; every other column of the paper's Table 1 after them (no runs of theirs here)
+    assert header == ("| dataset | bc | diffcps | DiffCPS (paper) | CQL (paper) | IDQL-A (paper) | QGPO (paper) | "
+                      "SfBC (paper) | DD (paper) | Diffuser (paper) | Diffusion-QL (paper) | IQL (paper) |")
     assert "| walker2d-medium-v2 | 76.0 ± 0.8 | 90.9 ± 0.9 [2/3] | 90.9 ± 1.6 |"  # best in md
     assert "| synthetic/pendulum-random-v0 | 20.0 ± 8.2 | failed | — |"  # last in md
     assert "| **locomotion average** | 62.00 | 84.50 | 95.50 |"  # last in md
     for text in ["ddof=0", "10 episodes per evaluation", "an evaluation every 100 updates", "3 seeds per cell",
-                 "CQL (paper): no numbers entered yet", "D4RL/antmaze/umaze-v1 ↔ antmaze-umaze-v0",
+                 "CQL (paper): 15 numbers", "D4RL/antmaze/umaze-v1 ↔ antmaze-umaze-v0",
                  "FloatingPointError: loss/actor became NaN"]:
         assert text in md, text
 
@@ -240,3 +242,21 @@ def test_results_without_grid_json(tmp_path):
     assert t.algorithms == ["x"] and t.expected_seeds == 2
     md = write_tables(tmp_path)[0].read_text()
     assert "| hopper-medium-v2 | 15.0 ± 5.0 |" in md and "| walker2d-medium-v2 | 5.0 ± 0.0 [1/2] |" in md
+
+
+def test_each_paper_column_stands_beside_our_column_of_the_same_method(results):
+    """Runs of iql and diffusion_ql: their paper columns follow them, the diff report covers them, and
+    a paper method without runs here (CQL) has no diff rows."""
+    for algorithm, score in (("iql", 70.0), ("diffusion_ql", 95.0)):
+        run = results / "runs" / algorithm / "hopper-medium-v2" / "seed0"
+        run.mkdir(parents=True)
+        (run / "cell.json").write_text(json.dumps({"algorithm": algorithm, "dataset": "hopper-medium-v2", "seed": 0}))
+        (run / "result.json").write_text(json.dumps(result("hopper-medium-v2", 0, score, score, score)))
+    t = build(results)
+    labels = [c.label for c in t.columns]
+    assert labels.index("IQL (paper)") == labels.index("iql") + 1
+    assert labels.index("Diffusion-QL (paper)") == labels.index("diffusion_ql") + 1
+    diff = {(r["method"], r["dataset"]): r for r in diff_rows(t)}
+    assert diff[("IQL", "hopper-medium-v2")]["best_delta"] == pytest.approx(70.0 - 66.3)
+    assert diff[("Diffusion-QL", "hopper-medium-v2")]["best_delta"] == pytest.approx(95.0 - 90.5)
+    assert not any(method == "CQL" for method, _ in diff)

@@ -157,15 +157,17 @@ class OfflineDataModule(pl.LightningDataModule):
         self._tensors = (
             self.normalize_obs(put(t.obs)), put(t.act), put(t.rew), self.normalize_obs(put(t.next_obs)), put(t.done)
         )
+        self._next_act = put(t.next_actions())
         # Seeded from torch's seed (set by seed_everything), so the sampler follows the run's seed.
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(torch.initial_seed())
 
     def sample(self) -> Batch:
-        """A batch of `batch_size` transitions drawn uniformly with replacement, on the device."""
+        """A batch of `batch_size` transitions drawn uniformly with replacement, on the device, with the
+        dataset's next actions (`Batch.next_act`)."""
         obs = self._tensors[0]
         idx = torch.randint(len(obs), (self.batch_size,), device=obs.device, generator=self._generator)
-        return Batch(*(x[idx] for x in self._tensors), idx=idx)
+        return Batch(*(x[idx] for x in self._tensors), idx=idx, next_act=self._next_act[idx])
 
     def train_dataloader(self) -> list[int]:
         full, rest = divmod(self.eval_every, self.block_size)

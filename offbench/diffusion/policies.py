@@ -103,6 +103,8 @@ class DiffusionPolicy(nn.Module):
             `--sample_method dpm`: 15 steps, order 3, t_end 1e-3 with K = 1000; its README asks for K = 1000 with
             DPM-Solver because t_end = 1e-3 lies before step 0 of a shorter schedule, which the default
             1/T avoids). DPM-Solver is deterministic given a_T.
+        model: the noise network eps_theta(a_i, i, s) (called as model(a_i, i, s), i the long step
+            index 0..T-1); by default Diffusion-QL's NoiseMLP of widths `hidden` (IDQL passes its LN-ResNet).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class DiffusionPolicy(nn.Module):
         dpm_steps: int = 15,
         dpm_order: int = 3,
         dpm_t_end: float | None = None,
+        model: nn.Module | None = None,
     ):
         super().__init__()
         if sampler not in ("ddpm", "dpm"):
@@ -135,7 +138,7 @@ class DiffusionPolicy(nn.Module):
         self.dpm_t_end = 1.0 / n_timesteps if dpm_t_end is None else dpm_t_end
         self.act_dim, self.max_action, self.n_timesteps = act_dim, max_action, n_timesteps
         self.clip_denoised = clip_denoised
-        self.model = NoiseMLP(obs_dim, act_dim, hidden)
+        self.model = NoiseMLP(obs_dim, act_dim, hidden) if model is None else model
         betas = make_betas(beta_schedule, n_timesteps)  # float64 here
         alphas = 1 - betas
         abar = torch.cumprod(alphas, 0)
