@@ -346,7 +346,7 @@ def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float
 
 
 # --------------------------------------------------------------------------- the command
-DEFAULT_METHODS = ["awr", "bc", "iql", "td3bc", "diffusion_ql", "sfbc", "diffcps"]
+DEFAULT_METHODS = ["awr", "bc", "iql", "td3bc", "diffusion_ql", "sfbc", "diffcps", "qgpo"]
 
 
 def _parser() -> argparse.ArgumentParser:
