@@ -35,6 +35,7 @@ from algorithms.cql import CQL
 from algorithms.diffcps import DiffCPS
 from algorithms.diffusion_ql import DiffusionQL
 from algorithms.iql import IQL
+from algorithms.qgpo import QGPO
 from algorithms.sfbc import SfBC
 from algorithms.td3bc import TD3BC
 from offbench.batch import Batch
@@ -58,6 +59,9 @@ CASES = {
     # behaviour for 2 updates, critic rounds of 3; round 1 (update 5) plans and resets the critic
     "sfbc": (SfBC, {"behavior_steps": 2, "critic_steps": 3, "planning_iterations": 2, "solver_steps": 3,
                     "n_planning_candidates": 2}, 9, 6),
+    # behaviour for 2 updates, then support actions, Q and energy for 3, then the energy alone
+    "qgpo": (QGPO, {"behavior_steps": 2, "q_steps": 3, "critic_batch_size": 8, "n_support": 2, "solver_steps": 2,
+                    "critic_hidden": (16, 16), "energy_hidden": (16, 16)}, 7, 6),
 }
 DEFAULT = ("bc", "td3bc")  # the others compile for one to three minutes each on a CPU
 
@@ -85,7 +89,7 @@ def build(name: str) -> OfflineRLModule:
                 group["eps"] = 1e-3  # see the module docstring
     if isinstance(module, AWR):
         module.attach_dataset(random_transitions())
-    if isinstance(module, SfBC):
+    if isinstance(module, SfBC | QGPO):
         module.set_dataset(random_transitions())
     return module
 
