@@ -346,7 +346,7 @@ def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float
 
 
 # --------------------------------------------------------------------------- the command
-DEFAULT_METHODS = ["awr", "bc", "iql", "td3bc", "rebrac", "diffusion_ql", "sfbc", "idql", "diffcps", "diffcps-approx", "edp"]
+DEFAULT_METHODS = ["awr", "bc", "iql", "td3bc", "rebrac", "diffusion_ql", "sfbc", "idql", "diffcps", "diffcps-approx", "edp", "qgpo"]
 
 
 def _parser() -> argparse.ArgumentParser:

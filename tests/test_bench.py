@@ -142,6 +142,10 @@ def test_shipped_grids_expand(monkeypatch):
     assert "configs/tasks/diffcps/hopper-medium-v2.yaml" in diffcps["hopper-medium-v2"].args
     assert diffcps["D4RL/antmaze/large-play-v1"].updates == 1_000_000
     assert "configs/tasks/diffcps/antmaze-large-play.yaml" in diffcps["D4RL/antmaze/large-play-v1"].args
+    qgpo = {c.dataset: c for c in table1.cells if c.algorithm == "qgpo" and c.seed == 0}
+    assert qgpo["D4RL/antmaze/umaze-v1"].updates == qgpo["hopper-medium-v2"].updates == 1_600_000
+    assert "configs/tasks/qgpo/antmaze.yaml" in qgpo["D4RL/antmaze/umaze-v1"].args
+    assert "configs/tasks/qgpo/hopper-medium-v2.yaml" in qgpo["hopper-medium-v2"].args
     assert table1.references == Path("configs/references/table1.yaml")
 
 

@@ -38,6 +38,7 @@ from algorithms.edp import EDP
 from algorithms.idql import IDQL
 from algorithms.iql import IQL
 from algorithms.rebrac import ReBRAC
+from algorithms.qgpo import QGPO
 from algorithms.sfbc import SfBC
 from algorithms.td3bc import TD3BC
 from offbench.batch import Batch
@@ -69,6 +70,9 @@ CASES = {
     "rebrac": (ReBRAC, {"hidden": (16, 16)}, 4, 6),  # policy delay 2 (actor on even updates)
     "idql": (IDQL, {"hidden": (16,), "critic_hidden": (16, 16), "lr_decay_steps": 100}, 4, 6),
     # (IDQL: EMA and the behaviour model's lr change every update; dropout 0.1 draws random numbers)
+    # behaviour for 2 updates, then support actions, Q and energy for 3, then the energy alone
+    "qgpo": (QGPO, {"behavior_steps": 2, "q_steps": 3, "critic_batch_size": 8, "n_support": 2, "solver_steps": 2,
+                    "critic_hidden": (16, 16), "energy_hidden": (16, 16)}, 7, 6),
 }
 DEFAULT = ("bc", "td3bc")  # the others compile for one to three minutes each on a CPU
 
@@ -97,7 +101,7 @@ def build(name: str) -> OfflineRLModule:
                 group["eps"] = 1e-3  # see the module docstring
     if isinstance(module, AWR):
         module.attach_dataset(random_transitions())
-    if isinstance(module, SfBC):
+    if isinstance(module, SfBC | QGPO):
         module.set_dataset(random_transitions())
     return module
 
