@@ -37,8 +37,8 @@ from algorithms.diffusion_ql import DiffusionQL
 from algorithms.edp import EDP
 from algorithms.idql import IDQL
 from algorithms.iql import IQL
-from algorithms.rebrac import ReBRAC
 from algorithms.qgpo import QGPO
+from algorithms.rebrac import ReBRAC
 from algorithms.sfbc import SfBC
 from algorithms.td3bc import TD3BC
 from offbench.batch import Batch
