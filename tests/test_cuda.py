@@ -47,7 +47,11 @@ from algorithms.bc import BC
 from algorithms.cql import CQL
 from algorithms.diffcps import DiffCPS
 from algorithms.diffusion_ql import DiffusionQL
+from algorithms.edp import EDP
+from algorithms.idql import IDQL
 from algorithms.iql import IQL
+from algorithms.qgpo import QGPO
+from algorithms.rebrac import ReBRAC
 from algorithms.sfbc import SfBC
 from algorithms.td3bc import TD3BC
 from offbench.batch import Batch
@@ -74,8 +78,18 @@ CASES = {
     "cql-lagrange": (CQL, {"hidden": (32, 32), "num_random": 2, "bc_steps": 50, "with_lagrange": True}, 200, 100),
     # iterations of 40 value and 60 policy updates, each phase starting with a refresh of the targets
     "awr": (AWR, {"hidden": (32, 32), "critic_steps": 40, "actor_steps": 60}, 200, 100),
-    "diffcps": (DiffCPS, {"hidden": 32, "ema_start": 100, "ema_every": 5}, 200, 100),  # policy delay 2, EMA from 100
-    "diffusion_ql": (DiffusionQL, {"hidden": 32, "ema_start": 100, "ema_every": 5}, 200, 100),
+    "diffcps": (DiffCPS, {"hidden": (32, 32, 32), "ema_start": 100, "ema_every": 5}, 200, 100),  # policy delay 2, EMA from 100
+    "diffcps-approx": (DiffCPS, {"hidden": (32, 32, 32), "ema_start": 100, "action_approximation": True}, 200, 100),
+    "diffusion_ql": (DiffusionQL, {"hidden": (32, 32, 32), "ema_start": 100, "ema_every": 5}, 200, 100),
+    # EDP: EMA from update 100; DPM-Solver with 15 calls on a 100-step schedule for the critic's a' and acting
+    "edp": (EDP, {"hidden": (32, 32, 32), "n_timesteps": 100, "ema_start": 100}, 200, 100),
+    "edp-crr": (EDP, {"rule": "crr", "hidden": (32, 32, 32), "n_timesteps": 100, "ema_start": 100}, 200, 100),
+    "edp-iql": (EDP, {"rule": "iql", "hidden": (32, 32, 32), "n_timesteps": 100, "ema_start": 100}, 200, 100),
+    "rebrac": (ReBRAC, {"hidden": (32, 32)}, 200, 100),  # policy delay 2
+    "idql": (IDQL, {"hidden": (32,), "critic_hidden": (32, 32), "lr_decay_steps": 1000}, 200, 100),
+    # behaviour for 60 updates, then support actions, Q and energy for 80, then the energy alone
+    "qgpo": (QGPO, {"behavior_steps": 60, "q_steps": 80, "critic_batch_size": 32, "n_support": 4, "solver_steps": 3,
+                    "critic_hidden": (32, 32), "energy_hidden": (32, 32)}, 200, 100),
     # behaviour for 100 updates, critic rounds of 40; rounds 1 and 2 (updates 140, 180) plan and reset the critic;
     # from 220 on the last round's targets stay
     "sfbc": (SfBC, {"behavior_steps": 100, "critic_steps": 40, "planning_iterations": 3, "solver_steps": 3,

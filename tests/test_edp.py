@@ -274,6 +274,7 @@ def test_dpm_solver_on_the_discrete_schedule_follows_the_exact_flow():
     assert (policy.sample(s, noise=x_T[None]) - exact).abs().max().item() > 3 * errors[15]
 
 
+@pytest.mark.slow  # about a minute of CPU: 1000-step chains over many samples
 def test_dpm_solver_and_the_1000_step_ddpm_chain_sample_the_same_gaussian():
     # The data's std is c = 0.5; a sample std of n = 8192 draws has a standard error of about 0.8%.
     torch.manual_seed(0)
@@ -349,6 +350,7 @@ def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monke
     assert scores["edp"] > scores["bc"], scores
 
 
+@pytest.mark.slow  # a perf run of two K = 1000 rows: about 40 s of CPU
 def test_perf_counts_the_noise_model_passes_of_edp_rows(tiny_hopper, tmp_path):
     import json
     from pathlib import Path
