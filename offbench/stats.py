@@ -161,7 +161,8 @@ def plot_profiles(panels: Mapping[str, Mapping[str, Matrix]], path: Path, titles
     from rliable import plot_utils
 
     algorithms = list(dict.fromkeys(a for panel in panels.values() for a in panel))
-    colors = dict(zip(algorithms, plt.get_cmap("tab10").colors))
+    palette = plt.get_cmap("tab20").colors  # 20 colours, repeated past 20 algorithms
+    colors = {a: palette[i % len(palette)] for i, a in enumerate(algorithms)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (kind, matrices) in zip(axes[0], panels.items()):
         taus = taus_for(list(matrices.values()))

@@ -260,3 +260,11 @@ def test_each_paper_column_stands_beside_our_column_of_the_same_method(results):
     assert diff[("IQL", "hopper-medium-v2")]["best_delta"] == pytest.approx(70.0 - 66.3)
     assert diff[("Diffusion-QL", "hopper-medium-v2")]["best_delta"] == pytest.approx(95.0 - 90.5)
     assert not any(method == "CQL" for method, _ in diff)
+
+
+def test_profiles_draw_any_number_of_algorithms(tmp_path):
+    """The quick grid has 14 algorithms: more than one colour map's colours (a KeyError once)."""
+    rng = np.random.default_rng(0)
+    matrices = {f"algo{i}": stats.score_matrix(f"algo{i}", {"d": list(rng.uniform(0, 100, 2))}) for i in range(25)}
+    path = stats.plot_profiles({"last": matrices}, tmp_path / "profiles.png", {"last": "last"})
+    assert path.stat().st_size > 10_000
