@@ -119,7 +119,7 @@ class DiffCPS(DiffusionQL):
     def actor_update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """2. actor: normalised Q term + clamped lambda * L_c; 3. dual ascent on lambda."""
         hp = self.hparams
-        terms = self.actor.denoise(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
+        terms = self.actor.denoise(batch.obs, batch.act, noise=draws.bc_noise, i=draws.bc_i)
         l_c = terms.loss() * (hp.act_dim if hp.lc_reduction == "sum" else 1)
         new_act = self.policy_action(batch.obs, terms, draws.new_chain)  # the chain's sample, or EDP's a0_hat
         normalizer = self.critic_target if hp.q_normalizer == "target" else None

@@ -133,7 +133,7 @@ class DiffusionQL(OfflineRLModule):
     def actor_update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """2. actor: diffusion loss + eta * normalised Q term."""
         hp = self.hparams
-        terms = self.actor.denoise(batch.act, batch.obs, noise=draws.bc_noise, i=draws.bc_i)
+        terms = self.actor.denoise(batch.obs, batch.act, noise=draws.bc_noise, i=draws.bc_i)
         bc_loss = terms.loss()
         q_loss = self.q_loss(batch.obs, self.policy_action(batch.obs, terms, draws.new_chain), draws.head)
         actor_loss = bc_loss + hp.eta * q_loss

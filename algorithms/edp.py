@@ -148,7 +148,7 @@ class EDP(OfflineRLModule):
     def policy_step(self, batch: Batch) -> dict[str, Tensor]:
         """The diffusion loss and the rule's guide term, both from one noise-model pass."""
         hp = self.hparams
-        terms = self.actor.denoise(batch.act, batch.obs)
+        terms = self.actor.denoise(batch.obs, batch.act)
         diffusion_loss = terms.loss()
         if hp.rule == "td3":
             q = self.critic(batch.obs, terms.a0_hat)
@@ -200,7 +200,7 @@ class EDP(OfflineRLModule):
         with torch.no_grad():
             v = self.value(batch.obs).squeeze(-1)
             weights = awr_weights(q_target - v, hp.awr_temperature, hp.awr_weight_clip)
-        terms = self.actor.denoise(batch.act, batch.obs)
+        terms = self.actor.denoise(batch.obs, batch.act)
         diffusion_loss = terms.loss()
         guide_loss = -(weights * self.actor.log_prob(terms, batch.act, hp.surrogate)).mean()
         actor_loss = diffusion_loss + guide_loss

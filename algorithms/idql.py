@@ -162,7 +162,7 @@ class IDQL(OfflineRLModule):
         """Behaviour-model, value and critic steps of one update, in the official order."""
         h = self.hparams
         # 1. behaviour model: DDPM eps-MSE, summed over action dims as the official loss
-        actor_loss = self.actor.loss(batch.act, batch.obs) * h.act_dim
+        actor_loss = self.actor.loss(batch.obs, batch.act) * h.act_dim
         self.optimize(self.actor_opt, actor_loss)
 
         # 2. value: upper expectile of the target Q over the dataset's actions

@@ -41,6 +41,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from algorithms.td3bc import smoothed_target_action
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, DeterministicActor, EnsembleLinear
@@ -106,10 +107,8 @@ class ReBRAC(OfflineRLModule):
         """Clipped double-Q target with smoothing, minus beta_2 times the next-action penalty; one step."""
         h = self.hparams
         with torch.no_grad():
-            noise = (torch.randn_like(batch.act) * h.policy_noise * h.max_action).clamp(
-                -h.noise_clip * h.max_action, h.noise_clip * h.max_action
-            )
-            next_act = (self.actor_target(batch.next_obs) + noise).clamp(-h.max_action, h.max_action)
+            next_act = smoothed_target_action(self.actor_target, batch.next_obs, batch.act, h.policy_noise,
+                                              h.noise_clip, h.max_action)
             penalty = (next_act - batch.next_act).pow(2).sum(-1)
             next_q = self.critic_target(batch.next_obs, next_act).min(0).values - h.critic_bc_coef * penalty
             target = h.reward_scale * batch.rew + h.gamma * (1.0 - batch.done) * next_q

@@ -234,7 +234,7 @@ class SfBC(OfflineRLModule):
     @compilable
     def behavior_update(self, batch: Batch) -> dict[str, Tensor]:
         """One step of the behaviour model on the batch."""
-        loss = self.behavior.loss(batch.act, batch.obs)
+        loss = self.behavior.loss(batch.obs, batch.act)
         self.optimize(self.behavior_opt, loss)
         return {"loss/behavior": loss}
 

@@ -24,11 +24,20 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update, unit_gaussian_log_prob
 from offbench.nets import CriticEnsemble, DeterministicActor
+
+
+def smoothed_target_action(actor_target: nn.Module, next_obs: Tensor, act: Tensor, policy_noise: float,
+                           noise_clip: float, max_action: float) -> Tensor:
+    """TD3's target policy smoothing (Fujimoto et al. 2018, arXiv:1802.09477, Section 5.3):
+    a' = clip(pi'(s') + clip(eps, +-noise_clip max_action), +-max_action), eps ~ N(0, (policy_noise max_action)^2)
+    shaped like the batch's actions `act`. ReBRAC's critic uses it too."""
+    noise = (torch.randn_like(act) * policy_noise * max_action).clamp(-noise_clip * max_action, noise_clip * max_action)
+    return (actor_target(next_obs) + noise).clamp(-max_action, max_action)
 
 
 class TD3BC(OfflineRLModule):
@@ -71,10 +80,8 @@ class TD3BC(OfflineRLModule):
         """Clipped double-Q target with target policy smoothing, one critic step."""
         h = self.hparams
         with torch.no_grad():
-            noise = (torch.randn_like(batch.act) * h.policy_noise * h.max_action).clamp(
-                -h.noise_clip * h.max_action, h.noise_clip * h.max_action
-            )
-            next_act = (self.actor_target(batch.next_obs) + noise).clamp(-h.max_action, h.max_action)
+            next_act = smoothed_target_action(self.actor_target, batch.next_obs, batch.act, h.policy_noise,
+                                              h.noise_clip, h.max_action)
             target_q = self.critic_target(batch.next_obs, next_act).min(0).values
             target = batch.rew + h.gamma * (1.0 - batch.done) * target_q
         q = self.critic(batch.obs, batch.act)  # (2, B)

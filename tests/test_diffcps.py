@@ -152,7 +152,7 @@ def test_action_approximation_takes_the_q_gradient_through_a0_hat():
     model = make(DiffusionQL, action_approximation=True)
     b = batch()
     i, noise = torch.randint(0, 5, (len(b.act),)), torch.randn_like(b.act)
-    terms = model.actor.denoise(b.act, b.obs, noise=noise, i=i)
+    terms = model.actor.denoise(b.obs, b.act, noise=noise, i=i)
     a_i = model.actor.sqrt_abar[i, None] * b.act + model.actor.sqrt_one_minus_abar[i, None] * noise
     expected = (a_i - model.actor.sqrt_one_minus_abar[i, None] * terms.eps_pred) / model.actor.sqrt_abar[i, None]
     torch.testing.assert_close(terms.a0_hat, expected.clamp(-1, 1))

@@ -70,9 +70,9 @@ def test_loss_and_sample_shapes_and_devices():
     torch.manual_seed(0)
     policy = DiffusionPolicy(3, 2, max_action=0.5)
     s, a = torch.randn(7, 3), torch.rand(7, 2) - 0.5
-    loss = policy.loss(a, s)
+    loss = policy.loss(s, a)
     assert loss.shape == () and loss.device == s.device and torch.isfinite(loss)
-    assert policy.loss(a, s, per_sample=True).shape == (7,)
+    assert policy.loss(s, a, per_sample=True).shape == (7,)
     actions = policy.sample(s)
     assert actions.shape == (7, 2) and actions.abs().max() <= 0.5 and actions.grad_fn is None
     candidates = policy.sample(s[:, None, :].expand(7, 4, 3))  # several candidates per state
@@ -84,8 +84,8 @@ def test_loss_hand_values():
     a0, s = torch.tensor([[0.5, -1.0], [0.0, 1.0]]), torch.zeros(2, 1)
     noise, i = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0, 4])
     policy.model = Const(0.0)  # error = noise^2: mean over batch and action dims
-    assert policy.loss(a0, s, noise=noise, i=i).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
-    assert torch.allclose(policy.loss(a0, s, per_sample=True, noise=noise, i=i), torch.tensor([2.5, 12.5]))
+    assert policy.loss(s, a0, noise=noise, i=i).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    assert torch.allclose(policy.loss(s, a0, per_sample=True, noise=noise, i=i), torch.tensor([2.5, 12.5]))
     policy.model = Echo()  # predicts the noised action itself: checks the forward noising
     abar = [math.prod(1 - vp_beta(k, 5) for k in range(1, j + 2)) for j in (0, 4)]
     err = [
@@ -93,7 +93,7 @@ def test_loss_hand_values():
         for ab, row_a, row_n in zip(abar, a0.tolist(), noise.tolist())
         for a, n in zip(row_a, row_n)
     ]
-    assert policy.loss(a0, s, noise=noise, i=i).item() == pytest.approx(sum(err) / 4, rel=1e-5)
+    assert policy.loss(s, a0, noise=noise, i=i).item() == pytest.approx(sum(err) / 4, rel=1e-5)
 
 
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
@@ -214,4 +214,4 @@ def test_dpm_solver_sampler_follows_the_exact_flow():
     assert errors[3] < 5e-3 and errors[1] > 10 * errors[3]
     torch.manual_seed(0)
     assert (sde.sample(s, steps=15, order=3) - exact).abs().max().item() < 0.1  # SfBC's setting
-    assert sde.loss(torch.randn(8, 1), torch.zeros(8, 3)).shape == ()
+    assert sde.loss(torch.zeros(8, 3), torch.randn(8, 1)).shape == ()

@@ -87,7 +87,7 @@ def test_action_approximation_hand_values_and_clipping():
     policy.model = ConstEps(0.5)
     a0, noise = torch.tensor([[0.2], [0.9]]), torch.tensor([[1.0], [3.0]])
     i = torch.tensor([1, 4])
-    terms = policy.denoise(a0, torch.zeros(2, 1), noise, i)
+    terms = policy.denoise(torch.zeros(2, 1), a0, noise, i)
     a_i = abar[i].sqrt()[:, None] * a0.double() + (1 - abar[i]).sqrt()[:, None] * noise.double()
     expected = ((a_i - (1 - abar[i]).sqrt()[:, None] * 0.5) / abar[i].sqrt()[:, None]).clamp(-1, 1)
     assert expected[1].item() == 1.0  # the second one is clipped to the bound
@@ -98,18 +98,18 @@ def test_action_approximation_is_differentiable_in_the_noise_model_only():
     torch.manual_seed(0)
     policy = DiffusionPolicy(OBS, ACT, 1.0, 100, "linear_scaled", hidden=(16, 16))
     batch = random_batch()
-    a0_hat = policy.denoise(batch.act, batch.obs).a0_hat
+    a0_hat = policy.denoise(batch.obs, batch.act).a0_hat
     grads = torch.autograd.grad(a0_hat.sum(), list(policy.model.parameters()))
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     assert not any(b.requires_grad for b in policy.buffers())
     policy.model.requires_grad_(False)  # with the noise model frozen nothing else carries a gradient
-    assert not policy.denoise(batch.act, batch.obs).a0_hat.requires_grad
+    assert not policy.denoise(batch.obs, batch.act).a0_hat.requires_grad
 
 
 # --------------------------------------------------------------------------- surrogates
 def test_gaussian_surrogate_hand_value():
     policy = DiffusionPolicy(1, 2, 1.0, 5)
-    terms = policy.denoise(torch.zeros(1, 2), torch.zeros(1, 1))._replace(a0_hat=torch.tensor([[0.2, 0.1]]))
+    terms = policy.denoise(torch.zeros(1, 1), torch.zeros(1, 2))._replace(a0_hat=torch.tensor([[0.2, 0.1]]))
     log_prob = policy.log_prob(terms, torch.tensor([[0.5, -0.5]]), "gaussian")
     # -(0.3^2 + 0.6^2) / 2 - log(2 pi) = -0.225 - 1.837877
     assert log_prob.item() == pytest.approx(-0.225 - math.log(2 * math.pi), abs=1e-6)
@@ -129,7 +129,7 @@ def test_elbo_surrogate_weights_and_hand_value():
     assert torch.allclose(policy.elbo_weights.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)
     assert policy.elbo_weights.sum().item() == pytest.approx(K, rel=1e-5)
     assert w[0] == pytest.approx(1 / (2 * (1 - betas[0])))  # w_0 = 1 / (2 alpha_0)
-    terms = policy.denoise(torch.zeros(2, 2), torch.zeros(2, 1), noise=torch.zeros(2, 2), i=torch.tensor([0, 7]))
+    terms = policy.denoise(torch.zeros(2, 1), torch.zeros(2, 2), noise=torch.zeros(2, 2), i=torch.tensor([0, 7]))
     terms = terms._replace(eps_pred=torch.tensor([[0.3, -0.1], [1.0, 2.0]]))
     log_prob = policy.log_prob(terms, torch.zeros(2, 2), "elbo")
     assert torch.allclose(log_prob, torch.tensor([-expected[0] * 0.05, -expected[7] * 2.5]), rtol=1e-5)  # mean over dims

@@ -101,10 +101,10 @@ def test_denoising_loss(name, dtype):
     tol = F32 if dtype == torch.float32 else dict(atol=1e-12, rtol=0.0)
     i, noise = (d["value"] for d in ref["random_draws"])
     assert [d["fn"] for d in ref["random_draws"]] == ["torch.randint", "torch.randn_like"]
-    terms = policy(g, dtype).denoise(ref["x0"], ref["state"], noise=noise, i=i)
+    terms = policy(g, dtype).denoise(ref["state"], ref["x0"], noise=noise, i=i)
     torch.testing.assert_close(terms.eps_pred, ref["eps_pred"], **tol)
     torch.testing.assert_close(terms.loss(), ref["loss"], **tol)
-    torch.testing.assert_close(policy(g, dtype).loss(ref["x0"], ref["state"], noise=noise, i=i), ref["loss"], **tol)
+    torch.testing.assert_close(policy(g, dtype).loss(ref["state"], ref["x0"], noise=noise, i=i), ref["loss"], **tol)
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -122,7 +122,7 @@ def test_one_update_value_critic_and_behaviour_losses_by_hand():
                   done=torch.tensor([0.0, 1.0]))
     actor = copy.deepcopy(module.actor)
     torch.manual_seed(7)
-    expected_bc = actor.loss(batch.act, batch.obs) * ACT  # the same draws: i, eps, dropout
+    expected_bc = actor.loss(batch.obs, batch.act) * ACT  # the same draws: i, eps, dropout
     torch.manual_seed(7)
     metrics = module.update(batch)
     # value: V(s) = [0.5, 1.5], min_k Q_targ = [1, 0]: diff [0.5, -1.5], weights [0.7, 0.3]
@@ -222,7 +222,7 @@ def test_ln_resnet_noise_network_in_the_diffusion_policy():
     policy = DiffusionPolicy(OBS, ACT, model=net)
     assert policy.model is net and not any(type(m).__name__ == "NoiseMLP" for m in policy.modules())
     s = torch.randn(5, OBS)
-    assert policy.sample(s).shape == (5, ACT) and math.isfinite(policy.loss(torch.rand(5, ACT), s).item())
+    assert policy.sample(s).shape == (5, ACT) and math.isfinite(policy.loss(s, torch.rand(5, ACT)).item())
     # the Fourier features of step t: [cos(2 pi t w), sin(2 pi t w)]
     w = net.time[0].w
     t = torch.tensor([0, 3])

@@ -1,7 +1,7 @@
 """Diffusion models for actions: the discrete DDPM policy of Diffusion-QL, DiffCPS and EDP and the
 continuous score model of SfBC.
 
-Two families, one contract (`loss(a0, s)`, `sample(s)`; the schedule lives in buffers so it follows
+Two families, one contract (`loss(s, a0)`, `sample(s)`: states first, as `critic(obs, act)`; the schedule lives in buffers so it follows
 the device and the checkpoint):
 
 - `DiffusionPolicy`: the discrete-time DDPM policy of Diffusion-QL and DiffCPS (Wang et al. 2023;
@@ -170,12 +170,13 @@ class DiffusionPolicy(nn.Module):
         self.register_buffer("elbo_weights", (weights * n_timesteps / weights.sum()).to(dtype), persistent=False)
         self.schedule = DiscreteVPSchedule(abar)  # continuous-time reading for DPM-Solver
 
-    def denoise(self, a0: Tensor, s: Tensor, noise: Tensor | None = None, i: Tensor | None = None) -> DenoisingTerms:
+    def denoise(self, s: Tensor, a0: Tensor, noise: Tensor | None = None, i: Tensor | None = None) -> DenoisingTerms:
         """One pass of the noise model on noised dataset actions: a_i = sqrt(abar_i) a0 + sqrt(1 - abar_i) eps
         at a uniform step i, the prediction eps_theta(a_i, i, s) and from it EDP's action approximation
         a0_hat = (a_i - sqrt(1 - abar_i) eps_theta) / sqrt(abar_i), clipped to the bounds (Kang et al. 2023,
-        "Efficient Diffusion Policies for Offline RL", arXiv:2305.20081, Section 4.1). `noise` (B, act_dim)
-        and `i` (B,) are the random draws; by default they are drawn on the device."""
+        "Efficient Diffusion Policies for Offline RL", arXiv:2305.20081, Section 4.1). States `s` (B, obs_dim)
+        first, dataset actions `a0` (B, act_dim) second, as everywhere in the suite (`critic(obs, act)`).
+        `noise` (B, act_dim) and `i` (B,) are the random draws; by default they are drawn on the device."""
         if i is None:
             i = torch.randint(0, self.n_timesteps, (a0.shape[0],), device=a0.device)
         if noise is None:
@@ -185,14 +186,14 @@ class DiffusionPolicy(nn.Module):
         a0_hat = self.sqrt_recip_abar[i, None] * a_i - self.sqrt_recipm1_abar[i, None] * eps_pred
         return DenoisingTerms(i, noise, eps_pred, a0_hat.clamp(-self.max_action, self.max_action))
 
-    def loss(self, a0: Tensor, s: Tensor, per_sample: bool = False, noise: Tensor | None = None,
+    def loss(self, s: Tensor, a0: Tensor, per_sample: bool = False, noise: Tensor | None = None,
              i: Tensor | None = None) -> Tensor:
         """eps-MSE at a uniform step i: the mean over batch and action dims (per_sample: over action
         dims only, shape (B,)). `noise` and `i` are the random draws (see `denoise`)."""
-        return self.denoise(a0, s, noise, i).loss(per_sample)
+        return self.denoise(s, a0, noise, i).loss(per_sample)
 
     def log_prob(self, terms: DenoisingTerms, a0: Tensor, surrogate: Surrogate = "gaussian") -> Tensor:
-        """A surrogate of log pi(a0 | s), (B,), from the pass `terms` = denoise(a0, s) (Kang et al. 2023,
+        """A surrogate of log pi(a0 | s), (B,), from the pass `terms` = denoise(s, a0) (Kang et al. 2023,
         arXiv:2305.20081; official EDP code, diffusion/dql.py):
         "gaussian": log N(a0; a0_hat, I) = -||a0 - a0_hat||^2 / 2 - (d / 2) log(2 pi), a unit Gaussian
             around the action approximation (the code's default, "mle" with fixed_std);
@@ -285,7 +286,7 @@ class ScoreDiffusion(nn.Module):
     def time_of(self, lam: Tensor) -> Tensor:
         return self.schedule.time_of(lam)
 
-    def loss(self, a0: Tensor, s: Tensor) -> Tensor:
+    def loss(self, s: Tensor, a0: Tensor) -> Tensor:
         """Denoising score matching in eps form, t ~ U(t_eps, 1): E_batch sum_dims (eps_hat - eps)^2
         (SfBC's diffusion_SDE/loss.py sums over action dims)."""
         t = torch.rand(a0.shape[0], device=a0.device) * (1.0 - self.t_eps) + self.t_eps
