@@ -258,7 +258,7 @@ def test_fit_resumes_exactly_across_the_stage_boundary_and_the_sweep_is_reported
 # steps put most behaviour samples on the action bounds), and the default scale 1. The behaviour model
 # alone (scale 0) and scale 3 are evaluated too, at the end of the behaviour stage and at the end, for the
 # printed figures; the assertion is on scale 1. Measured: final return -263 (threshold -460, behaviour data
-# -647, the behaviour model alone -935, scale 3 -570); about 19 minutes on 2 busy CPU cores.
+# -647, the behaviour model alone -935, scale 3 -570); 5.5 minutes on this project's 2 busy CPU cores.
 BEHAVIOR_STEPS, BEHAVIOR_LR, CRITIC_STEPS, CRITIC_LR, EVAL_EVERY, EVALUATIONS = 4000, 1e-3, 8000, 1e-3, 400, 5
 
 
