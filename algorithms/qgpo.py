@@ -47,7 +47,7 @@ Deviations and choices:
   `critic_batch_size` (256) of its rows, which are uniform draws as well.
 - the support actions are not checkpointed (2 x N x M x act_dim floats: 1.5 GB on halfcheetah-medium-
   expert): they are drawn from a stored seed in a forked RNG, so a resumed run redraws exactly the same
-  ones with the (frozen) behaviour model, and the training RNG never sees these draws.
+  ones with the (frozen) behaviour model; the training RNG sees only the seed's one draw.
 - the energy model's Fourier features are a buffer (the code keeps them as a parameter without grad).
 """
 
