@@ -86,11 +86,12 @@ class PGDDataModule(OfflineDataModule):
         ref_min: float | None = None,
         ref_max: float | None = None,
         max_episode_steps: int | None = None,
+        clip_actions: bool = False,
     ) -> None:
         super().__init__(
             dataset, batch_size=batch_size, eval_every=eval_every, block_size=block_size, normalize_obs=normalize_obs,
             reward_tuning="none", env_id=env_id, ref_family=ref_family, ref_min=ref_min, ref_max=ref_max,
-            max_episode_steps=max_episode_steps,
+            max_episode_steps=max_episode_steps, clip_actions=clip_actions,
         )
         if not 0 <= synthetic_batch_size <= batch_size:
             raise ValueError(f"data.synthetic_batch_size must be within 0..batch_size ({batch_size}), got {synthetic_batch_size}")
