@@ -138,7 +138,7 @@ def build(name: str, device: str | torch.device = "cuda") -> OfflineRLModule:
                 group["eps"] = 1e-3  # see tests/test_compile.py
     if isinstance(module, AWR):
         module.attach_dataset(random_transitions())
-    if isinstance(module, SfBC):
+    if isinstance(module, SfBC | QGPO):
         module.set_dataset(random_transitions())
     return module
 
