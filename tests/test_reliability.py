@@ -527,3 +527,41 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_says_what_to_do(tmp_path,
         write_json_atomic(path, {"v": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+# --------------------------------------------------------------------------- progress off a terminal
+
+
+def test_progress_off_a_terminal_prints_plain_lines_every_tenth_or_30_seconds(monkeypatch):
+    """`offbench data forge/pgd ... 2> log`: rich would show nothing until the end; plain lines instead."""
+    import io
+
+    from offbench.forge import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    stream = io.StringIO()  # not a terminal
+    with progress._Progress(True, stream) as bar:
+        bar.log("[bold red]warning:[/] a log line")
+        task = bar.task("PGD model", 20000)
+        for step in range(1000, 7001, 1000):  # 1000 steps every 5 s: 10% after 10 s
+            clock[0] += 5
+            bar.update(task, step, "loss 0.28")
+        clock[0] += 31  # a slow stretch: a line after 30 s, though only 5% more is done
+        bar.update(task, 8000, "loss 0.27")
+        clock[0] += 1
+        bar.update(task, 20000, "loss 0.2")
+    assert stream.getvalue().splitlines() == [
+        "warning: a log line",
+        "PGD model 0/20000 (0%) 0:00:00 elapsed",
+        "PGD model 2000/20000 (10%) 0:00:10 elapsed, ~0:01:30 left, loss 0.28",
+        "PGD model 4000/20000 (20%) 0:00:20 elapsed, ~0:01:20 left, loss 0.28",
+        "PGD model 6000/20000 (30%) 0:00:30 elapsed, ~0:01:10 left, loss 0.28",
+        "PGD model 8000/20000 (40%) 0:01:06 elapsed, ~0:01:39 left, loss 0.27",
+        "PGD model 20000/20000 (100%) 0:01:07 elapsed, loss 0.2",
+    ]
+    quiet = io.StringIO()
+    with progress._Progress(False, quiet) as bar:
+        bar.update(bar.task("SAC", 10), 10, "x")
+        bar.log("nothing")
+    assert quiet.getvalue() == ""
