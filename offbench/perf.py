@@ -47,6 +47,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from offbench.data.datamodule import OfflineDataModule
 from offbench.diffusion import NoiseMLP
+from offbench.errors import UserError
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.gpu_check import gpu_driver
@@ -140,10 +141,11 @@ def resolve_accelerator(accelerator: str) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit(f"error: --accelerator {accelerator}, but torch {torch.__version__} sees no CUDA device")
+            raise UserError(f"--accelerator {accelerator}, but torch {torch.__version__} sees no CUDA device: use --accelerator cpu "
+                            "(or auto), or run on a machine with CUDA and a CUDA build of torch")
         return "gpu"
     if accelerator != "cpu":
-        raise SystemExit(f"error: --accelerator must be auto, cpu or gpu, got {accelerator!r}")
+        raise UserError(f"--accelerator must be auto, cpu or gpu, got {accelerator!r}")
     return "cpu"
 
 
@@ -411,6 +413,7 @@ def main(argv: list[str]) -> int:
         parser.error("--updates and --block-size must be positive")
     if args.eval_episodes <= 0 or min(args.eval_envs) <= 0:
         parser.error("--eval-episodes and --eval-envs must be positive")
+    resolve_accelerator(args.accelerator)  # an unknown or absent accelerator stops here, before any measurement
     training = []
     for perf_row in perf_rows(args.configs):
         result = measure_training(

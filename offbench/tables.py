@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from offbench import stats
-from offbench.errors import UserError
+from offbench.errors import MissingFileError, UserError
 from offbench.files import read_json, write_text_atomic
 
 KINDS = ("last", "best", "final_mean")
@@ -630,12 +630,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--references", default=None, help="paper references YAML (default: the grid's, from grid.json)")
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
-        print(f"offbench table: no directory {args.results_dir}", file=sys.stderr)
-        return 2
+        raise MissingFileError(f"no directory {args.results_dir}: name a results directory, e.g. results/quick")
     try:
         written = write_tables(args.results_dir, args.latex, args.references)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"offbench table: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as e:  # a missing or malformed references file
+        raise UserError(str(e)) from e
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from offbench.batch import Transitions
 from offbench.data.datamodule import OfflineDataModule
+from offbench.errors import MissingFileError, UserError
 from offbench.module import OfflineRLModule
 
 NOISE = 0.05  # std of the Gaussian noise on each coordinate of the ring's points (the paper's N(0, 0.05))
@@ -148,7 +149,7 @@ class ToyMethod:
         known = {"label", "steps_arg", "steps_at", "per_update", "batch_size"}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a toy config has model, {', '.join(sorted(known))}")
+            raise UserError(f"{path}: unknown keys {sorted(unknown)}; a toy config has model, {', '.join(sorted(known))}")
         return cls(name=path.stem, class_path=model["class_path"], init_args=dict(model.get("init_args") or {}),
                    label=raw.get("label", path.stem), steps_arg=raw.get("steps_arg"),
                    steps_at=raw.get("steps_at", "train"), per_update=dict(raw.get("per_update") or {}),
@@ -172,7 +173,7 @@ def find_methods(names: list[str], config_dir: Path) -> list[ToyMethod]:
         path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
         if not path.exists():
             available = sorted(p.stem for p in config_dir.glob("*.yaml"))
-            raise SystemExit(f"offbench toy: no config {path}; available in {config_dir}: {', '.join(available)}")
+            raise MissingFileError(f"no toy config {path}; available in {config_dir}: {', '.join(available)}")
         methods.append(ToyMethod.load(path))
     return methods
 
@@ -379,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.updates <= 0 or args.samples <= 0:
-        raise SystemExit("offbench toy: --updates and --samples must be positive")
+        raise UserError(f"--updates and --samples must be positive, got {args.updates} and {args.samples}")
     threshold = args.threshold if args.threshold is not None else args.noise / 2
     methods = find_methods(args.methods, args.configs)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -449,4 +450,6 @@ def _device(accelerator: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from offbench.cli import main as offbench_main  # one message and status 2 for a user's mistake
+
+    sys.exit(offbench_main(["toy", *sys.argv[1:]]))

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger
 
+from offbench.errors import UserError
+
 INSTALL = "pip install 'offbench[wandb]'"
 MODES = ("offline", "online")
 ID_FILE = "wandb-run.json"  # in the run directory: the W&B run id a resumed fit continues
@@ -35,7 +37,7 @@ ONLINE_INIT_TIMEOUT = 30.0  # seconds
 def require_wandb(what: str) -> None:
     """Stop with one clear message when the wandb package is missing."""
     if importlib.util.find_spec("wandb") is None:
-        raise SystemExit(f"error: {what} needs the wandb package, which is not installed. Install it with: {INSTALL}")
+        raise UserError(f"{what} needs the wandb package, which is not installed. Install it with: {INSTALL}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from offbench import bench
 from offbench.bench import GridError, cell_command, cell_state, expand_grid, load_grid, run_grid
+from offbench.cli import main as cli_main
 from offbench.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,5 +353,5 @@ def test_bench_command_line_reports_bad_grids(tmp_path, capsys):
         datasets: [nope-v0]
         algorithms: [{name: bc, config: configs/algorithms/bc.yaml}]
     """))
-    assert bench.main([str(grid)]) == 2
-    assert "unknown dataset 'nope-v0'" in capsys.readouterr().err
+    assert cli_main(["bench", str(grid)]) == 2
+    assert "offbench: error: " in (err := capsys.readouterr().err) and "unknown dataset 'nope-v0'" in err

@@ -182,8 +182,9 @@ def test_a_missing_family_names_the_command_that_makes_it(roots, capsys):
         resolve("forge/invertedpendulum-expert-v0")
     expected = f"offbench data forge --env InvertedPendulum-v5 --preset small --out {roots / 'data/forge/invertedpendulum'}"
     assert expected in str(e.value) and "minutes" in str(e.value)
-    assert data_main(["info", "forge/invertedpendulum-expert-v0"]) == 1
-    assert expected in capsys.readouterr().out
+    assert cli_main(["data", "info", "forge/invertedpendulum-expert-v0"]) == 2
+    err = capsys.readouterr().err
+    assert "offbench: error: forge/invertedpendulum-expert-v0 has not been forged" in err and expected in err
     with pytest.raises(FileNotFoundError, match="--env Hopper-v4 --preset d4rl"):
         resolve("forge/hopper-medium-v0")
     with pytest.raises(ValueError, match="not a forge name"):

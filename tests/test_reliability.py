@@ -565,3 +565,32 @@ def test_progress_off_a_terminal_prints_plain_lines_every_tenth_or_30_seconds(mo
         bar.update(bar.task("SAC", 10), 10, "x")
         bar.log("nothing")
     assert quiet.getvalue() == ""
+
+
+# --------------------------------------------------------------------------- user errors of the other commands
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["toy", "--methods", "no-such-method"], "offbench: error: no toy config "),
+    (["toy", "--updates", "0"], "offbench: error: --updates and --samples must be positive, got 0"),
+    (["perf", "--accelerator", "tpu"], "offbench: error: --accelerator must be auto, cpu or gpu, got 'tpu'"),
+    (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-family", "hopper", "--ref-min", "0"],
+     "offbench: error: pass either --ref-family or --ref-min/--ref-max, not both"),
+    (["data", "forge", "--env", "Pendulum-v1", "--sac-steps", "100", "--start-steps", "10", "--checkpoint-every", "60"],
+     "offbench: error: --sac-steps 100 gives fewer than 2 checkpoints every 60 steps (--checkpoint-every)"),
+    (["table", "no-such-dir"], "offbench: error: no directory no-such-dir: name a results directory"),
+])
+def test_user_mistakes_of_every_command_are_one_line_with_status_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())  # stopped before writing anything
+
+
+def test_a_user_mistake_through_the_installed_entry_point_and_python_m(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for command in (["-m", "offbench.cli", "toy", "--samples", "-1"], ["-m", "offbench.toy", "--samples", "-1"]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == "offbench: error: --updates and --samples must be positive, got 20000 and -1"

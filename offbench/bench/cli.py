@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 from offbench.bench.cells import cell_command, cell_state
-from offbench.bench.grid import GridError, load_grid
+from offbench.bench.grid import load_grid
 from offbench.bench.ray import RayOptions
 from offbench.bench.runner import run_grid
 
@@ -62,11 +61,7 @@ def main(argv: list[str]) -> int:
     if args.launcher != "ray" and any(value is not None for value in ray_args.values()):
         given = [name for name, value in ray_args.items() if value is not None]
         parser.error(f"{', '.join(given)}: only with --launcher ray")
-    try:
-        grid = load_grid(args.grid)
-    except GridError as e:
-        print(f"offbench bench: {e}", file=sys.stderr)
-        return 2
+    grid = load_grid(args.grid)  # a GridError (a UserError) lists every problem of the grid file
     if args.dry_run:
         states = {c.id: cell_state(c) for c in grid.cells}
         for cell in grid.cells:

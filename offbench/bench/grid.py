@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from offbench.errors import UserError
+
 SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
              *SETTING_KEYS)
@@ -24,7 +26,7 @@ WANDB_KEYS = ("project", "entity", "tags", "mode")  # a grid's `wandb:` options;
 ALGORITHM_KEYS = ("name", "overrides", *SETTING_KEYS)
 
 
-class GridError(ValueError):
+class GridError(UserError):
     """A grid file that cannot be expanded; the message lists every problem found."""
 
 

@@ -88,7 +88,7 @@ def run_grid(
 
     console = console or Console()
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers}")
     if ray_options is not None:
         _check_ray_options(ray_options, devices)  # and that Ray is installed, before anything is written
     gpus = _gpu_count(devices) if ray_options is None else 0

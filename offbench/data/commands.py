@@ -14,6 +14,7 @@ from offbench.data.checks import check_transitions
 from offbench.data.sources import load_transitions, local_path
 from offbench.data.synthetic import minari_datasets_root, write_random_dataset
 from offbench.envs import action_bounds, observation_dim
+from offbench.errors import UserError
 from offbench.pgd.commands import add_pgd_parser
 from offbench.pgd.commands import main as pgd_main
 from offbench.scores import REF_SCORES, normalized_score
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     if args.ref_family is not None and (args.ref_min is not None or args.ref_max is not None):
-        raise SystemExit("pass either --ref-family or --ref-min/--ref-max, not both")
+        raise UserError("pass either --ref-family or --ref-min/--ref-max, not both")
     ref_min, ref_max = REF_SCORES[args.ref_family] if args.ref_family else (args.ref_min, args.ref_max)
     steps = write_random_dataset(
         args.env, args.out, args.episodes, args.seed, args.minari_id,
@@ -145,14 +146,10 @@ def _info(args: argparse.Namespace) -> int:
             for kind in FORGE_KINDS:
                 print(f"{forge_name(entry.env_id, kind):42s} {'forge':9s} {entry.env_id} ({made})")
         return 0
-    try:
-        info = resolve(
-            args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
-            max_episode_steps=args.max_episode_steps, env_id_flag="--env-id",
-        )
-    except FileNotFoundError as e:  # a forged family that is not there yet: the message says how to make it
-        print(e)
-        return 1
+    info = resolve(  # a forged family that is not there yet: a MissingFileError saying how to make it
+        args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
+        max_episode_steps=args.max_episode_steps, env_id_flag="--env-id",
+    )
     for f in fields(info):
         print(f"{f.name:18s} {getattr(info, f.name)}")
     path = local_path(info)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from offbench.errors import UserError
+
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 MANIFEST = "manifest.json"
 FORMAT = "offbench-forge-v1"
@@ -44,16 +46,16 @@ class ForgeConfig:
             "select_episodes", "batch_size", "num_envs",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.start_steps < self.sac_steps:
-            raise ValueError(f"start_steps must be in [0, sac_steps={self.sac_steps}), got {self.start_steps}")
+            raise UserError(f"--start-steps must be in [0, --sac-steps {self.sac_steps}), got {self.start_steps}")
         if self.sac_steps < 2 * self.checkpoint_every:
-            raise ValueError(
-                f"sac_steps {self.sac_steps} gives fewer than 2 checkpoints every {self.checkpoint_every} steps: "
-                "medium and expert need different checkpoints"
+            raise UserError(
+                f"--sac-steps {self.sac_steps} gives fewer than 2 checkpoints every {self.checkpoint_every} steps "
+                "(--checkpoint-every): medium and expert need different checkpoints"
             )
         if not 0.0 < self.medium_fraction < 1.0:
-            raise ValueError(f"medium_fraction must be in (0, 1), got {self.medium_fraction}")
+            raise UserError(f"--medium-fraction must be in (0, 1), got {self.medium_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,7 +88,7 @@ def forge_config(env_id: str, preset: str | None = None, **overrides: Any) -> Fo
     else `d4rl`), with `overrides` (ForgeConfig fields; None values are ignored) on top."""
     preset = preset or DEFAULT_PRESET.get(env_id, "d4rl")
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     rows = PRESETS[preset]
     settings = dict(rows.get(env_id, rows["*"]))
     settings.update({k: v for k, v in overrides.items() if v is not None})

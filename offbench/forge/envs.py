@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from offbench.data.catalog import DatasetInfo, forge_name
+from offbench.errors import UserError
 from offbench.forge.config import ForgeConfig
 from offbench.sac import TanhGaussianActor
 
@@ -18,14 +19,14 @@ from offbench.sac import TanhGaussianActor
 def _make_env(config: ForgeConfig) -> gym.Env:
     env = gym.make(config.env_id, max_episode_steps=config.max_episode_steps)
     if env.spec is None or env.spec.max_episode_steps is None:
-        raise ValueError(f"{config.env_id} has no episode limit: pass max_episode_steps")
+        raise UserError(f"{config.env_id} has no episode limit: pass max_episode_steps")
     if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
-        raise ValueError(
+        raise UserError(
             f"the forge needs Box observation and action spaces; {config.env_id} has {env.observation_space} and "
             f"{env.action_space}"
         )
     if len(env.observation_space.shape) != 1 or not np.all(np.isfinite(env.action_space.low)):
-        raise ValueError(f"the forge needs flat observations and bounded actions; {config.env_id} has neither or one")
+        raise UserError(f"the forge needs flat observations and bounded actions; {config.env_id} has neither or one")
     return env
 
 

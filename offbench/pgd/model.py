@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from offbench.batch import Transitions
 from offbench.data.synthetic import data_root
+from offbench.errors import MissingFileError, UserError
 from offbench.files import read_json
 from offbench.pgd.edm import EDM, Guide, SamplerSettings
 from offbench.pgd.unet import UNET_PRESETS, TemporalUNet
@@ -59,7 +60,7 @@ class TrajectoryModelConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in UNET_PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(UNET_PRESETS)}")
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {sorted(UNET_PRESETS)}")
         unet, budget = UNET_PRESETS[self.preset], TRAIN_PRESETS[self.preset]
         self.name = self.name or self.preset
         self.features = self.features or unet["features"]
@@ -67,7 +68,7 @@ class TrajectoryModelConfig:
         if self.steps is None and self.epochs is None:
             self.steps, self.epochs = budget["steps"], budget["epochs"]
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give either --steps or --epochs, not both")
+            raise UserError("give either --steps or --epochs, not both")
 
     def total_steps(self, n_windows: int) -> int:
         if self.steps is not None:
@@ -132,12 +133,12 @@ def load_trajectory_model(dataset: str, name: str, t: Transitions, device: torch
     if manifest is None:
         partly = " (training was started but not finished: rerun the same command to resume it)" if (
             directory / "checkpoint.pt").exists() else ""
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no trained PGD trajectory model {name!r} for dataset {dataset!r} (no {directory / 'manifest.json'}){partly}. "
             f"Train it first: {train_command(dataset, name)}"
         )
     if manifest["data_fingerprint"] != fingerprint(t):
-        raise ValueError(
+        raise UserError(
             f"the PGD trajectory model in {directory} was trained on other data than dataset {dataset!r} holds now "
             f"(fingerprint {manifest['data_fingerprint']} vs {fingerprint(t)}): retrain it with "
             f"{train_command(dataset, name)} --force"

@@ -22,6 +22,7 @@ import torch
 from offbench.data.catalog import resolve
 from offbench.data.sources import load_transitions
 from offbench.envs import action_bounds
+from offbench.errors import UserError
 from offbench.files import read_json, write_json_atomic
 from offbench.forge import _Progress, _save_atomic
 from offbench.pgd.model import TrajectoryModel, TrajectoryModelConfig, fingerprint, model_dir
@@ -63,8 +64,8 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     manifest = read_json(directory / "manifest.json")
     if manifest is not None:
         if manifest["config"] != settings or manifest["data_fingerprint"] != fingerprint(t):
-            raise SystemExit(
-                f"error: {directory} already holds a PGD trajectory model trained with other settings or data; "
+            raise UserError(
+                f"{directory} already holds a PGD trajectory model trained with other settings or data; "
                 "add --force to replace it, or --name to keep both"
             )
         return manifest
@@ -72,7 +73,7 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     train_starts, val_starts = split_windows(t, config)
     total = config.total_steps(len(train_starts))
     if len(train_starts) < config.batch_size:
-        raise ValueError(f"{len(train_starts)} training windows, fewer than a batch of {config.batch_size}: "
+        raise UserError(f"{len(train_starts)} training windows, fewer than a batch of {config.batch_size}: "
                          "lower --batch-size or --window")
     torch.manual_seed(config.seed)
     model = TrajectoryModel.from_config(config, t.obs_dim, t.act_dim, max_action).to(device)
@@ -90,7 +91,8 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
         if checkpoint.exists():
             saved = torch.load(checkpoint, map_location=device, weights_only=False)
             if saved["config"] != settings:
-                raise SystemExit(f"error: {checkpoint} was written with other settings; add --force to start again")
+                raise UserError(f"{checkpoint} (an unfinished training) was written with other settings: rerun with "
+                                "the same settings to continue it, add --force to start again, or --name to keep both")
             model.load_state_dict(saved["model"])
             ema.load_state_dict(saved["ema"])
             opt.load_state_dict(saved["opt"])
