@@ -46,23 +46,24 @@ def read_json(path: str | os.PathLike, fix: str = "restore it or delete it") -> 
 RUN_LOCK = "run.lock"
 
 
-def lock_run_dir(run_dir: str | os.PathLike) -> int:
-    """Take the exclusive lock of a run directory for this process's lifetime (fcntl.flock on
-    `<run_dir>/run.lock`, which holds our PID); the OS releases it when the process ends, however it
-    ends. Returns the lock's file descriptor (keep it open); raises UserError naming the holder's PID
-    when another process holds the lock."""
+class LockBusy(Exception):
+    """Another process holds the lock; `pid` is its PID (0 when the lock file names none)."""
+
+    def __init__(self, path: Path, pid: int) -> None:
+        super().__init__(f"{path} is held by process {pid or '(unknown)'}")
+        self.path, self.pid = path, pid
+
+
+def take_lock(path: str | os.PathLike) -> int:
+    """An exclusive fcntl.flock on `path` (created if absent; it then holds our PID) for as long as the
+    returned file descriptor stays open: the OS releases it when the process ends, however it ends, so
+    a killed holder never leaves a stale lock. Raises LockBusy when another process holds it, OSError
+    when the file cannot be opened. The file stays after release (deleting it would race a newcomer)."""
     import fcntl
 
-    from offbench.errors import UserError
-
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run_dir} ({e.strerror}): choose a writable "
-                        "--trainer.default_root_dir") from e
-    for _ in range(10):  # a prober (run_dir_holder) holds a shared lock for a moment
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(10):  # a prober (lock_holder) holds a shared lock for a moment
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
@@ -70,24 +71,17 @@ def lock_run_dir(run_dir: str | os.PathLike) -> int:
             time.sleep(0.05)
     else:
         os.close(fd)
-        pid = run_dir_holder(run_dir)
-        who = f"process {pid}" if pid else "another process"
-        raise UserError(
-            f"{run_dir} is in use by {who} (an `offbench fit` running into it): one run directory belongs to one "
-            f"process at a time. Wait for it to end{f' or stop it (kill {pid})' if pid else ''}, or choose another "
-            "--trainer.default_root_dir"
-        ) from None
+        raise LockBusy(path, lock_holder(path) or 0)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
-def run_dir_holder(run_dir: str | os.PathLike) -> int | None:
-    """The PID of the live process holding `run_dir`'s lock (0 when it is held but names no PID), or
+def lock_holder(path: str | os.PathLike) -> int | None:
+    """The PID of the live process holding the lock `path` (0 when it is held but names no PID), or
     None when nobody holds it. Probes with a shared, non-blocking flock, so it never waits."""
     import fcntl
 
-    path = Path(run_dir) / RUN_LOCK
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -102,3 +96,31 @@ def run_dir_holder(run_dir: str | os.PathLike) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> int:
+    """Take the exclusive lock of a run directory (`<run_dir>/run.lock`, see take_lock) for this
+    process's lifetime. Returns the lock's file descriptor (keep it open); raises UserError naming the
+    holder's PID when another process holds the lock."""
+    from offbench.errors import UserError
+
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return take_lock(run_dir / RUN_LOCK)
+    except LockBusy as busy:
+        pid = busy.pid
+        who = f"process {pid}" if pid else "another process"
+        raise UserError(
+            f"{run_dir} is in use by {who} (an `offbench fit` running into it): one run directory belongs to one "
+            f"process at a time. Wait for it to end{f' or stop it (kill {pid})' if pid else ''}, or choose another "
+            "--trainer.default_root_dir"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run_dir} ({e.strerror}): choose a writable "
+                        "--trainer.default_root_dir") from e
+
+
+def run_dir_holder(run_dir: str | os.PathLike) -> int | None:
+    """The PID of the live process holding `run_dir`'s lock (0 when it names no PID), or None."""
+    return lock_holder(Path(run_dir) / RUN_LOCK)

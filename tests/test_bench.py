@@ -21,6 +21,7 @@ from offbench import bench
 from offbench.bench import GridError, cell_command, cell_state, expand_grid, load_grid, run_grid
 from offbench.cli import main as cli_main
 from offbench.errors import UserError
+from offbench.files import take_lock
 
 REPO = Path(__file__).resolve().parents[1]
 BC = str(REPO / "configs/algorithms/bc.yaml")
@@ -213,9 +214,12 @@ def test_one_runner_per_output_directory(tmp_path):
                                 eval_every=5, datasets=["synthetic/pendulum-random-v0"],
                                 algorithms=[{"name": "bc", "config": BC}]))
     (tmp_path / "out").mkdir()
-    (tmp_path / "out/bench.lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(UserError, match="another `offbench bench`"):
-        run_grid(grid, devices="cpu", console=quiet())
+    fd = take_lock(tmp_path / "out/bench.lock")  # another runner holds it (flock conflicts between open files)
+    try:
+        with pytest.raises(UserError, match=f"another `offbench bench` \\(process {os.getpid()}\\)"):
+            run_grid(grid, devices="cpu", console=quiet())
+    finally:
+        os.close(fd)
 
 
 def test_cells_spread_over_gpus(tmp_path, monkeypatch):

@@ -289,6 +289,35 @@ def test_the_runner_skips_a_cell_whose_run_is_still_alive(tmp_path, monkeypatch)
     assert started == [grid.cells[1].id] and report.busy == {grid.cells[0].id: os.getpid()}
 
 
+def test_one_runner_per_output_folder_and_the_lock_goes_with_its_process(tmp_path, monkeypatch, capsys):
+    """bench.lock is an flock: a second runner stops with the holder's PID; a runner killed with SIGKILL
+    leaves no stale lock (a PID file would block until deleted by hand, or trust a reused PID)."""
+    from offbench.bench import load_grid, run_grid
+    from tests.test_bench import quiet
+
+    started = fake_runner(monkeypatch)
+    grid_file = small_grid(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from offbench.bench.runner import _lock; "
+         "_lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_main(["bench", str(grid_file)]) == 2
+        err = capsys.readouterr().err
+        assert f"offbench: error: another `offbench bench` (process {holder.pid}) is running a grid into " in err
+        assert f"kill {holder.pid}" in err and started == []
+    finally:
+        holder.kill()
+        holder.wait()
+    report = run_grid(load_grid(grid_file), devices="cpu", console=quiet(), tables=False)
+    assert started == report.finished == [load_grid(grid_file).cells[0].id]
+    # The file of a killed runner whose PID now belongs to another live process (here: this one) blocks nothing.
+    (tmp_path / "out/bench.lock").write_text(f"{os.getpid()}\n")
+    assert run_main(["bench", str(grid_file), "--no-tables"]) == 0
+
+
 def test_stale_cells_are_reported_and_rerun_only_when_asked(tmp_path, monkeypatch, capsys):
     from offbench import bench
     from offbench.bench import cell_state, load_grid, run_grid

@@ -26,7 +26,7 @@ from offbench.bench.ray import (
     _ray_stop,
 )
 from offbench.errors import UserError
-from offbench.files import read_json, run_dir_holder, write_json_atomic
+from offbench.files import LockBusy, read_json, run_dir_holder, take_lock, write_json_atomic
 
 
 @dataclass
@@ -93,7 +93,6 @@ def run_grid(
         _check_ray_options(ray_options, devices)  # and that Ray is installed, before anything is written
     gpus = _gpu_count(devices) if ray_options is None else 0
     workers = workers or (1 if ray_options is None else len(grid.cells))
-    grid.output.mkdir(parents=True, exist_ok=True)
     lock = _lock(grid.output)
     previous = _interrupt_on_termination()
     try:
@@ -101,7 +100,7 @@ def run_grid(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        lock.unlink(missing_ok=True)
+        os.close(lock)
 
 
 def _interrupt_on_termination() -> dict[int, Any]:
@@ -116,34 +115,23 @@ def _interrupt_on_termination() -> dict[int, Any]:
     return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
-def _lock(output: Path) -> Path:
-    """One runner per output directory: two would start the same cells in the same run directories."""
+def _lock(output: Path) -> int:
+    """One runner per output directory: two would start the same cells in the same run directories.
+    An exclusive flock on `<output>/bench.lock` (holding our PID), which the OS releases when this
+    process ends, however it ends. Returns the lock's file descriptor: close it to release."""
     lock = output / "bench.lock"
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        text = lock.read_text().strip()
-        pid = int(text) if text.isdigit() else 0
-        if pid and _alive(pid):
-            raise UserError(
-                f"another `offbench bench` (pid {pid}) is running into {output}; wait for it or stop it "
-                f"(if that pid is not a bench run, delete {lock})"
-            ) from None
-        lock.unlink(missing_ok=True)  # left by a runner that was killed
-        return _lock(output)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return lock
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        output.mkdir(parents=True, exist_ok=True)
+        return take_lock(lock)
+    except LockBusy as busy:
+        stop = f" or stop it (kill {busy.pid}: its cells stop, and the next run resumes them)" if busy.pid else ""
+        raise UserError(
+            f"another `offbench bench` (process {busy.pid or 'unknown'}) is running a grid into {output}: one runner "
+            f"per output folder. Wait for it to end{stop}, or give this grid another output"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot write the grid's output folder {output} ({e.strerror}): make it writable or give "
+                        "the grid another output") from e
 
 
 def _run(
