@@ -623,3 +623,63 @@ def test_a_user_mistake_through_the_installed_entry_point_and_python_m(tmp_path)
         done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip() == "offbench: error: --updates and --samples must be positive, got 20000 and -1"
+
+
+# --------------------------------------------------------------------------- the metric log on a full disk
+
+
+def test_a_full_disk_while_logging_metrics_is_one_message_and_the_log_stays_whole(tiny_hopper, tmp_path, capsys, monkeypatch):
+    """metrics.csv cannot be written (a full disk) after the first checkpoint, when the first evaluation's
+    row is due: one message with the way out, no half row left in the file, and the resumed run has
+    every row (the lost evaluation row comes from the checkpoint)."""
+    import pandas as pd
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+    root = tmp_path / "run"
+    real_save = _ExperimentWriter.save
+
+    def full_disk(self):
+        if (root / "checkpoints/last.ckpt").exists() and self.metrics:
+            with open(self.metrics_file_path, "a") as f:
+                f.write("0.1,0.2")  # half a row, as a write cut short by a full disk leaves
+            raise OSError(28, "No space left on device")
+        real_save(self)
+
+    monkeypatch.setattr(_ExperimentWriter, "save", full_disk)
+    assert run_main(fit_args(tiny_hopper, root)) == 2
+    err = capsys.readouterr().err
+    assert f"offbench: error: writing {root / 'metrics.csv'} failed (No space left on device)" in err, err
+    assert "free space" in err and "--ckpt_path last" in err and "Traceback" not in err
+    logged = pd.read_csv(root / "metrics.csv")
+    assert logged["updates"].max() == 100 and (root / "metrics.csv").read_text().endswith("\n")
+    monkeypatch.undo()
+    assert run_main(fit_args(tiny_hopper, root, "--ckpt_path", "last")) == 0
+    logged = pd.read_csv(root / "metrics.csv")
+    evaluations = logged[logged["eval/score"].notna()]
+    assert list(evaluations["updates"]) == [100, 200, 300] and logged["updates"].is_monotonic_increasing
+    assert evaluations["eval/score"].tolist() == pytest.approx(  # the first comes from the checkpoint
+        [h["score"] for h in json.loads((root / "result.json").read_text())["history"]])
+
+
+def test_a_new_metric_column_rewrites_metrics_csv_atomically(tmp_path, monkeypatch):
+    """A new column rewrites the file with a new header; Lightning truncates it first, so a full disk
+    mid-rewrite lost every row. Now the old file stays whole, and no partial file is left."""
+    import csv
+
+    from offbench.cli import _MetricsWriter
+
+    writer = _MetricsWriter(str(tmp_path))
+    writer.log_metrics({"loss": 1.0, "updates": 50})
+    writer.save()
+    before = (tmp_path / "metrics.csv").read_text()
+    assert before == "loss,step,updates\n1.0,0,50\n"
+    writer.log_metrics({"eval/score": 0.5, "updates": 100})
+
+    def full_disk(self, rows):
+        self.writer.writerow(["1"])  # part of the rows reach the file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError):
+        writer.save()
+    assert (tmp_path / "metrics.csv").read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
