@@ -1,6 +1,7 @@
-"""Faults and mistakes a user meets: one clear message and exit status 2 for user errors, a run
-directory owned by one process, resumes that refuse (or knowingly apply) changed settings, damaged
-files named with the way out, partial files left by crashes, and Lightning's unactionable notes gone."""
+"""Faults and mistakes a user meets: one clear message and exit status 2 for user errors (in every
+command), a run directory and a grid output owned by one process, resumes that refuse (or knowingly
+apply) changed settings, damaged files named with the way out, partial files left by crashes, a full
+disk under metrics.csv, progress lines in logs, and Lightning's unactionable notes gone."""
 
 from __future__ import annotations
 
