@@ -56,7 +56,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +114,19 @@ def contrastive_energy_loss(f: Tensor, q: Tensor, beta: float) -> Tensor:
     """CEP: - mean over states of sum_i softmax_i(beta q_i) log softmax_i(f_i), for (B, M) energies f of
     the noised candidates and (B, M) Q-values q of the clean ones."""
     return -(torch.softmax(beta * q, -1) * torch.log_softmax(f, -1)).sum(-1).mean()
+
+
+class QGPODraws(NamedTuple):
+    """The random draws of one update, in the order the official code consumes them. Training leaves
+    them None (drawn on the device); tests pass the official run's recorded draws."""
+
+    behavior_u: Tensor | None = None  # (B,) uniforms of the behaviour loss's times t = u (1 - 1e-3) + 1e-3
+    behavior_noise: Tensor | None = None  # (B, act_dim) its noise z
+    energy_u: Tensor | None = None  # (critic_batch_size,) uniforms of CEP's times, one per state
+    energy_noise: Tensor | None = None  # (critic_batch_size * n_support, act_dim) its noise, state-major
+
+
+NO_DRAWS = QGPODraws()  # training: every draw made on the device
 
 
 class QGPO(OfflineRLModule):
@@ -196,11 +209,11 @@ class QGPO(OfflineRLModule):
         self.energy_opt = torch.optim.Adam(self.energy.parameters(), lr=hp.energy_lr)
         return [self.behavior_opt, self.critic_opt, self.energy_opt]
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
+    def update(self, batch: Batch, draws: QGPODraws = NO_DRAWS) -> dict[str, Tensor]:
         hp = self.hparams
         # 1. behaviour model: denoising score matching on the whole batch
         if self.step < hp.behavior_steps:
-            return self.behavior_update(batch)
+            return self.behavior_update(batch, draws.behavior_u, draws.behavior_noise)
         # 2. support actions: once when the stage starts (and again, identical, after a resume)
         if len(self.support) == 0:
             if not hasattr(self, "data_obs"):
@@ -209,7 +222,7 @@ class QGPO(OfflineRLModule):
         idx = self.critic_rows(batch)
         # 3. Q by in-support softmax Q-learning (first q_steps updates of the stage), then f_phi by CEP
         metrics = self.critic_update(idx) if self.step - hp.behavior_steps < hp.q_steps else {}
-        return {**metrics, **self.energy_update(idx)}
+        return {**metrics, **self.energy_update(idx, draws.energy_u, draws.energy_noise)}
 
     def critic_rows(self, batch: Batch) -> Tensor:
         """Row indices of the critic stage: the first critic_batch_size rows of the batch, or rows drawn
@@ -223,9 +236,9 @@ class QGPO(OfflineRLModule):
         return batch.idx[:n]
 
     @compilable
-    def behavior_update(self, batch: Batch) -> dict[str, Tensor]:
-        """One step of the behaviour model on the batch."""
-        loss = self.behavior.loss(batch.obs, batch.act)
+    def behavior_update(self, batch: Batch, u: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """One step of the behaviour model on the batch (`u`, `noise`: the loss's draws, see QGPODraws)."""
+        loss = self.behavior.loss(batch.obs, batch.act, u, noise)
         self.optimize(self.behavior_opt, loss)
         return {"loss/behavior": loss}
 
@@ -245,15 +258,19 @@ class QGPO(OfflineRLModule):
         return {"loss/critic": loss, "q/mean": q.mean()}
 
     @compilable
-    def energy_update(self, idx: Tensor) -> dict[str, Tensor]:
-        """Contrastive energy prediction on the support actions of rows idx, labelled by the target Q."""
+    def energy_update(self, idx: Tensor, u: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """Contrastive energy prediction on the support actions of rows idx, labelled by the target Q
+        (`u`, `noise`: the draws, see QGPODraws)."""
         hp = self.hparams
         n, m = len(idx), hp.n_support
         obs, act = repeat_rows(self.data_obs[idx], m), self.support[idx].reshape(-1, hp.act_dim)
         with torch.no_grad():
             q = self.critic_target(obs, act).amin(0).view(n, m)
-        t = (torch.rand(n, device=idx.device) * (1.0 - 1e-3) + 1e-3).repeat_interleave(m)  # one t per state
-        a_t = self.behavior.log_alpha(t).exp()[:, None] * act + self.behavior.sigma(t)[:, None] * torch.randn_like(act)
+        if u is None:
+            u = torch.rand(n, device=idx.device)
+        t = (u * (1.0 - 1e-3) + 1e-3).repeat_interleave(m)  # one t per state
+        z = torch.randn_like(act) if noise is None else noise
+        a_t = self.behavior.log_alpha(t).exp()[:, None] * act + self.behavior.sigma(t)[:, None] * z
         loss = contrastive_energy_loss(self.energy(a_t, t, obs).view(n, m), q, hp.beta)
         self.optimize(self.energy_opt, loss)
         return {"loss/energy": loss}
@@ -266,10 +283,11 @@ class QGPO(OfflineRLModule):
                               b.beta_0, b.beta_1, b.t_end, b.t_eps)
 
     @torch.no_grad()
-    def act(self, obs: Tensor) -> Tensor:
-        """One sample of mu(a|s) exp(scale f) per state: DPM-Solver on eps_guided."""
+    def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
+        """One sample of mu(a|s) exp(scale f) per state: DPM-Solver on eps_guided (`noise` (n, act_dim):
+        the solver's initial draw; by default drawn on the device)."""
         hp = self.hparams
-        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order)
+        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order, noise=noise)
 
 
 class ScaleSweep(EvalCallback):
