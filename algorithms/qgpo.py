@@ -37,14 +37,30 @@ between its sweeps); configs/tasks/qgpo/ holds per-task values from a third part
 The official sweep is available only as the explicitly labelled extra callback `ScaleSweep` (below),
 which evaluates each scale separately and writes scale_sweep.json; it never replaces result.json's scores.
 
+Verified against the official code: tests/test_golden_qgpo.py loads weights into this module that were also
+run through the official code, feeds in the official run's recorded random draws (`QGPODraws`, `act(noise=)`) and
+compares the behaviour loss and one behaviour update, the guided noise handed to the solver, first-order
+samples, one critic iteration (in-support softmax Q step, Polyak step, CEP step) in float32 and float64
+(tests/data/golden/README.md, part "QGPO").
+
 Deviations and choices:
 - solver: the suite's singlestep DPM-Solver in noise-prediction form (offbench.diffusion.ScoreDiffusion,
   "DPM-Solver-fast" of Lu et al. 2022) with order 2 and 15 steps: the same time-uniform grid 1 -> 1e-3 and
   the same split into 7 second-order steps and 1 first-order step; the official code uses the
-  data-prediction form (DPM-Solver++, Lu et al. 2022b) of that singlestep solver. Samples (support
-  actions and actions) are clipped to the action bounds (the code leaves them unclipped).
+  data-prediction form (DPM-Solver++, Lu et al. 2022b) of that singlestep solver. First-order steps are the
+  same update in both forms; the second-order ones differ (the golden test measures 15-18 % between the
+  two forms' samples on untrained models, and shows that the official form on this module's model gives the
+  official samples). For an even number of steps the official code splits them as [2] * (K - 2) + [1, 1]
+  (K = steps / 2 + 1), this module as [2] * (steps / 2) (upstream DPM-Solver's); at 15 steps both give
+  [2] * 7 + [1]. Samples (support actions and actions) are clipped to the action bounds (the code leaves
+  them unclipped).
+- noise parametrisation: the behaviour net predicts the noise eps. The official one outputs h with
+  score = h / sigma_t and is trained so that h = -eps: the same model, with its last layer negated. The code's
+  sigma_t = sqrt(1 - exp(2 log alpha_t)) loses digits in float32 near t = 1e-3. Here expm1 is used (the same
+  value in exact arithmetic).
 - batch sizes: the DataModule's batch (4096) feeds the behaviour stage; the critic stage uses the first
-  `critic_batch_size` (256) of its rows, which are uniform draws as well.
+  `critic_batch_size` (256) of its rows, which are uniform draws as well (the code's DataLoader shuffles
+  every epoch, i.e. draws without replacement within an epoch).
 - the support actions are not checkpointed (2 x N x M x act_dim floats: 1.5 GB on halfcheetah-medium-
   expert): they are drawn from a stored seed in a forked RNG, so a resumed run redraws exactly the same
   ones with the (frozen) behaviour model; the training RNG sees only the seed's one draw.
