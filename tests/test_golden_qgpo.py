@@ -351,14 +351,15 @@ def test_one_critic_iteration_equals_the_official_one(dtype):
             rename({k: grads[id(p)] for k, p in module.named_parameters()}) if grad else None)
 
     check_step(ref["q0_step"], *official_view(model.critic, to_official), "critic", 3e-4, before=to_official(before["critic"]))
-    # the Polyak step: tau = 0.005 of the way to the stepped critic (a sign error there moves entries by 3e-6)
+    # the Polyak step: tau = 0.005 of the way to the stepped critic (the two nets' weights differ by ~0.04, so a
+    # wrong rate or direction moves entries by ~2e-4, against atol 2e-7)
     check_step(ref["q0_target_after"], official_view(model.critic_target, to_official, grad=False)[0], None,
                "critic target", 3e-4, grad_ref=ref["q0_step"], before=to_official(before["critic_target"]))
     # The CEP gradient is a difference of near-equal terms (softmax(f) - p over similar candidates): in float32
-    # its round-off relative to its largest entry is larger (observed 1.8e-5) than the critic's; the float64
-    # variant checks it to 1e-12.
+    # its round-off relative to its largest entry is larger (observed 3.2e-5) than the critic's; the float64
+    # variant above checks it to 1e-12.
     check_step(ref["qt_step"], *official_view(model.energy, to_energy), "energy", 3e-4, before=to_energy(before["energy"]),
-               grad_atol=5e-5)
+               grad_atol=1e-4)
 
 
 def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None, what: str,
@@ -366,18 +367,18 @@ def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torc
                grad_atol: float = 2e-6) -> None:
     """One optimiser step against the official one (names and layouts official; `after` and `grad` hold
     whole small tensors and the first rows of large ones):
-    - gradients: atol `grad_atol` (2e-6; the energy net's 5e-5, see the critic test) of the largest entry;
+    - gradients: atol `grad_atol` (2e-6; the energy net's 1e-4, see the critic test) of the largest entry;
       each tensor's norm to rtol 10 grad_atol, atol 1e-5 of the largest norm (a gradient that is 0 up to
       round-off, as the energy net's last bias, see below);
     - parameters after the step: atol 2e-7 (a wrong sign moves an entry by 2 lr = 2e-4 or 6e-4) where the
       official gradient is large enough for the gradient tolerance dg to move Adam's first step
       lr g / (|g| + 1e-8) by at most 1e-7 (|g| >= max(2 dg, sqrt(lr 1e-8 dg / 1e-7))), or exactly 0 (dead
-      ReLU units). Below that the step
-      turns the gradient's round-off into differences up to lr (the energy net's last bias: its gradient
+      ReLU units). Below that the step turns the gradient's round-off into differences up to lr (the energy net's last bias: its gradient
       is 0 up to round-off, since the CEP loss is invariant to a constant shift of f); there, only
       |difference| < 1e-3 is checked;
-    - the sum of |after - before| over every entry of each tensor (not only the stored rows): rtol 1e-3
-      (catches a wrong learning rate or Polyak rate), except for gradients that are 0 up to round-off."""
+    - the sum of |after - before| over every entry of each tensor (not only the stored rows): rtol 1e-2
+      (a learning rate or Polyak rate off by 1 %; observed 1e-6, the energy net's 6e-4 from its ill-posed
+      entries), except for gradients that are 0 up to round-off."""
     grad_ref = ref if grad_ref is None else grad_ref  # the step whose gradients moved these parameters
     top = max(v.abs().max() for v in grad_ref["grad"].values())
     top_norm = max(grad_ref["grad_norm"].values())
@@ -405,7 +406,7 @@ def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torc
         if name in zero:
             continue
         moved = (params[name].double() - before[name].double()).abs().sum()
-        torch.testing.assert_close(moved, value, atol=0.0, rtol=1e-3, msg=f"{what} {name}: sum of |after - before|")
+        torch.testing.assert_close(moved, value, atol=0.0, rtol=1e-2, msg=f"{what} {name}: sum of |after - before|")
 
 
 def to_official_critic(state: dict[str, torch.Tensor], act_dim: int) -> dict[str, torch.Tensor]:
