@@ -37,14 +37,30 @@ between its sweeps); configs/tasks/qgpo/ holds per-task values from a third part
 The official sweep is available only as the explicitly labelled extra callback `ScaleSweep` (below),
 which evaluates each scale separately and writes scale_sweep.json; it never replaces result.json's scores.
 
+Verified against the official code: tests/test_golden_qgpo.py loads weights into this module that were also
+run through the official code, feeds in the official run's recorded random draws (`QGPODraws`, `act(noise=)`) and
+compares the behaviour loss and one behaviour update, the guided noise handed to the solver, first-order
+samples, one critic iteration (in-support softmax Q step, Polyak step, CEP step) in float32 and float64
+(tests/data/golden/README.md, part "QGPO").
+
 Deviations and choices:
 - solver: the suite's singlestep DPM-Solver in noise-prediction form (offbench.diffusion.ScoreDiffusion,
   "DPM-Solver-fast" of Lu et al. 2022) with order 2 and 15 steps: the same time-uniform grid 1 -> 1e-3 and
   the same split into 7 second-order steps and 1 first-order step; the official code uses the
-  data-prediction form (DPM-Solver++, Lu et al. 2022b) of that singlestep solver. Samples (support
-  actions and actions) are clipped to the action bounds (the code leaves them unclipped).
+  data-prediction form (DPM-Solver++, Lu et al. 2022b) of that singlestep solver. First-order steps are the
+  same update in both forms; the second-order ones differ (the golden test measures 15-18 % between the
+  two forms' samples on untrained models, and shows that the official form on this module's model gives the
+  official samples). For an even number of steps the official code splits them as [2] * (K - 2) + [1, 1]
+  (K = steps / 2 + 1), this module as [2] * (steps / 2) (upstream DPM-Solver's); at 15 steps both give
+  [2] * 7 + [1]. Samples (support actions and actions) are clipped to the action bounds (the code leaves
+  them unclipped).
+- noise parametrisation: the behaviour net predicts the noise eps. The official one outputs h with
+  score = h / sigma_t and is trained so that h = -eps: the same model, with its last layer negated. The code's
+  sigma_t = sqrt(1 - exp(2 log alpha_t)) loses digits in float32 near t = 1e-3. Here expm1 is used (the same
+  value in exact arithmetic).
 - batch sizes: the DataModule's batch (4096) feeds the behaviour stage; the critic stage uses the first
-  `critic_batch_size` (256) of its rows, which are uniform draws as well.
+  `critic_batch_size` (256) of its rows, which are uniform draws as well (the code's DataLoader shuffles
+  every epoch, i.e. draws without replacement within an epoch).
 - the support actions are not checkpointed (2 x N x M x act_dim floats: 1.5 GB on halfcheetah-medium-
   expert): they are drawn from a stored seed in a forked RNG, so a resumed run redraws exactly the same
   ones with the (frozen) behaviour model; the training RNG sees only the seed's one draw.
@@ -56,7 +72,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +130,19 @@ def contrastive_energy_loss(f: Tensor, q: Tensor, beta: float) -> Tensor:
     """CEP: - mean over states of sum_i softmax_i(beta q_i) log softmax_i(f_i), for (B, M) energies f of
     the noised candidates and (B, M) Q-values q of the clean ones."""
     return -(torch.softmax(beta * q, -1) * torch.log_softmax(f, -1)).sum(-1).mean()
+
+
+class QGPODraws(NamedTuple):
+    """The random draws of one update, in the order the official code consumes them. Training leaves
+    them None (drawn on the device); tests pass the official run's recorded draws."""
+
+    behavior_u: Tensor | None = None  # (B,) uniforms of the behaviour loss's times t = u (1 - 1e-3) + 1e-3
+    behavior_noise: Tensor | None = None  # (B, act_dim) its noise z
+    energy_u: Tensor | None = None  # (critic_batch_size,) uniforms of CEP's times, one per state
+    energy_noise: Tensor | None = None  # (critic_batch_size * n_support, act_dim) its noise, state-major
+
+
+NO_DRAWS = QGPODraws()  # training: every draw made on the device
 
 
 class QGPO(OfflineRLModule):
@@ -196,11 +225,11 @@ class QGPO(OfflineRLModule):
         self.energy_opt = torch.optim.Adam(self.energy.parameters(), lr=hp.energy_lr)
         return [self.behavior_opt, self.critic_opt, self.energy_opt]
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
+    def update(self, batch: Batch, draws: QGPODraws = NO_DRAWS) -> dict[str, Tensor]:
         hp = self.hparams
         # 1. behaviour model: denoising score matching on the whole batch
         if self.step < hp.behavior_steps:
-            return self.behavior_update(batch)
+            return self.behavior_update(batch, draws.behavior_u, draws.behavior_noise)
         # 2. support actions: once when the stage starts (and again, identical, after a resume)
         if len(self.support) == 0:
             if not hasattr(self, "data_obs"):
@@ -209,7 +238,7 @@ class QGPO(OfflineRLModule):
         idx = self.critic_rows(batch)
         # 3. Q by in-support softmax Q-learning (first q_steps updates of the stage), then f_phi by CEP
         metrics = self.critic_update(idx) if self.step - hp.behavior_steps < hp.q_steps else {}
-        return {**metrics, **self.energy_update(idx)}
+        return {**metrics, **self.energy_update(idx, draws.energy_u, draws.energy_noise)}
 
     def critic_rows(self, batch: Batch) -> Tensor:
         """Row indices of the critic stage: the first critic_batch_size rows of the batch, or rows drawn
@@ -223,9 +252,9 @@ class QGPO(OfflineRLModule):
         return batch.idx[:n]
 
     @compilable
-    def behavior_update(self, batch: Batch) -> dict[str, Tensor]:
-        """One step of the behaviour model on the batch."""
-        loss = self.behavior.loss(batch.obs, batch.act)
+    def behavior_update(self, batch: Batch, u: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """One step of the behaviour model on the batch (`u`, `noise`: the loss's draws, see QGPODraws)."""
+        loss = self.behavior.loss(batch.obs, batch.act, u, noise)
         self.optimize(self.behavior_opt, loss)
         return {"loss/behavior": loss}
 
@@ -245,15 +274,19 @@ class QGPO(OfflineRLModule):
         return {"loss/critic": loss, "q/mean": q.mean()}
 
     @compilable
-    def energy_update(self, idx: Tensor) -> dict[str, Tensor]:
-        """Contrastive energy prediction on the support actions of rows idx, labelled by the target Q."""
+    def energy_update(self, idx: Tensor, u: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """Contrastive energy prediction on the support actions of rows idx, labelled by the target Q
+        (`u`, `noise`: the draws, see QGPODraws)."""
         hp = self.hparams
         n, m = len(idx), hp.n_support
         obs, act = repeat_rows(self.data_obs[idx], m), self.support[idx].reshape(-1, hp.act_dim)
         with torch.no_grad():
             q = self.critic_target(obs, act).amin(0).view(n, m)
-        t = (torch.rand(n, device=idx.device) * (1.0 - 1e-3) + 1e-3).repeat_interleave(m)  # one t per state
-        a_t = self.behavior.log_alpha(t).exp()[:, None] * act + self.behavior.sigma(t)[:, None] * torch.randn_like(act)
+        if u is None:
+            u = torch.rand(n, device=idx.device)
+        t = (u * (1.0 - 1e-3) + 1e-3).repeat_interleave(m)  # one t per state
+        z = torch.randn_like(act) if noise is None else noise
+        a_t = self.behavior.log_alpha(t).exp()[:, None] * act + self.behavior.sigma(t)[:, None] * z
         loss = contrastive_energy_loss(self.energy(a_t, t, obs).view(n, m), q, hp.beta)
         self.optimize(self.energy_opt, loss)
         return {"loss/energy": loss}
@@ -266,10 +299,11 @@ class QGPO(OfflineRLModule):
                               b.beta_0, b.beta_1, b.t_end, b.t_eps)
 
     @torch.no_grad()
-    def act(self, obs: Tensor) -> Tensor:
-        """One sample of mu(a|s) exp(scale f) per state: DPM-Solver on eps_guided."""
+    def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
+        """One sample of mu(a|s) exp(scale f) per state: DPM-Solver on eps_guided (`noise` (n, act_dim):
+        the solver's initial draw; by default drawn on the device)."""
         hp = self.hparams
-        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order)
+        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order, noise=noise)
 
 
 class ScaleSweep(EvalCallback):

@@ -286,25 +286,30 @@ class ScoreDiffusion(nn.Module):
     def time_of(self, lam: Tensor) -> Tensor:
         return self.schedule.time_of(lam)
 
-    def loss(self, s: Tensor, a0: Tensor) -> Tensor:
+    def loss(self, s: Tensor, a0: Tensor, u: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
         """Denoising score matching in eps form, t ~ U(t_eps, 1): E_batch sum_dims (eps_hat - eps)^2
-        (SfBC's diffusion_SDE/loss.py sums over action dims)."""
-        t = torch.rand(a0.shape[0], device=a0.device) * (1.0 - self.t_eps) + self.t_eps
-        z = torch.randn_like(a0)
+        (SfBC's diffusion_SDE/loss.py sums over action dims). The random draws, in the order the official
+        code makes them: `u` (B,) uniform in [0, 1), t = u (1 - t_eps) + t_eps, then `noise` (B, act_dim);
+        by default they are drawn on the device."""
+        if u is None:
+            u = torch.rand(a0.shape[0], device=a0.device)
+        t = u * (1.0 - self.t_eps) + self.t_eps
+        z = torch.randn_like(a0) if noise is None else noise
         x = self.log_alpha(t).exp()[:, None] * a0 + self.sigma(t)[:, None] * z
         return (self.model(x, t, s) - z).pow(2).sum(-1).mean()
 
     @torch.no_grad()
-    def sample(self, s: Tensor, steps: int = 15, order: int = 3) -> Tensor:
+    def sample(self, s: Tensor, steps: int = 15, order: int = 3, noise: Tensor | None = None) -> Tensor:
         """Actions (..., act_dim) for states (..., obs_dim): `steps` model evaluations of singlestep
         DPM-Solver on the time-uniform grid t_0 = 1 > ... > t_steps = t_end, mixing orders as
         DPM-Solver-fast does (order 3: [3]*(K-2) + [2, 1] for steps % 3 == 0, etc.); the result is
-        clipped to the action bounds."""
+        clipped to the action bounds. `noise` (n, act_dim), n = the number of states, is the random draw
+        x at t = 1; by default it is drawn on the device."""
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
         lead = s.shape[:-1]
         s = s.reshape(-1, s.shape[-1])
-        x = torch.randn(s.shape[0], self.act_dim, device=s.device)
+        x = torch.randn(s.shape[0], self.act_dim, device=s.device) if noise is None else noise
         x = dpm_solver_sample(self.eps_fn(s), self.schedule, x, steps, order, t_end=self.t_end)
         return x.clamp(-self.max_action, self.max_action).reshape(*lead, self.act_dim)
 
