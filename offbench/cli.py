@@ -406,6 +406,11 @@ class _MetricsWriter(ExperimentWriter):
     rewrites the file atomically (Lightning truncates it first), and a failed append is cut back to
     the last whole row (or the file removed when it was new), so the file is always readable."""
 
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
+        super().log_metrics(metrics_dict, step)
+        # Here, not in the logger after the call: CSVLogger may write the rows out and empty the list first.
+        self.metrics[-1].pop("step", None)
+
     def save(self) -> None:
         path = Path(self.metrics_file_path)
         self._existed = path.is_file()
@@ -453,8 +458,7 @@ class RunCSVLogger(CSVLogger):
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if "eval/updates" in metrics:
             metrics["updates"] = metrics.pop("eval/updates")
-        super().log_metrics(metrics, step)
-        self.experiment.metrics[-1].pop("step", None)
+        super().log_metrics(metrics, step)  # the writer drops the `step` column (_MetricsWriter.log_metrics)
 
     def log_hyperparams(self, params: Any = None) -> None:
         try:

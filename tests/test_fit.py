@@ -53,6 +53,21 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     assert metrics.loc[metrics["loss/actor"].notna(), "updates"].tolist() == list(range(50, 301, 50))
 
 
+def test_metrics_csv_keeps_every_row_past_lightnings_flush(tiny_hopper, tmp_path):
+    """Lightning's CSVLogger writes its rows out every 100 logged steps and empties its list; a long
+    run (here 101 blocks of 2 updates) crossed that point and failed there (IndexError) until the
+    `step` column was dropped inside the writer."""
+    args = fit_args(tiny_hopper, tmp_path / "run")
+    args[args.index("--updates") + 1] = "202"
+    args[args.index("--data.block_size") + 1] = "2"
+    args[args.index("--data.eval_every") + 1] = "202"
+    main(args)
+    metrics = pd.read_csv(tmp_path / "run/metrics.csv")
+    assert "step" not in metrics
+    assert metrics.loc[metrics["loss/actor"].notna(), "updates"].tolist() == list(range(2, 203, 2))
+    assert metrics.loc[metrics["eval/score"].notna(), "updates"].tolist() == [202]
+
+
 def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
     main(fit_args(tiny_hopper, tmp_path / "full"))
     stopped = fit_args(tiny_hopper, tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch")
