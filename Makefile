@@ -27,7 +27,7 @@ GPU_SITE ?= /tmp/offbench-gpu-site
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_CHECK_ARGS ?=
 
-.PHONY: help install test test-all lint benchmark table perf gpu-wheels gpu-check clean-venv
+.PHONY: help install test test-all lint benchmark table perf pgd gpu-wheels gpu-check clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,22 @@ gpu-check:  ## on a CUDA machine: the cuda tests and perf on CUDA in under 8 min
 		path="$(GPU_SITE):$$path"; \
 	fi; \
 	PYTHONPATH="$$path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m offbench.gpu_check $(GPU_CHECK_ARGS)
+
+# `make pgd`: PGD's measurements on the forge's Pendulum data (docs/pgd.md). Each dataset's trajectory model is
+# trained once (cached, resumable), then configs/grids/pgd.yaml runs (re-run to resume), then the reports.
+PGD_DATASETS := forge/pendulum-medium-replay-v0 forge/pendulum-medium-v0
+PGD_RUNS := results/pgd/learning/runs
+
+.PHONY: pgd
+pgd: $(STAMP)  ## PGD: trajectory models, the learning grid and the dynamics/likelihood reports -> results/pgd/
+	$(BIN)/offbench data forge --env Pendulum-v1 --quiet
+	for d in $(PGD_DATASETS); do $(BIN)/offbench data pgd train $$d --preset small --steps 20000 || exit 1; done
+	$(BIN)/offbench bench configs/grids/pgd.yaml --workers $(WORKERS)
+	$(BIN)/offbench table results/pgd/learning
+	for d in $(PGD_DATASETS); do slug=$$(echo $$d | tr / -); for algo in td3bc iql; do \
+		$(BIN)/offbench data pgd report $$d --policy-run $(PGD_RUNS)/$$algo/$$slug/seed0 --trajectories 64 --length 32 \
+			--sampling-steps 64 --edm-predictor --coeffs 0 0.1 1 10 --ensemble-steps 5000 \
+			--out results/pgd/reports/$$algo || exit 1; done; done
 
 .PHONY: toy
 toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model, 11 models: ~2 h on one CPU core) -> results/toy/
