@@ -182,6 +182,8 @@ def test_idql_one_update_equals_the_official_one():
 def test_idql_greedy_selection():
     g = golden("idql")
     agent = idql_agent(g, "after")
+    with torch.no_grad():  # the official choice reads only the target critic: make the online one disagree
+        agent.critic.net[-1].weight.neg_()
     state, noise = g["eval/state"][None], g["eval/noise"]
     with torch.no_grad():
         candidates = agent.sample_behaviour(state.expand(16, -1), noise)
