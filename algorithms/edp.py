@@ -42,10 +42,19 @@ parameters; here the policy step runs first and the critic step second, which is
 (the critic's target uses the EMA policy, not the one just stepped). The code's learnable
 state-independent log-std ("policy_dist") is bypassed by its default fixed_std=True and is not built.
 The noise model is the suite's NoiseMLP (Diffusion-QL's: input [a, t-emb, s], embedding
-sinusoid(16) -> 32 -> 16); the code's orders its input [s, a, t-emb] with [cos, sin] sinusoids, the same
-architecture. DPM-Solver's noise clipping uses the schedule at t itself (the code: at step floor(N t - 1)).
+sinusoid(16) -> 32 -> 16); the code's orders its input [s, a, t-emb] with [cos, sin] sinusoids (a
+permutation of the same layers) and its sinusoid frequencies are 10000^(-k/8), k = 0..7, where NoiseMLP's
+are 10000^(-k/7) (a fixed embedding feeding a learned layer: a slightly different, equally expressive input).
+DPM-Solver's noise clipping uses the schedule at t itself (the code: at step floor(N t - 1)); its final
+sample is clipped to the action bounds (the code returns it unclipped, to the TD target and the
+environment). The schedule tables are computed in float64 (the code's in float32: JAX runs without x64).
 Actions are not clipped to +-0.999 and observations are not normalised (the code's default); the coin
 flip is drawn on the device; the EAS draw is a Gumbel-max (same distribution, no host sync).
+
+Verified against the official code: tests/test_golden_jax.py loads flax weights recorded from it into this
+module, passes its random draws through `UpdateDraws` and compares the schedule, the noise network, the
+action approximation and both likelihood surrogates, one whole TD3 update (gradient clipping active) and
+DPM-Solver sampling (tests/data/golden/README.md).
 """
 
 from __future__ import annotations

@@ -42,6 +42,12 @@ official 95/5 train/validation split is not made (all transitions train); the co
 run's total updates unless `lr_decay_steps` is given (official 3M = its run length); actions in the
 data are not clipped to +-(1 - 1e-5) (only the official Gaussian actors need that). The EMA model
 only samples, so its dropout is off (p = 0), as the official sampler runs with training=False.
+
+Verified against the official code: tests/test_golden_jax.py loads flax weights recorded from it into this
+module, passes its random draws through `UpdateDraws`, `sample_behaviour(noise=)` and `act(chain=)`, and
+compares the schedules, the networks, the expectile loss, the reverse chain, one whole update (behaviour
+model, value, critic, EMA, target; dropout off on both sides) and the greedy choice
+(tests/data/golden/README.md).
 """
 
 from __future__ import annotations
