@@ -85,14 +85,13 @@ def idql_value_state(p: dict) -> dict[str, torch.Tensor]:
 
 
 def idql_agent(g: dict, stage: str = "init") -> IDQL:
-    """Our IDQL with the official weights of `stage` ("init": online = EMA, critic = target)."""
+    """Our IDQL with the official weights of `stage` ("init": online actor = EMA)."""
     agent = IDQL(**IDQL_SIZES)
     actor = "actor_ema" if stage == "after" else "actor"
     agent.actor.model.load_state_dict(idql_noise_state(tree(g, f"{stage}/actor")))
     agent.actor_ema.model.load_state_dict(idql_noise_state(tree(g, f"{stage}/{actor}")))
     agent.critic.load_state_dict(idql_critic_state(tree(g, f"{stage}/critic")))
-    target = "critic_target" if stage == "after" else "critic"
-    agent.critic_target.load_state_dict(idql_critic_state(tree(g, f"{stage}/{target}")))
+    agent.critic_target.load_state_dict(idql_critic_state(tree(g, f"{stage}/critic_target")))  # init: 0.9 x critic
     agent.value.load_state_dict(idql_value_state(tree(g, f"{stage}/value")))
     return agent
 
@@ -244,8 +243,40 @@ def edp_agent(g: dict, **kw) -> EDP:
         policy.model.load_state_dict(edp_noise_state(tree(g, "init/policy")))
         official_embedding(policy)
     agent.critic.load_state_dict(edp_critic_state(g, "init"))
-    agent.critic_target.load_state_dict(edp_critic_state(g, "init"))
+    agent.critic_target.load_state_dict(edp_critic_state(g, "init", ("tgt_qf1", "tgt_qf2")))  # 0.9 x the online ones
     return agent
+
+
+def record_grad_norms(agent: EDP) -> dict[str, torch.Tensor]:
+    """The gradient norms as each optimiser's step sees them (after clipping); the critic's per Q-network."""
+    norms: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, per_member: bool):
+        def record(opt, args, kwargs):
+            grads = [p.grad for group in opt.param_groups for p in group["params"]]
+            if per_member:
+                norms[name] = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+            else:
+                norms[name] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        return record
+
+    agent.actor_opt.register_step_pre_hook(hook("policy", False))
+    agent.critic_opt.register_step_pre_hook(hook("critic", True))
+    if agent.value is not None:
+        agent.value_opt.register_step_pre_hook(hook("value", False))
+    return norms
+
+
+def check_clipped_norms(norms: dict[str, torch.Tensor], m: dict[str, torch.Tensor], clip: float = 1.0) -> None:
+    """Each optimiser saw min(official raw norm, clip): the code clips each network (each Q on its own) at `clip`."""
+    def seen(raw: torch.Tensor) -> torch.Tensor:
+        return raw.clamp(max=clip)
+
+    torch.testing.assert_close(norms["policy"], seen(m["policy_grad_norm"]), atol=0.0, rtol=1e-5)
+    torch.testing.assert_close(norms["critic"], seen(torch.stack([m["qf1_grad_norm"], m["qf2_grad_norm"]])),
+                               atol=0.0, rtol=1e-5)
+    if "vf_grad" in m:
+        torch.testing.assert_close(norms["value"], seen(m["vf_grad"]), atol=0.0, rtol=1e-5)
 
 
 def edp_batch(g: dict) -> Batch:
@@ -303,6 +334,7 @@ def test_edp_td3_update_equals_the_official_one():
     g = golden("edp")
     agent = edp_agent(g)
     agent.configure_optimizers()
+    norms = record_grad_norms(agent)
     b = edp_batch(g)
     u = float(g["update/uniform"])
     draws = EDPDraws(bc_i=g["update/bc_t"].long(), bc_noise=g["update/bc_noise"], head=torch.tensor([0 if u > 0.5 else 1]),
@@ -319,8 +351,9 @@ def test_edp_td3_update_equals_the_official_one():
     torch.testing.assert_close(metrics["lambda"], m["lmbda"], **F32)
     torch.testing.assert_close(metrics["loss/actor"], m["policy_loss"], **F32)
     torch.testing.assert_close(metrics["loss/critic"], m["qf_loss"], **F32)
-    # every gradient norm is above max_grad_norm (1.0): the clipping of each network is exercised
+    # every raw gradient norm is above max_grad_norm (1.0): the clipping of each network is exercised
     assert min(float(m["qf1_grad_norm"]), float(m["qf2_grad_norm"]), float(m["policy_grad_norm"])) > 1.0
+    check_clipped_norms(norms, m)
     ours_policy = agent.actor.model.state_dict()
     for key, value in edp_noise_state(tree(g, "after/policy")).items():
         torch.testing.assert_close(ours_policy[key], value, **PARAMS, msg=f"policy {key} after the update")
@@ -364,3 +397,40 @@ def test_edp_dpm_solver():
         torch.testing.assert_close(policy.sample(obs, noise=x_T), official, atol=5e-3, rtol=0.0)
         policy._dpm_eps = functools.partial(code_noise_clip, policy)
         torch.testing.assert_close(policy.sample(obs, noise=x_T), official, atol=2e-4, rtol=0.0)
+
+
+def edp_value_state(p: dict) -> dict[str, torch.Tensor]:
+    p = {k.removeprefix("params/"): v for k, v in p.items()}
+    state = {}
+    for k in range(len(p) // 2):
+        state |= {f"{2 * k}.{n}": v for n, v in dense(p, f"Dense_{k}").items()}
+    return state
+
+
+def test_edp_iql_update_equals_the_official_one():
+    """The IQL rule (AntMaze): V by expectile regression on the target Qs, the policy with the new V (AWR weights
+    on the Gaussian surrogate around a0_hat), Q onto the new V(s'); gradient clipping at 1.0 (active for the
+    policy and both critics, not for V: raw norm 0.59). The target critics differ from the online ones."""
+    g = golden("edp")
+    agent = edp_agent(g, rule="iql")
+    agent.value.load_state_dict(edp_value_state(tree(g, "init/vf")))
+    agent.configure_optimizers()
+    norms = record_grad_norms(agent)
+    metrics = agent.update(edp_batch(g), EDPDraws(bc_i=g["iql/bc_t"].long(), bc_noise=g["iql/bc_noise"]))
+    m = tree(g, "iql/metrics")
+    for ours, theirs in [("loss/value", "vf_loss"), ("loss/diffusion", "diff_loss"), ("loss/guide", "guide_loss"),
+                         ("loss/actor", "policy_loss")]:  # (our v/mean is V after its step, the code's vf_pred before)
+        torch.testing.assert_close(metrics[ours], m[theirs], **F32, msg=ours)
+    torch.testing.assert_close(metrics["loss/critic"], m["qf1_loss"] + m["qf2_loss"], **F32)
+    assert m["vf_grad"] < 1.0 < min(m["policy_grad_norm"], m["qf1_grad_norm"], m["qf2_grad_norm"])
+    check_clipped_norms(norms, m)
+    for name, module, state_of, tol in [
+        ("policy", agent.actor.model, lambda: edp_noise_state(tree(g, "iql/after/policy")), PARAMS),
+        ("vf", agent.value, lambda: edp_value_state(tree(g, "iql/after/vf")), PARAMS),
+        ("critic", agent.critic, lambda: edp_critic_state(g, "iql/after"), PARAMS),
+        ("target", agent.critic_target, lambda: edp_critic_state(g, "iql/after", ("tgt_qf1", "tgt_qf2")),
+         dict(atol=1e-7, rtol=0.0)),
+    ]:
+        state = module.state_dict()
+        for key, value in state_of().items():
+            torch.testing.assert_close(state[key], value, **tol, msg=f"{name} {key} after the update")
