@@ -2,8 +2,8 @@
 
 tests/data/golden/idql.npz and edp.npz hold what the official code (philippe-eecs/IDQL and sail-sg/edp,
 commits and recording settings in tests/data/golden/README.md) computed from fixed flax weights, inputs and
-random draws: schedules, network outputs, losses, reverse chains, one whole update (IDQL) and the
-evaluation's choice. Each test loads the flax weights into our torch modules (a Dense kernel is (in, out),
+random draws: schedules, network outputs, losses, EDP's action approximation, reverse chains and
+DPM-Solver sampling, one whole update (IDQL; EDP with the TD3 and the IQL rule) and IDQL's greedy choice. Each test loads the flax weights into our torch modules (a Dense kernel is (in, out),
 nn.Linear's weight (out, in)), passes the recorded draws through the explicit draw arguments of our
 functions and compares. Tolerances: float32 round-off between XLA and torch (the README lists the observed
 differences); a wrong sign, coefficient, clip or order moves the values by far more.
