@@ -42,16 +42,25 @@ parameters; here the policy step runs first and the critic step second, which is
 (the critic's target uses the EMA policy, not the one just stepped). The code's learnable
 state-independent log-std ("policy_dist") is bypassed by its default fixed_std=True and is not built.
 The noise model is the suite's NoiseMLP (Diffusion-QL's: input [a, t-emb, s], embedding
-sinusoid(16) -> 32 -> 16); the code's orders its input [s, a, t-emb] with [cos, sin] sinusoids, the same
-architecture. DPM-Solver's noise clipping uses the schedule at t itself (the code: at step floor(N t - 1)).
+sinusoid(16) -> 32 -> 16); the code's orders its input [s, a, t-emb] with [cos, sin] sinusoids (a
+permutation of the same layers) and its sinusoid frequencies are 10000^(-k/8), k = 0..7, where NoiseMLP's
+are 10000^(-k/7) (a fixed embedding feeding a learned layer: a slightly different, equally expressive input).
+DPM-Solver's noise clipping uses the schedule at t itself (the code: at step floor(N t - 1)); its final
+sample is clipped to the action bounds (the code returns it unclipped, to the TD target and the
+environment). The schedule tables are computed in float64 (the code's in float32: JAX runs without x64).
 Actions are not clipped to +-0.999 and observations are not normalised (the code's default); the coin
 flip is drawn on the device; the EAS draw is a Gumbel-max (same distribution, no host sync).
+
+Verified against the official code: tests/test_golden_jax.py loads flax weights recorded from it into this
+module, passes its random draws through `UpdateDraws` and compares the schedule, the noise network, the
+action approximation and both likelihood surrogates, one whole TD3 update (gradient clipping active) and
+DPM-Solver sampling (tests/data/golden/README.md).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +72,20 @@ from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, mlp
 
 Rule = Literal["td3", "crr", "iql"]
+
+
+class UpdateDraws(NamedTuple):
+    """The random draws of one update. Training leaves them None (drawn on the device); tests pass the
+    official run's recorded draws."""
+
+    bc_i: Tensor | None = None  # (B,) steps of the denoising pass (L_d and a0_hat)
+    bc_noise: Tensor | None = None  # (B, act_dim) its noise
+    head: Tensor | None = None  # (1,) td3: the Q-network of the guide term (0: Q1; the code's uniform > 0.5)
+    next_chain: Tensor | None = None  # (T + 1, B * n, act_dim) td3/crr: the EMA policy's draws for a' (DDPM
+    #                                   chain: a_T then one normal per step; DPM-Solver: a_T only)
+
+
+NO_DRAWS = UpdateDraws()
 
 
 def crr_weights(adv: Tensor, beta: float = 1.0, clip: float = 20.0, kind: Literal["exp", "binary"] = "exp") -> Tensor:
@@ -132,12 +155,12 @@ class EDP(OfflineRLModule):
             optimizers.append(self.value_opt)
         return optimizers
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
+    def update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         hp = self.hparams
         if hp.rule == "iql":
-            metrics = self.iql_steps(batch)
+            metrics = self.iql_steps(batch, draws)
         else:  # the policy step first: it reads the critic before the critic step, as the code does
-            metrics = self.policy_step(batch) | self.critic_step(batch)
+            metrics = self.policy_step(batch, draws) | self.critic_step(batch, draws.next_chain)
         # targets: the code counts updates from 1 and moves the EMA policy on updates 1005, 1010, ...
         update_ema(self.actor_ema, self.actor, self.step + 1, hp.ema_decay, hp.ema_start + 1, hp.ema_every)
         soft_update(self.critic_target, self.critic, hp.tau)
@@ -145,14 +168,14 @@ class EDP(OfflineRLModule):
 
     # --------------------------------------------------------------------------- td3 and crr
     @compilable
-    def policy_step(self, batch: Batch) -> dict[str, Tensor]:
+    def policy_step(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """The diffusion loss and the rule's guide term, both from one noise-model pass."""
         hp = self.hparams
-        terms = self.actor.denoise(batch.obs, batch.act)
+        terms = self.actor.denoise(batch.obs, batch.act, noise=draws.bc_noise, i=draws.bc_i)
         diffusion_loss = terms.loss()
         if hp.rule == "td3":
             q = self.critic(batch.obs, terms.a0_hat)
-            j = torch.randint(2, (1,), device=q.device)
+            j = torch.randint(2, (1,), device=q.device) if draws.head is None else draws.head
             q_j = q.index_select(0, j)
             lam = hp.alpha / q_j.abs().mean().detach()
             guide_loss = -lam * q_j.mean()
@@ -172,14 +195,14 @@ class EDP(OfflineRLModule):
         return {"loss/actor": actor_loss, "loss/diffusion": diffusion_loss, "loss/guide": guide_loss, **extra}
 
     @compilable
-    def critic_step(self, batch: Batch) -> dict[str, Tensor]:
+    def critic_step(self, batch: Batch, next_chain: Tensor | None = None) -> dict[str, Tensor]:
         """TD target from the EMA policy's sampled next actions (max over n per head with max-Q backup),
         min over the heads."""
         hp = self.hparams
         with torch.no_grad():
             n = hp.n_backup_actions if hp.max_q_backup else 1
             next_obs = repeat_rows(batch.next_obs, n)
-            q_next = self.critic_target(next_obs, self.actor_ema.sample(next_obs))
+            q_next = self.critic_target(next_obs, self.actor_ema.sample(next_obs, noise=next_chain))
             q_next = q_next.view(2, -1, n).amax(-1).amin(0)
             y = batch.rew + hp.gamma * (1.0 - batch.done) * q_next
         q = self.critic(batch.obs, batch.act)
@@ -189,7 +212,7 @@ class EDP(OfflineRLModule):
 
     # --------------------------------------------------------------------------- iql
     @compilable
-    def iql_steps(self, batch: Batch) -> dict[str, Tensor]:
+    def iql_steps(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """The code's order: V by expectile regression, the policy with the new V, Q onto the new V(s')."""
         hp = self.hparams
         with torch.no_grad():
@@ -200,7 +223,7 @@ class EDP(OfflineRLModule):
         with torch.no_grad():
             v = self.value(batch.obs).squeeze(-1)
             weights = awr_weights(q_target - v, hp.awr_temperature, hp.awr_weight_clip)
-        terms = self.actor.denoise(batch.obs, batch.act)
+        terms = self.actor.denoise(batch.obs, batch.act, noise=draws.bc_noise, i=draws.bc_i)
         diffusion_loss = terms.loss()
         guide_loss = -(weights * self.actor.log_prob(terms, batch.act, hp.surrogate)).mean()
         actor_loss = diffusion_loss + guide_loss

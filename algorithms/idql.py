@@ -42,13 +42,19 @@ official 95/5 train/validation split is not made (all transitions train); the co
 run's total updates unless `lr_decay_steps` is given (official 3M = its run length); actions in the
 data are not clipped to +-(1 - 1e-5) (only the official Gaussian actors need that). The EMA model
 only samples, so its dropout is off (p = 0), as the official sampler runs with training=False.
+
+Verified against the official code: tests/test_golden_jax.py loads flax weights recorded from it into this
+module, passes its random draws through `UpdateDraws`, `sample_behaviour(noise=)` and `act(chain=)`, and
+compares the schedules, the networks, the expectile loss, the reverse chain, one whole update (behaviour
+model, value, critic, EMA, target; dropout off on both sides) and the greedy choice
+(tests/data/golden/README.md).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +66,17 @@ from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, LNResNet, mlp
 
 Selection = Literal["greedy", "resample"]
+
+
+class UpdateDraws(NamedTuple):
+    """The random draws of one update (the behaviour loss's step and noise, the official order). Training
+    leaves them None (drawn on the device); tests pass the official run's draws."""
+
+    bc_i: Tensor | None = None  # (B,) steps 0..T-1
+    bc_noise: Tensor | None = None  # (B, act_dim)
+
+
+NO_DRAWS = UpdateDraws()
 
 
 class FourierFeatures(nn.Module):
@@ -122,12 +139,13 @@ class IDQL(OfflineRLModule):
         n_candidates: int = 64,
         selection: Selection = "greedy",
         lr_decay_steps: int | None = None,
+        time_dim: int = 128,
     ) -> None:
         super().__init__()
         if selection not in Selection.__args__:
             raise ValueError(f"selection must be one of {Selection.__args__}, got {selection!r}")
         self.save_hyperparameters()
-        noise = LNResNetNoise(obs_dim, act_dim, hidden, actor_dropout)  # one block per entry of `hidden`
+        noise = LNResNetNoise(obs_dim, act_dim, hidden, actor_dropout, time_dim)  # one block per entry of `hidden`
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, variance="beta",
                                      clip_denoised=False, model=noise)
         self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
@@ -150,19 +168,19 @@ class IDQL(OfflineRLModule):
     def v(self, obs: Tensor) -> Tensor:
         return self.value(obs).squeeze(-1)
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
-        metrics = self.gradient_steps(batch)
+    def update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
+        metrics = self.gradient_steps(batch, draws)
         # Python-int cadences outside the compiled steps: the EMA every update, the actor's cosine lr.
         update_ema(self.actor_ema, self.actor, self.step, self.hparams.ema_decay, start=0, every=1)
         self.actor_sched.step()
         return metrics
 
     @compilable
-    def gradient_steps(self, batch: Batch) -> dict[str, Tensor]:
+    def gradient_steps(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """Behaviour-model, value and critic steps of one update, in the official order."""
         h = self.hparams
         # 1. behaviour model: DDPM eps-MSE, summed over action dims as the official loss
-        actor_loss = self.actor.loss(batch.obs, batch.act) * h.act_dim
+        actor_loss = self.actor.loss(batch.obs, batch.act, noise=draws.bc_noise, i=draws.bc_i) * h.act_dim
         self.optimize(self.actor_opt, actor_loss)
 
         # 2. value: upper expectile of the target Q over the dataset's actions
@@ -181,21 +199,26 @@ class IDQL(OfflineRLModule):
         return {"loss/actor": actor_loss, "loss/value": value_loss, "loss/critic": critic_loss, "q/mean": q.mean()}
 
     @torch.no_grad()
-    def sample_behaviour(self, obs: Tensor) -> Tensor:
-        """One action per row from the EMA behaviour model: IDQL's reverse chain, clipped after every step."""
+    def sample_behaviour(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
+        """One action per row from the EMA behaviour model: IDQL's reverse chain, clipped after every step.
+        `noise` (T + 1, n, act_dim): the draws, a_T then one normal per step (the last one unused), as
+        `DiffusionPolicy.sample(noise=)`; by default drawn on the device."""
         model, bound = self.actor_ema, self.hparams.max_action
-        x = torch.randn(obs.shape[0], self.hparams.act_dim, device=obs.device)
-        for i in reversed(range(model.n_timesteps)):
-            x = model.reverse_step(x, i, obs, torch.randn_like(x)).clamp(-bound, bound)
+        x = torch.randn(obs.shape[0], self.hparams.act_dim, device=obs.device) if noise is None else noise[0]
+        for k, i in enumerate(reversed(range(model.n_timesteps))):
+            z = torch.randn_like(x) if noise is None else noise[k + 1]
+            x = model.reverse_step(x, i, obs, z).clamp(-bound, bound)
         return x
 
     @torch.no_grad()
-    def act(self, obs: Tensor) -> Tensor:
-        """N behaviour candidates per state, scored by min_k Q_targ_k, one chosen by the `selection` rule."""
+    def act(self, obs: Tensor, chain: Tensor | None = None, u: Tensor | None = None) -> Tensor:
+        """N behaviour candidates per state, scored by min_k Q_targ_k, one chosen by the `selection` rule.
+        `chain` (T + 1, n * N, act_dim) and `u` (n, N, "resample" only) are the random draws (tests; see
+        `sample_behaviour` and `resample`)."""
         n = self.hparams.n_candidates
         obs_rep = repeat_rows(obs, n)
-        actions = self.sample_behaviour(obs_rep).view(obs.shape[0], n, -1)
+        actions = self.sample_behaviour(obs_rep, chain).view(obs.shape[0], n, -1)
         q = self.critic_target(obs_rep, actions.flatten(0, 1)).min(0).values.view(obs.shape[0], n)
         if self.hparams.selection == "greedy":
             return select_greedy(actions, q)
-        return resample(actions, expectile_weights(q, self.v(obs)[:, None], self.hparams.expectile).log())
+        return resample(actions, expectile_weights(q, self.v(obs)[:, None], self.hparams.expectile).log(), u=u)

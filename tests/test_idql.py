@@ -67,7 +67,7 @@ def test_act_scores_each_states_candidates_with_min_q(selection):
     module = IDQL(OBS, ACT, 1.0, expectile=0.999999, selection=selection, **SMALL)
     module.critic_target = ConstQ()
     # candidates of state r: (r + 0.1 j, 0) for j = 0..3; min_k Q = r + 0.1 j, highest at j = 3
-    module.sample_behaviour = lambda obs: torch.stack([obs[:, 0] + 0.1 * torch.arange(4.0).repeat(2), torch.zeros(8)], 1)
+    module.sample_behaviour = lambda obs, noise=None: torch.stack([obs[:, 0] + 0.1 * torch.arange(4.0).repeat(2), torch.zeros(8)], 1)
     module.v = lambda obs: obs[:, 0] + 0.25  # V between candidates 2 and 3: only j = 3 is above it
     obs = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     torch.manual_seed(0)
