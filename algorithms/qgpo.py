@@ -81,7 +81,7 @@ from torch import Tensor, nn
 
 from algorithms.sfbc import ScoreNet
 from offbench.batch import Batch, Transitions
-from offbench.diffusion import ScoreDiffusion, repeat_rows
+from offbench.diffusion import ScoreDiffusion, SolverForm, repeat_rows
 from offbench.evaluation import EvalCallback
 from offbench.files import write_json_atomic
 from offbench.module import OfflineRLModule, compilable, soft_update
@@ -167,9 +167,13 @@ class QGPO(OfflineRLModule):
         guidance_scale: float = 1.0,
         solver_steps: int = 15,
         solver_order: int = 2,
+        solver_form: SolverForm = "data",
         support_chunk: int = 4096,
     ) -> None:
         super().__init__()
+        if solver_form not in ("data", "noise"):
+            raise ValueError(f"QGPO: unknown solver_form {solver_form!r}; choose data (DPM-Solver++, the official code's) "
+                             "or noise (DPM-Solver)")
         self.save_hyperparameters()
         self.behavior = ScoreDiffusion(ScoreNet(obs_dim, act_dim), act_dim, max_action, t_eps=1e-3)
         self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=tuple(critic_hidden))
@@ -213,8 +217,8 @@ class QGPO(OfflineRLModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(self.support_seed))
             for name, states in (("support", self.data_obs), ("support_next", self.data_next_obs)):
-                chunks = [self.behavior.sample(repeat_rows(c, hp.n_support), hp.solver_steps, hp.solver_order)
-                          for c in states.split(hp.support_chunk)]
+                chunks = [self.behavior.sample(repeat_rows(c, hp.n_support), hp.solver_steps, hp.solver_order,
+                                               form=hp.solver_form) for c in states.split(hp.support_chunk)]
                 setattr(self, name, torch.cat(chunks).view(len(states), hp.n_support, hp.act_dim))
 
     # --- training -------------------------------------------------------------------------------
@@ -303,7 +307,8 @@ class QGPO(OfflineRLModule):
         """One sample of mu(a|s) exp(scale f) per state: DPM-Solver on eps_guided (`noise` (n, act_dim):
         the solver's initial draw; by default drawn on the device)."""
         hp = self.hparams
-        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order, noise=noise)
+        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order, noise=noise,
+                                                     form=hp.solver_form)
 
 
 class ScaleSweep(EvalCallback):
