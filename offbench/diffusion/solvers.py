@@ -37,6 +37,10 @@ class VPSchedule(Protocol):
     def half_log_snr(self, t: Tensor) -> Tensor: ...
 
 
+class InvertibleVPSchedule(VPSchedule, Protocol):
+    def time_of(self, lam: Tensor) -> Tensor: ...  # the inverse of half_log_snr (the data form needs it)
+
+
 def check_form(form: str) -> None:
     if form not in FORMS:
         raise ValueError(f"unknown DPM-Solver form {form!r}; choose noise (DPM-Solver, noise prediction) or "
@@ -69,9 +73,6 @@ def dpm_solver_sample(eps: EpsFn, schedule: VPSchedule, x: Tensor, steps: int = 
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
     check_form(form)
-    if form == "data" and not hasattr(schedule, "time_of"):
-        raise ValueError(f"the data form (DPM-Solver++) needs the schedule's inverse time_of(lambda); "
-                         f"{type(schedule).__name__} has none: use form='noise'")
     grid = torch.linspace(t_start, t_end, steps + 1, device=x.device)
     i = 0
     for o in singlestep_orders(steps, order, form):
@@ -83,10 +84,13 @@ def dpm_solver_sample(eps: EpsFn, schedule: VPSchedule, x: Tensor, steps: int = 
 def dpm_step(eps: EpsFn, schedule: VPSchedule, x: Tensor, ts: Tensor, form: SolverForm = "noise") -> Tensor:
     """One singlestep solver step of order k = len(ts) - 1 from ts[0] to ts[-1], its intermediate times
     given by ts[1:-1]: DPM-Solver-k (form "noise") or DPM-Solver++-k (form "data")."""
-    if form == "data":
-        return _data_step(eps, schedule, x, ts)
     check_form(form)
-    return _noise_step(eps, schedule, x, ts)
+    if form == "noise":
+        return _noise_step(eps, schedule, x, ts)
+    if not hasattr(schedule, "time_of"):
+        raise ValueError(f"the data form (DPM-Solver++) needs the schedule's inverse time_of(lambda); "
+                         f"{type(schedule).__name__} has none: use form='noise'")
+    return _data_step(eps, schedule, x, ts)  # type: ignore[arg-type]  (time_of checked above)
 
 
 def _noise_step(eps: EpsFn, schedule: VPSchedule, x: Tensor, ts: Tensor) -> Tensor:
@@ -115,7 +119,7 @@ def _noise_step(eps: EpsFn, schedule: VPSchedule, x: Tensor, ts: Tensor) -> Tens
     return first_order(3) - (1.0 / r2) * sig[3] * phi_2 * (eps_2 - eps_s)
 
 
-def _data_step(eps: EpsFn, schedule, x: Tensor, ts: Tensor) -> Tensor:
+def _data_step(eps: EpsFn, schedule: InvertibleVPSchedule, x: Tensor, ts: Tensor) -> Tensor:
     """DPM-Solver++-k, data prediction m(x, t) = (x - sigma_t eps(x, t)) / alpha_t (Lu et al. 2022b,
     'dpm_solver' corrections), as the official code's `singlestep_dpm_solver_{first,second,third}_update`
     with `predict_x0=True`: fractions r_j = (lambda(ts[j]) - lambda(ts[0])) / h of the step
@@ -126,8 +130,7 @@ def _data_step(eps: EpsFn, schedule, x: Tensor, ts: Tensor) -> Tensor:
     k = len(ts) - 1
     r = torch.cat([(lam[1:-1] - lam[0]) / h, torch.ones_like(h)[None]])  # r_1 .. r_{k-1}, r_k = 1
     times = torch.cat([ts[:1], schedule.time_of(lam[0] + r[:-1] * h), ts[-1:]])  # s, s_1 .., t
-    log_a, sig = schedule.log_alpha(times), schedule.sigma(times)
-    alpha = log_a.exp()
+    alpha, sig = schedule.log_alpha(times).exp(), schedule.sigma(times)
 
     def data(x_j: Tensor, j: int) -> Tensor:  # the data prediction at times[j]
         return (x_j - sig[j] * eps(x_j, times[j])) / alpha[j]
