@@ -10,14 +10,14 @@ to equal log E_{mu(a_0|a_t,s)} exp(beta Q(s, a_0)). Stages on one update counter
 1. behaviour (`behavior_steps` updates): SfBC's VP-SDE score model (alpha_t = exp(-t^2 (b1 - b0)/4
    - t b0/2), b0 = 0.1, b1 = 20), min E_{t ~ U(1e-3, 1), z, (s,a)} || eps_theta(alpha_t a + sigma_t z, t, s) - z ||^2.
 2. support actions, once, when the behaviour stage ends: M behaviour samples a^1..a^M for every dataset
-   state s and M more for every next state s' (DPM-Solver, 15 steps, no guidance).
+   state s and M more for every next state s' (DPM-Solver++, 15 steps, no guidance).
 3. critic and energy, each update on the same rows:
    Q (the first `q_steps` updates of this stage): in-support softmax Q-learning,
        y = r + gamma (1 - d) sum_j softmax_j(beta_Q Q'(s', a'_j)) Q'(s', a'_j),   Q' = min of the target twins,
        loss = mean over the twins of (Q_k(s, a) - y)^2, then target <- target + 0.005 (Q - target);
    f_phi (every update): one t ~ U(1e-3, 1) per state, shared by its M candidates, a_t^i = alpha_t a^i + sigma_t z^i,
        p_i = softmax_i(beta Q'(s, a^i)),   loss = - E_s sum_i p_i log softmax_i f_phi(a_t^i, t, s).
-4. acting: DPM-Solver on the guided noise model
+4. acting: DPM-Solver++ on the guided noise model
        eps_guided(a_t, t, s) = eps_theta(a_t, t, s) - scale * sigma_t * grad_a f_phi(a_t, t, s)
    (the official code hands the solver -sigma_t (score + scale grad f), score = -eps_theta / sigma_t);
    one sample per state.
@@ -27,8 +27,9 @@ Settings (official code): behaviour net SfBC's "ScoreNet" (algorithms/sfbc.py), 
 scale 30) -> Linear(32, 32), concatenated with [a_t, s] -> 4 x 256 SiLU -> 1; Adam 3e-4 for both, batch
 256, 100 epochs x 10,000 = 1M updates of f_phi, Q only in the first 50 epochs (500k); gamma 0.99, Polyak
 0.005; beta (`--alpha`) 3; beta_Q (`--q_alpha`) 1, as the README's reproduce command passes (the code's
-default is beta_Q = beta); M = 16 on locomotion, 32 on AntMaze; 15 solver steps of order 2; rewards
-r * 1000 / (max - min episode return) on locomotion, r - 1 on AntMaze; raw observations.
+default is beta_Q = beta); M = 16 on locomotion, 32 on AntMaze; 15 solver steps of order 2 in data-prediction
+form (DPM-Solver++); rewards r * 1000 / (max - min episode return) on locomotion, r - 1 on AntMaze; raw
+observations.
 
 Guidance scale: the official code evaluates every scale of {0, 1, 2, 3, 5, 8, 10} (locomotion) or
 {1, 1.5, 2, 2.5, 3, 4} (AntMaze) at every evaluation; the scale behind each paper number is not
@@ -39,21 +40,22 @@ which evaluates each scale separately and writes scale_sweep.json; it never repl
 
 Verified against the official code: tests/test_golden_qgpo.py loads weights into this module that were also
 run through the official code, feeds in the official run's recorded random draws (`QGPODraws`, `act(noise=)`) and
-compares the behaviour loss and one behaviour update, the guided noise handed to the solver, first-order
-samples, one critic iteration (in-support softmax Q step, Polyak step, CEP step) in float32 and float64
-(tests/data/golden/README.md, part "QGPO").
+compares the behaviour loss and one behaviour update, the guided noise handed to the solver, the samples of
+`act` and of the support actions at the default settings, first-order samples, and one critic iteration
+(in-support softmax Q step, Polyak step, CEP step) in float32 and float64 (tests/data/golden/README.md, part
+"QGPO").
 
 Deviations and choices:
-- solver: the suite's singlestep DPM-Solver in noise-prediction form (offbench.diffusion.ScoreDiffusion,
-  "DPM-Solver-fast" of Lu et al. 2022) with order 2 and 15 steps: the same time-uniform grid 1 -> 1e-3 and
-  the same split into 7 second-order steps and 1 first-order step; the official code uses the
-  data-prediction form (DPM-Solver++, Lu et al. 2022b) of that singlestep solver. First-order steps are the
-  same update in both forms; the second-order ones differ (the golden test measures 15-18 % between the
-  two forms' samples on untrained models, and shows that the official form on this module's model gives the
-  official samples). For an even number of steps the official code splits them as [2] * (K - 2) + [1, 1]
-  (K = steps / 2 + 1), this module as [2] * (steps / 2) (upstream DPM-Solver's); at 15 steps both give
-  [2] * 7 + [1]. Samples (support actions and actions) are clipped to the action bounds (the code leaves
-  them unclipped).
+- solver (`solver_form`): "data" (default), the official code's: singlestep DPM-Solver++ in data-prediction
+  form (Lu et al. 2022b, arXiv:2211.01095; the code's `DPM_Solver(predict_x0=True)`) of order 2 with 15 steps
+  on the time-uniform grid 1 -> 1e-3, split into 7 second-order steps and 1 first-order step, intermediate
+  times t(lambda_s + r1 h), and the code's split of an even number of steps, [2] * (K - 2) + [1, 1]
+  (K = steps / 2 + 1). The golden test shows `act` and the support actions equal to the official samples to
+  round-off. "noise": the suite's previous behaviour, DPM-Solver in noise-prediction form (Lu et al. 2022,
+  arXiv:2206.00927), the generic "DPM-Solver" the paper names, with upstream DPM-Solver's even split
+  [2] * (steps / 2); same grid and first-order steps, different second-order ones (15-18 % apart on the golden
+  test's untrained models; not measured on trained ones). Both forms serve the support actions and acting.
+  Samples (support actions and actions) are clipped to the action bounds (the code leaves them unclipped).
 - noise parametrisation: the behaviour net predicts the noise eps. The official one outputs h with
   score = h / sigma_t and is trained so that h = -eps: the same model, with its last layer negated. The code's
   sigma_t = sqrt(1 - exp(2 log alpha_t)) loses digits in float32 near t = 1e-3. Here expm1 is used (the same
@@ -81,7 +83,7 @@ from torch import Tensor, nn
 
 from algorithms.sfbc import ScoreNet
 from offbench.batch import Batch, Transitions
-from offbench.diffusion import ScoreDiffusion, repeat_rows
+from offbench.diffusion import ScoreDiffusion, SolverForm, repeat_rows
 from offbench.evaluation import EvalCallback
 from offbench.files import write_json_atomic
 from offbench.module import OfflineRLModule, compilable, soft_update
@@ -167,9 +169,13 @@ class QGPO(OfflineRLModule):
         guidance_scale: float = 1.0,
         solver_steps: int = 15,
         solver_order: int = 2,
+        solver_form: SolverForm = "data",
         support_chunk: int = 4096,
     ) -> None:
         super().__init__()
+        if solver_form not in ("data", "noise"):
+            raise ValueError(f"QGPO: unknown solver_form {solver_form!r}; choose data (DPM-Solver++, the official code's) "
+                             "or noise (DPM-Solver)")
         self.save_hyperparameters()
         self.behavior = ScoreDiffusion(ScoreNet(obs_dim, act_dim), act_dim, max_action, t_eps=1e-3)
         self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=tuple(critic_hidden))
@@ -213,8 +219,8 @@ class QGPO(OfflineRLModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(self.support_seed))
             for name, states in (("support", self.data_obs), ("support_next", self.data_next_obs)):
-                chunks = [self.behavior.sample(repeat_rows(c, hp.n_support), hp.solver_steps, hp.solver_order)
-                          for c in states.split(hp.support_chunk)]
+                chunks = [self.behavior.sample(repeat_rows(c, hp.n_support), hp.solver_steps, hp.solver_order,
+                                               form=hp.solver_form) for c in states.split(hp.support_chunk)]
                 setattr(self, name, torch.cat(chunks).view(len(states), hp.n_support, hp.act_dim))
 
     # --- training -------------------------------------------------------------------------------
@@ -300,10 +306,11 @@ class QGPO(OfflineRLModule):
 
     @torch.no_grad()
     def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
-        """One sample of mu(a|s) exp(scale f) per state: DPM-Solver on eps_guided (`noise` (n, act_dim):
-        the solver's initial draw; by default drawn on the device)."""
+        """One sample of mu(a|s) exp(scale f) per state: the solver (`solver_form`) on eps_guided (`noise`
+        (n, act_dim): the solver's initial draw; by default drawn on the device)."""
         hp = self.hparams
-        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order, noise=noise)
+        return self.guided(hp.guidance_scale).sample(obs, hp.solver_steps, hp.solver_order, noise=noise,
+                                                     form=hp.solver_form)
 
 
 class ScaleSweep(EvalCallback):

@@ -12,6 +12,7 @@ from offbench.diffusion import (
     ScoreDiffusion,
     _singlestep_orders,
     cosine_beta_schedule,
+    dpm_solver_sample,
     dpm_step,
     linear_beta_schedule,
     resample,
@@ -162,10 +163,18 @@ def test_resample_averages_the_k_picks():
 
 def test_singlestep_orders_use_all_model_evaluations():
     assert _singlestep_orders(15, 3) == [3, 3, 3, 3, 2, 1]
-    assert _singlestep_orders(15, 2) == [2] * 7 + [1]
+    assert _singlestep_orders(15, 2) == _singlestep_orders(15, 2, "data") == [2] * 7 + [1]
+    # an even number at order 2: upstream DPM-Solver's split (noise form), the official QGPO code's (data form)
+    assert _singlestep_orders(16, 2) == [2] * 8
+    assert _singlestep_orders(16, 2, "data") == [2] * 7 + [1, 1]
+    assert _singlestep_orders(2, 2, "data") == [1, 1]
     for steps in range(1, 20):
         for order in (1, 2, 3):
-            assert sum(_singlestep_orders(steps, order)) == steps
+            for form in ("noise", "data"):
+                assert sum(_singlestep_orders(steps, order, form)) == steps
+                assert form == "data" and order == 2 or _singlestep_orders(steps, order, form) == _singlestep_orders(steps, order)
+    with pytest.raises(ValueError, match="choose noise .* or data"):
+        _singlestep_orders(15, 2, "x0")
 
 
 class GaussianEps(nn.Module):
@@ -186,9 +195,11 @@ def gaussian_sde(c):
     return sde, lambda t: torch.sqrt(sde.log_alpha(t).exp() ** 2 * c**2 + sde.sigma(t) ** 2)
 
 
-def test_dpm_solver_steps_have_their_order():
+@pytest.mark.parametrize("form", ["noise", "data"])
+def test_dpm_solver_steps_have_their_order(form):
     # The probability-flow ODE is linear here: x_b = x_a * std(b) / std(a), std(t)^2 = alpha_t^2 c^2 + sigma_t^2.
-    # A DPM-Solver-k step has local error O(h^(k+1)): halving the step divides it by about 2^(k+1).
+    # A DPM-Solver-k (or DPM-Solver++-k) step has local error O(h^(k+1)): halving the step divides it by
+    # about 2^(k+1).
     sde, std = gaussian_sde(0.5)
     x, s = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
     t = torch.tensor([1.0, 0.3, 1e-3], dtype=torch.float64)
@@ -197,21 +208,56 @@ def test_dpm_solver_steps_have_their_order():
     for k in (1, 2, 3):
         for b in (0.3, 0.45):
             ts = torch.linspace(0.6, b, k + 1, dtype=torch.float64)
-            errors[k, b] = (dpm_step(sde.eps_fn(s), sde.schedule, x, ts) - x * std(ts[-1]) / std(ts[0])).abs().item()
+            errors[k, b] = (dpm_step(sde.eps_fn(s), sde.schedule, x, ts, form) - x * std(ts[-1]) / std(ts[0])).abs().item()
         assert errors[k, 0.3] / errors[k, 0.45] > 0.7 * 2 ** (k + 1)
     assert errors[3, 0.3] < errors[2, 0.3] < errors[1, 0.3]
 
 
-def test_dpm_solver_sampler_follows_the_exact_flow():
+# Measured maximum errors over the 256 samples (float32) of the sampler on the time-uniform grid 1 -> 1e-3. Its last
+# steps span long stretches of lambda (lambda ~ -log(t) / 2 near t = 0), where the data form is the less accurate
+# on this Gaussian; the local orders above hold for both forms.
+#   form   steps   order 1   order 2   order 3
+#   noise   15     0.30      0.058     0.074
+#   noise   60     0.078     0.056     0.0015
+#   noise  120     0.040     0.013     0.00085
+#   data    15     0.30      0.19      0.18
+#   data    60     0.078     0.029     0.013
+#   data   120     0.040     0.0091    0.0033
+@pytest.mark.parametrize("form, bound_3, bound_15", [("noise", 5e-3, 0.1), ("data", 2e-2, 0.25)])
+def test_dpm_solver_sampler_follows_the_exact_flow(form, bound_3, bound_15):
     sde, std = gaussian_sde(0.5)
     s = torch.zeros(256, 3)
     torch.manual_seed(0)
     exact = torch.randn(256, 1) * std(torch.tensor(1e-3)) / std(torch.tensor(1.0))
-    errors = {}
-    for order in (1, 3):
+
+    def error(steps: int, order: int) -> float:
         torch.manual_seed(0)  # the same a_T as `exact`
-        errors[order] = (sde.sample(s, steps=60, order=order) - exact).abs().max().item()
-    assert errors[3] < 5e-3 and errors[1] > 10 * errors[3]
-    torch.manual_seed(0)
-    assert (sde.sample(s, steps=15, order=3) - exact).abs().max().item() < 0.1  # SfBC's setting
+        return (sde.sample(s, steps=steps, order=order, form=form) - exact).abs().max().item()
+
+    errors = {order: error(60, order) for order in (1, 2, 3)}
+    assert errors[3] < bound_3 and errors[1] > 5 * errors[3] and errors[2] < errors[1]
+    assert error(120, 2) < errors[2] / 2.5  # order 2 (QGPO's) converges faster than order 1 (ratio 2)
+    assert error(15, 3) < bound_15  # SfBC's setting
+    assert error(15, 2) < bound_15  # QGPO's
     assert sde.loss(torch.zeros(8, 3), torch.randn(8, 1)).shape == ()
+
+
+def test_the_data_form_checks_its_schedule():
+    eps = lambda x, t: x  # noqa: E731
+    policy = DiffusionPolicy(3, 2, n_timesteps=10)
+    with pytest.raises(ValueError, match="time_of"):
+        dpm_solver_sample(eps, policy.schedule, torch.zeros(4, 2), 4, 2, t_end=0.1, form="data")
+    with pytest.raises(ValueError, match="choose noise .* or data"):
+        dpm_solver_sample(eps, policy.schedule, torch.zeros(4, 2), 4, 2, t_end=0.1, form="x0")
+
+
+def test_first_order_steps_are_the_same_in_both_forms():
+    # DPM-Solver-1 = DPM-Solver++-1 = DDIM: x_t = sigma_t / sigma_s x - alpha_t expm1(-h) x0(x, s), which equals
+    # alpha_t / alpha_s x - sigma_t expm1(h) eps(x, s); the second-order steps differ
+    sde, _ = gaussian_sde(0.5)
+    s, x = torch.zeros(5, 3, dtype=torch.float64), torch.linspace(-2, 2, 5, dtype=torch.float64)[:, None]
+    ts = torch.tensor([0.8, 0.5], dtype=torch.float64)
+    noise, data = (dpm_step(sde.eps_fn(s), sde.schedule, x, ts, form) for form in ("noise", "data"))
+    torch.testing.assert_close(noise, data, atol=1e-15, rtol=1e-14)
+    ts = torch.tensor([0.8, 0.65, 0.5], dtype=torch.float64)
+    assert not torch.allclose(*(dpm_step(sde.eps_fn(s), sde.schedule, x, ts, form) for form in ("noise", "data")), atol=1e-6)

@@ -257,8 +257,10 @@ def test_fit_resumes_exactly_across_the_stage_boundary_and_the_sweep_is_reported
 # actions, gamma 0.95 as the baselines' test; official beta 3, beta_Q 1, 15 solver steps of order 2 (6
 # steps put most behaviour samples on the action bounds), and the default scale 1. The behaviour model
 # alone (scale 0) and scale 3 are evaluated too, at the end of the behaviour stage and at the end, for the
-# printed figures; the assertion is on scale 1. Measured: final return -263 (threshold -460, behaviour data
-# -647, the behaviour model alone -935, scale 3 -570); 5.5 minutes on this project's 2 busy CPU cores.
+# printed figures; the assertion is on scale 1. Measured with the default solver_form "data" (DPM-Solver++):
+# final return -242 (threshold -460, behaviour data -647; at the end the behaviour model alone -869, scale 3
+# -814); 4.8 minutes on this project's 2 busy CPU cores. Earlier, with the noise form (DPM-Solver): final -263,
+# the behaviour model alone -935, scale 3 -570.
 BEHAVIOR_STEPS, BEHAVIOR_LR, CRITIC_STEPS, CRITIC_LR, EVAL_EVERY, EVALUATIONS = 4000, 1e-3, 8000, 1e-3, 400, 5
 
 

@@ -16,7 +16,8 @@ the device and the checkpoint):
 - `ScoreDiffusion`: the continuous-time VP SDE behaviour model of SfBC (Chen et al. 2023,
   github.com/ChenDRAG/SfBC, diffusion_SDE/): alpha_t = exp(-t^2 (b1 - b0)/4 - t b0/2), b0 = 0.1,
   b1 = 20, t ~ U(1e-5, 1) in training, sampled by the probability-flow ODE with singlestep
-  DPM-Solver (Lu et al. 2022) of order <= 3 on a time-uniform grid from t = 1 to 1e-3.
+  DPM-Solver (Lu et al. 2022) of order <= 3 on a time-uniform grid from t = 1 to 1e-3, in noise-prediction
+  form (SfBC's) or data-prediction form (DPM-Solver++, QGPO's official code).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from offbench.diffusion.schedules import BetaSchedule, DiscreteVPSchedule, LinearVPSchedule, make_betas
-from offbench.diffusion.solvers import dpm_solver_sample
+from offbench.diffusion.solvers import SolverForm, dpm_solver_sample
 
 
 # --------------------------------------------------------------------------- the noise model
@@ -259,8 +260,9 @@ class DiffusionPolicy(nn.Module):
 
 # --------------------------------------------------------------------------- continuous VP SDE (SfBC)
 class ScoreDiffusion(nn.Module):
-    """A continuous-time VP-SDE behaviour model over actions, noise-prediction form, sampled with
-    singlestep DPM-Solver ("DPM-Solver-fast") on the probability-flow ODE.
+    """A continuous-time VP-SDE behaviour model over actions (the network predicts the noise), sampled
+    with singlestep "DPM-Solver-fast" on the probability-flow ODE in noise-prediction form (DPM-Solver,
+    SfBC's code) or data-prediction form (DPM-Solver++, QGPO's code).
 
     `model(x, t, s)` predicts the noise eps at time t in (0, 1] (SfBC's network outputs the score
     -eps / sigma_t; the two are the same model up to that fixed factor).
@@ -299,18 +301,21 @@ class ScoreDiffusion(nn.Module):
         return (self.model(x, t, s) - z).pow(2).sum(-1).mean()
 
     @torch.no_grad()
-    def sample(self, s: Tensor, steps: int = 15, order: int = 3, noise: Tensor | None = None) -> Tensor:
+    def sample(self, s: Tensor, steps: int = 15, order: int = 3, noise: Tensor | None = None,
+               form: SolverForm = "noise") -> Tensor:
         """Actions (..., act_dim) for states (..., obs_dim): `steps` model evaluations of singlestep
         DPM-Solver on the time-uniform grid t_0 = 1 > ... > t_steps = t_end, mixing orders as
         DPM-Solver-fast does (order 3: [3]*(K-2) + [2, 1] for steps % 3 == 0, etc.); the result is
-        clipped to the action bounds. `noise` (n, act_dim), n = the number of states, is the random draw
-        x at t = 1; by default it is drawn on the device."""
+        clipped to the action bounds. `form`: "noise", DPM-Solver in noise-prediction form (SfBC's code),
+        or "data", DPM-Solver++ in data-prediction form (QGPO's code, with its order-2 split of an even
+        number of steps; offbench.diffusion.solvers). `noise` (n, act_dim), n = the number of states, is
+        the random draw x at t = 1; by default it is drawn on the device."""
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
         lead = s.shape[:-1]
         s = s.reshape(-1, s.shape[-1])
         x = torch.randn(s.shape[0], self.act_dim, device=s.device) if noise is None else noise
-        x = dpm_solver_sample(self.eps_fn(s), self.schedule, x, steps, order, t_end=self.t_end)
+        x = dpm_solver_sample(self.eps_fn(s), self.schedule, x, steps, order, t_end=self.t_end, form=form)
         return x.clamp(-self.max_action, self.max_action).reshape(*lead, self.act_dim)
 
     def eps_fn(self, s: Tensor):
