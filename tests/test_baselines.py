@@ -17,6 +17,7 @@ from algorithms.iql import IQL, expectile_loss
 from algorithms.td3bc import TD3BC
 from offbench.batch import Batch, Transitions
 from offbench.sac import TanhGaussianActor
+from tests.test_fit import interrupted_and_resumed
 
 REPO = Path(__file__).resolve().parents[1]
 OBS, ACT, MAX_ACTION = 5, 2, 2.0
@@ -263,7 +264,6 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("name", list(RESUME_CASES))
 def test_resumed_run_matches_uninterrupted_run(name, tiny_hopper, tmp_path):
-    from offbench.cli import main
 
     def args(root, *extra):
         return [
@@ -274,13 +274,7 @@ def test_resumed_run_matches_uninterrupted_run(name, tiny_hopper, tmp_path):
             "--trainer.enable_model_summary", "false", *RESUME_CASES[name], *extra,
         ]
 
-    main(args(tmp_path / "full"))
-    with pytest.raises(SystemExit):
-        main(args(tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
-    main(args(tmp_path / "resumed", "--ckpt_path", "last"))
-    full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
-    for key, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
+    full, resumed = interrupted_and_resumed(args, tmp_path)
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
 
 

@@ -58,6 +58,7 @@ from offbench.batch import Batch
 from offbench.module import OfflineRLModule
 from tests.test_baselines import random_transitions
 from tests.test_compile import ACT, MAX_ACTION, OBS, random_batch, unique_graphs
+from tests.test_fit import interrupted_and_resumed
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -255,23 +256,16 @@ def fit_args(dataset: Path, root: Path, compile_update: bool, *extra: str) -> li
 @needs_cuda
 @pytest.mark.parametrize("compile_update", [False, True], ids=["eager", "cudagraphs"])
 def test_fit_evaluates_and_resumes_exactly_on_cuda(tiny_hopper, tmp_path, compile_update):
-    from offbench.cli import main
 
     torch._dynamo.reset()
     skips = cudagraph_skips()
-    main(fit_args(tiny_hopper, tmp_path / "full", compile_update))
-    with pytest.raises(SystemExit):
-        main(fit_args(tiny_hopper, tmp_path / "resumed", compile_update, "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
-    main(fit_args(tiny_hopper, tmp_path / "resumed", compile_update, "--ckpt_path", "last"))
+    full, resumed = interrupted_and_resumed(lambda root, *extra: fit_args(tiny_hopper, root, compile_update, *extra), tmp_path)
 
     results = [json.loads((tmp_path / d / "result.json").read_text()) for d in ("full", "resumed")]
     assert results[0]["updates"] == 40 and [h["updates"] for h in results[0]["history"]] == [20, 40]
     strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
     assert strip(results[0]["history"]) == strip(results[1]["history"])
     assert "loss/actor" in (tmp_path / "full/metrics.csv").read_text()
-    full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
-    for key, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
     assert full["state_dict"]["updates"].is_cuda  # trained on the GPU (checkpoints keep the tensors' device)
     if compile_update:
         assert cudagraph_skips() == skips, "some graphs ran without CUDA graphs (TORCH_LOGS=perf_hints says why)"

@@ -35,6 +35,21 @@ class StopMidEpoch(pl.Callback):
             raise KeyboardInterrupt
 
 
+def interrupted_and_resumed(args, tmp_path: Path, *full_extra: str) -> tuple[dict, dict]:
+    """`offbench fit` of `args(root, *extra)` uninterrupted into tmp_path/full (plus `full_extra`), and
+    interrupted in its second epoch (StopMidEpoch) then resumed into tmp_path/resumed; checks that the
+    resumed run's weights equal the uninterrupted run's, bit for bit, and returns both last checkpoints."""
+    main(args(tmp_path / "full", *full_extra))
+    with pytest.raises(SystemExit):
+        main(args(tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
+    main(args(tmp_path / "resumed", "--ckpt_path", "last"))
+    full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    return full, resumed
+
+
 def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     main(fit_args(tiny_hopper, tmp_path / "run"))
     run = tmp_path / "run"

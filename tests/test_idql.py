@@ -16,6 +16,7 @@ from algorithms.idql import IDQL, LNResNetNoise, expectile_weights, select_greed
 from offbench.batch import Batch
 from offbench.diffusion import DiffusionPolicy, resample
 from offbench.nets import LNResNetBlock
+from tests.test_fit import interrupted_and_resumed
 from tests.test_rebrac import bc_scores, forged_pendulum, train_and_score
 
 OBS, ACT = 3, 2
@@ -165,7 +166,6 @@ def test_update_never_reads_tensors_on_the_host():
 def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
     """Through `offbench fit`: the EMA, the behaviour model's cosine lr, the dropout's random draws and the
     optimisers continue from the checkpoint exactly."""
-    from offbench.cli import main
 
     def args(root, *extra):
         return [
@@ -177,13 +177,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
             "--trainer.enable_model_summary", "false", *extra,
         ]
 
-    main(args(tmp_path / "full"))
-    with pytest.raises(SystemExit):
-        main(args(tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
-    main(args(tmp_path / "resumed", "--ckpt_path", "last"))
-    full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
-    for key, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
+    full, resumed = interrupted_and_resumed(args, tmp_path)
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
 
 

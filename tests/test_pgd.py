@@ -19,6 +19,7 @@ from offbench.pgd.edm import EDM, SamplerSettings, churn_schedule, sigma_schedul
 from offbench.pgd.guidance import PolicyGuidance, guidance_schedule
 from offbench.pgd.unet import TemporalUNet
 from offbench.pgd.windows import TrajectoryNormalizer, window_starts, windows
+from tests.test_fit import interrupted_and_resumed
 
 
 def chained_transitions(lengths: list[int], terminal_last: list[bool], obs_dim: int = 2, act_dim: int = 1,
@@ -243,14 +244,7 @@ def test_pgd_fit_through_the_cli_resumes_exactly(tiny_hopper, tmp_path, monkeypa
     assert main(fit_args("td3bc", tiny_hopper, tmp_path / "none")) == 2  # no trained model: one line, the way out
     assert f"Train it first: offbench data pgd train {tiny_hopper} --preset small" in capsys.readouterr().err
     assert main(train_args(tiny_hopper, "--steps", "10")) == 0
-    main(fit_args("td3bc", tiny_hopper, tmp_path / "full"))
-    with pytest.raises(SystemExit):  # test_fit's callback interrupts the run in its second epoch
-        main(fit_args("td3bc", tiny_hopper, tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
-    main(fit_args("td3bc", tiny_hopper, tmp_path / "resumed", "--ckpt_path", "last"))
-    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
-    for name, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][name]), name
+    full, resumed = interrupted_and_resumed(lambda root, *extra: fit_args("td3bc", tiny_hopper, root, *extra), tmp_path)
     for a, b in zip(full["PGDDataModule"]["pgd"]["pool"], resumed["PGDDataModule"]["pgd"]["pool"]):
         assert torch.equal(a, b)
     assert full["PGDDataModule"]["pgd"]["pool_step"] == 30

@@ -16,6 +16,7 @@ from algorithms.qgpo import QGPO, GuidedNoise, contrastive_energy_loss, softmax_
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import repeat_rows
 from tests.test_baselines import pendulum_rollouts
+from tests.test_fit import interrupted_and_resumed
 
 REPO = Path(__file__).resolve().parents[1]
 OBS, ACT = 3, 2
@@ -217,7 +218,6 @@ def test_fit_resumes_exactly_across_the_stage_boundary_and_the_sweep_is_reported
     """Behaviour stage of 10 updates, checkpoint at 20: the resumed run redraws the support actions
     (not in the checkpoint) and ends with the uninterrupted run's weights, bit for bit. The
     uninterrupted run also carries the optional ScaleSweep, which must not disturb training."""
-    from offbench.cli import main
 
     def args(root, *extra):
         return [
@@ -231,15 +231,9 @@ def test_fit_resumes_exactly_across_the_stage_boundary_and_the_sweep_is_reported
             "--trainer.enable_model_summary", "false", *extra,
         ]
 
-    main(args(tmp_path / "full", "--trainer.callbacks+=algorithms.qgpo.ScaleSweep",
-              "--trainer.callbacks.init_args.scales", "[0, 2]", "--trainer.callbacks.init_args.episodes", "1",
-              "--trainer.callbacks.init_args.num_envs", "1"))
-    with pytest.raises(SystemExit):
-        main(args(tmp_path / "resumed", "--trainer.callbacks+=tests.test_fit.StopMidEpoch"))
-    main(args(tmp_path / "resumed", "--ckpt_path", "last"))
-    full, resumed = (torch.load(tmp_path / d / "checkpoints/last.ckpt", weights_only=False) for d in ("full", "resumed"))
-    for key, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
+    interrupted_and_resumed(args, tmp_path, "--trainer.callbacks+=algorithms.qgpo.ScaleSweep",
+                            "--trainer.callbacks.init_args.scales", "[0, 2]", "--trainer.callbacks.init_args.episodes",
+                            "1", "--trainer.callbacks.init_args.num_envs", "1")
     sweep = json.loads((tmp_path / "full/scale_sweep.json").read_text())
     assert set(sweep["scales"]) == {"0.0", "2.0"} and [h["updates"] for h in sweep["history"]] == [20, 40]
     assert "NOT the suite's protocol" in sweep["note"]
