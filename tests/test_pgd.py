@@ -253,6 +253,25 @@ def test_pgd_fit_through_the_cli_resumes_exactly(tiny_hopper, tmp_path, monkeypa
         main(fit_args("cql", tiny_hopper, tmp_path / "cql"))
 
 
+def test_the_simulator_check_reproduces_real_transitions_and_measures_a_reward_error(tiny_hopper, tmp_path):
+    """Real transitions are their own simulator's: dynamics and reward errors at round-off (Pendulum
+    exactly; Hopper's median, a few contact-rich rows excepted); a reward off by 0.5 reads as 0.5."""
+    from offbench.data.sources import read_d4rl_hdf5
+    from offbench.data.synthetic import write_random_dataset
+    from offbench.pgd.dynamics import simulator_errors
+
+    path = tmp_path / "pendulum.hdf5"
+    write_random_dataset("Pendulum-v1", path, episodes=2, seed=0, ref_min=-1500.0, ref_max=-150.0)
+    for env_id, t, exact in (("Pendulum-v1", read_d4rl_hdf5(path), True),
+                             ("Hopper-v4", read_d4rl_hdf5(tiny_hopper), False)):
+        rows = slice(0, 150)
+        rew = t.rew[rows].astype(np.float64) + np.where(np.arange(150) % 2 == 0, 0.5, 0.0)
+        dyn, rew_err = simulator_errors(env_id, t.obs[rows], t.act[rows], t.next_obs[rows], rew)
+        assert (np.max(dyn) if exact else np.median(dyn)) < 1e-10, env_id
+        np.testing.assert_allclose(rew_err[0::2], 0.5, atol=1e-5 if exact else 1e-3, err_msg=env_id)
+        assert (np.max(np.abs(rew_err[1::2])) if exact else np.median(np.abs(rew_err[1::2]))) < 1e-5, env_id
+
+
 @pytest.mark.slow
 def test_trained_model_generates_transitions_with_low_dynamics_error(tmp_path, monkeypatch):
     """Pendulum (a known system whose observation gives the simulator state): the small U-Net trained

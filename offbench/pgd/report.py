@@ -1,11 +1,13 @@
 """`offbench data pgd report`: what the synthetic data of a trained PGD model is worth, measured.
 
 For one dataset, its trained trajectory model and a target policy (the last checkpoint of an
-`offbench fit` run directory), it writes results/pgd/<dataset>/report.{json,md} with, per source of
+`offbench fit` run directory), it writes <out>/<dataset>/report.{json,md} (--out, default results/pgd) with, per source of
 transitions:
 - dynamics error: mean over transitions of the mean squared difference between the transition's
   next state and the real simulator's next state from the same state and action
   (offbench/pgd/dynamics.py; the real data's own value is the floor of the measurement);
+- reward error: the transition's reward minus the simulator's for the same state and action (mean
+  absolute value and mean: a bias towards optimistic rewards is what value learning exploits);
 - the target policy's mean log-likelihood log pi(a|s) of the transitions' actions.
 Sources: the real data; PGD samples at each guidance coefficient of the sweep (0 = unguided), from
 the same noise; and the world-model baseline: an ensemble of MLP dynamics models (s, a) -> (s' - s, r)
@@ -30,7 +32,7 @@ from offbench.data.sources import load_transitions
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.module import OfflineRLModule
 from offbench.nets import CriticEnsemble
-from offbench.pgd.dynamics import dynamics_error
+from offbench.pgd.dynamics import simulator_errors
 from offbench.pgd.edm import SamplerSettings
 from offbench.pgd.guidance import PolicyGuidance
 from offbench.pgd.model import load_trajectory_model
@@ -100,25 +102,26 @@ def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float],
     rows: list[dict[str, Any]] = []
     n_tr = trajectories * length
 
-    def add(source: str, obs, act, next_obs, seconds: float) -> None:
-        obs, act, next_obs = (np.asarray(x, np.float64) for x in (obs, act, next_obs))
-        err = dynamics_error(info.env_id, obs, act, next_obs)
+    def add(source: str, obs, act, rew, next_obs, seconds: float) -> None:
+        obs, act, rew, next_obs = (np.asarray(x, np.float64) for x in (obs, act, rew, next_obs))
+        err, rew_err = simulator_errors(info.env_id, obs, act, next_obs, rew)
         lp = _policy_log_prob(policy, mean, std, torch.as_tensor(obs, dtype=torch.float32),
                               torch.as_tensor(act, dtype=torch.float32))
         rows.append({"source": source, "transitions": len(obs), "dynamics_mse": float(err.mean()),
-                     "dynamics_mse_median": float(np.median(err)), "policy_log_prob": lp, "seconds": round(seconds, 1)})
+                     "dynamics_mse_median": float(np.median(err)), "reward_abs_error": float(np.abs(rew_err).mean()),
+                     "reward_bias": float(rew_err.mean()), "policy_log_prob": lp, "seconds": round(seconds, 1)})
 
     rng = np.random.default_rng(seed)
     real = rng.choice(len(t), min(n_tr, len(t)), replace=False)
-    add("real data", t.obs[real], t.act[real], t.next_obs[real], 0.0)
+    add("real data", t.obs[real], t.act[real], t.rew[real], t.next_obs[real], 0.0)
     settings = SamplerSettings(steps=sampling_steps, edm_predictor=edm_predictor)
     for c in coeffs:
         start = time.perf_counter()
         guide = PolicyGuidance(policy.log_prob, model.normalizer, sampling_steps, c,
                                obs_transform=lambda o: (o - mean) / std) if c else None
         traj = model.sample(trajectories, length + 1, settings, torch.Generator().manual_seed(seed), guide)
-        obs, act, _, next_obs, _ = model.transitions(traj)
-        add(f"PGD c={c:g}" + (" (unguided)" if c == 0 else ""), obs, act, next_obs, time.perf_counter() - start)
+        obs, act, rew, next_obs, _ = model.transitions(traj)
+        add(f"PGD c={c:g}" + (" (unguided)" if c == 0 else ""), obs, act, rew, next_obs, time.perf_counter() - start)
 
     start = time.perf_counter()
     tensors = [torch.as_tensor(x) for x in (t.obs, t.act, t.rew, t.next_obs)]
@@ -131,11 +134,11 @@ def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float],
     for _ in range(length):
         with torch.no_grad():
             act = policy.act((obs - mean) / std)
-        next_obs, _ = ens.step(obs, act, torch.randint(ens.n, (len(obs),), generator=g))
-        parts.append((obs, act, next_obs))
+        next_obs, rew = ens.step(obs, act, torch.randint(ens.n, (len(obs),), generator=g))
+        parts.append((obs, act, rew, next_obs))
         obs = next_obs
-    o, a, n = (torch.cat(x).numpy() for x in zip(*parts))
-    add(f"MLP ensemble ({ens.n} x 200x3, {ensemble_steps} steps), policy rollouts", o, a, n, time.perf_counter() - start)
+    o, a, r, n = (torch.cat(x).numpy() for x in zip(*parts))
+    add(f"MLP ensemble ({ens.n} x 200x3, {ensemble_steps} steps), policy rollouts", o, a, r, n, time.perf_counter() - start)
 
     result = {
         "dataset": info.name, "env_id": info.env_id, "trajectory_model": manifest["config"],
@@ -148,10 +151,11 @@ def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float],
              f"{manifest['parameters']} parameters); target policy: last checkpoint of `{policy_dir}`; "
              f"{trajectories} trajectories x {length} transitions per source; {sampling_steps} sampler steps"
              f"{' (EDM predictor)' if edm_predictor else ''}; seed {seed}.",
-             "", "| source | transitions | dynamics MSE (mean) | median | log pi(a|s) | seconds |", "|---|---|---|---|---|---|"]
+             "", "| source | transitions | dynamics MSE (mean) | median | reward error (mean abs / mean) | log pi(a|s) | "
+             "seconds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['source']} | {r['transitions']} | {r['dynamics_mse']:.4g} | {r['dynamics_mse_median']:.3g} | "
-                     f"{r['policy_log_prob']:.3f} | {r['seconds']} |")
+                     f"{r['reward_abs_error']:.3g} / {r['reward_bias']:.2g} | {r['policy_log_prob']:.3f} | {r['seconds']} |")
     write_text_atomic(out / slug / "report.md", "\n".join(lines) + "\n")
     return result
 
