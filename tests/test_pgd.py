@@ -280,7 +280,7 @@ def test_trained_model_generates_transitions_with_low_dynamics_error(tmp_path, m
     0.107, a ratio of 0.13; about 3 minutes on a busy CPU)."""
     from offbench.data.sources import read_d4rl_hdf5
     from offbench.data.synthetic import write_random_dataset
-    from offbench.pgd.dynamics import dynamics_error
+    from offbench.pgd.dynamics import simulator_errors
     from offbench.pgd.model import load_trajectory_model
 
     monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path))
@@ -292,7 +292,7 @@ def test_trained_model_generates_transitions_with_low_dynamics_error(tmp_path, m
     model, _ = load_trajectory_model(str(path), "small", t)
     traj = model.sample(32, 33, SamplerSettings(steps=64, edm_predictor=True), torch.Generator().manual_seed(0))
     obs, act, rew, next_obs, done = (x.numpy() for x in model.transitions(traj))
-    error = dynamics_error("Pendulum-v1", obs, act, next_obs).mean()
+    error = simulator_errors("Pendulum-v1", obs, act, next_obs, rew)[0].mean()
     trivial = np.mean((t.next_obs - t.obs) ** 2)
     print(f"dynamics error {error:.5f}, trivial s' = s {trivial:.5f}")
     assert error < 0.25 * trivial

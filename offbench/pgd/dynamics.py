@@ -53,8 +53,3 @@ def simulator_errors(env_id: str, obs: np.ndarray, act: np.ndarray, next_obs: np
     simulator's)."""
     sim_next, sim_rew = simulate(env_id, obs, act)
     return np.mean((sim_next - next_obs) ** 2, axis=1), np.asarray(rew, np.float64) - sim_rew
-
-
-def dynamics_error(env_id: str, obs: np.ndarray, act: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
-    """Per row, the mean squared difference between a transition's next state and the simulator's."""
-    return np.mean((simulate(env_id, obs, act)[0] - next_obs) ** 2, axis=1)
