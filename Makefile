@@ -76,7 +76,7 @@ gpu-check:  ## on a CUDA machine: the cuda tests and perf on CUDA in under 8 min
 	PYTHONPATH="$$path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m offbench.gpu_check $(GPU_CHECK_ARGS)
 
 # `make pgd`: PGD's measurements on the forge's Pendulum data (docs/pgd.md). Each dataset's trajectory model is
-# trained once (cached, resumable), then configs/grids/pgd.yaml runs (re-run to resume), then the reports.
+# trained once (cached, resumable), then configs/grids/pgd.yaml runs and writes its tables (re-run to resume), then the reports.
 PGD_DATASETS := forge/pendulum-medium-replay-v0 forge/pendulum-medium-v0
 PGD_RUNS := results/pgd/learning/runs
 
@@ -85,7 +85,6 @@ pgd: $(STAMP)  ## PGD: trajectory models, the learning grid and the dynamics/lik
 	$(BIN)/offbench data forge --env Pendulum-v1 --quiet
 	for d in $(PGD_DATASETS); do $(BIN)/offbench data pgd train $$d --preset small --steps 20000 || exit 1; done
 	$(BIN)/offbench bench configs/grids/pgd.yaml --workers $(WORKERS)
-	$(BIN)/offbench table results/pgd/learning
 	for d in $(PGD_DATASETS); do slug=$$(echo $$d | tr / -); for algo in td3bc iql; do \
 		$(BIN)/offbench data pgd report $$d --policy-run $(PGD_RUNS)/$$algo/$$slug/seed0 --trajectories 64 --length 32 \
 			--sampling-steps 64 --edm-predictor --coeffs 0 0.1 1 10 --ensemble-steps 5000 \
