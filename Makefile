@@ -9,8 +9,10 @@ TORCH ?= torch==2.13.0
 # `make benchmark GRID=table1 WORKERS=8`: the grid file configs/grids/$(GRID).yaml, cells run at once.
 GRID ?= quick
 WORKERS ?= 2
-# `make perf`: updates timed per measurement. 300: 18 minutes on this 2-core CPU (SfBC's batch-4096
-# update takes about a second on a CPU core); use PERF_UPDATES=1000 on a GPU.
+# `make perf`: updates timed per measurement. 300: 18 minutes on this 2-core CPU for the first eight
+# algorithms (SfBC's batch-4096 update takes about a second on a CPU core); the rows added since (ReBRAC,
+# IDQL, QGPO, EDP and the diffusion EXTRA_ROWS of offbench/perf.py, T = 100 among them at 1-2 updates/s)
+# make it well over an hour on a CPU (not measured whole); use PERF_UPDATES=1000 on a GPU.
 PERF_UPDATES ?= 300
 # `make gpu-wheels` (on a machine with network) and `make gpu-check` (on a CUDA machine, with or without
 # network; docs/gpu.md). The GPU machines this project borrows (x86-64, CPython 3.12, CUDA torch, Lightning,
