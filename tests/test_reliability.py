@@ -672,7 +672,7 @@ def test_a_new_metric_column_rewrites_metrics_csv_atomically(tmp_path, monkeypat
     writer.log_metrics({"loss": 1.0, "updates": 50})
     writer.save()
     before = (tmp_path / "metrics.csv").read_text()
-    assert before == "loss,step,updates\n1.0,0,50\n"
+    assert before == "loss,updates\n1.0,50\n"  # the writer drops Lightning's step column
     writer.log_metrics({"eval/score": 0.5, "updates": 100})
 
     def full_disk(self, rows):
