@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from algorithms.sfbc import ScoreNet
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import ScoreDiffusion, SolverForm, repeat_rows
+from offbench.diffusion.solvers import check_form
 from offbench.evaluation import EvalCallback
 from offbench.files import write_json_atomic
 from offbench.module import OfflineRLModule, compilable, soft_update
@@ -173,9 +174,7 @@ class QGPO(OfflineRLModule):
         support_chunk: int = 4096,
     ) -> None:
         super().__init__()
-        if solver_form not in ("data", "noise"):
-            raise ValueError(f"QGPO: unknown solver_form {solver_form!r}; choose data (DPM-Solver++, the official code's) "
-                             "or noise (DPM-Solver)")
+        check_form(solver_form)  # data (DPM-Solver++, the official code's) or noise (DPM-Solver)
         self.save_hyperparameters()
         self.behavior = ScoreDiffusion(ScoreNet(obs_dim, act_dim), act_dim, max_action, t_eps=1e-3)
         self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=tuple(critic_hidden))
