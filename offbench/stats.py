@@ -39,6 +39,9 @@ GAMMA = 100.0  # optimality-gap threshold on the normalized scale: the expert's 
 REPS = 2000  # bootstrap resamples of every interval estimate (read when an estimate is made)
 SEED = 0  # numpy seed of every bootstrap
 CONFIDENCE = 0.95
+MIN_RUNS = 2  # runs per dataset below which no interval is estimated (one run: resamples all equal it)
+
+Estimate = tuple[float, float | None, float | None]  # point, CI low, CI high (None: no interval)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,12 @@ def aggregate_metrics(scores: np.ndarray) -> np.ndarray:
     ])
 
 
-def aggregates(m: Matrix, reps: int | None = None, seed: int = SEED) -> dict[str, tuple[float, float, float]]:
-    """metric -> (point estimate, CI low, CI high), stratified bootstrap over the runs of each dataset."""
+def aggregates(m: Matrix, reps: int | None = None, seed: int = SEED) -> dict[str, Estimate]:
+    """metric -> (point estimate, CI low, CI high), stratified bootstrap over the runs of each dataset.
+    With one run per dataset there is nothing to resample (every resample is the run itself: a zero-width
+    "interval"): the point estimate alone, CI low and high None."""
+    if m.runs < MIN_RUNS:
+        return {name: (float(value), None, None) for name, value in zip(METRICS, aggregate_metrics(m.scores))}
     with seeded(seed):
         point, interval = rly.get_interval_estimates(
             {m.algorithm: m.scores}, aggregate_metrics, reps=reps or REPS, confidence_interval_size=CONFIDENCE
@@ -107,15 +114,17 @@ def probability_of_improvement(scores_x: np.ndarray, scores_y: np.ndarray) -> fl
     return float(per_dataset.mean())
 
 
-def improvement(mx: Matrix, my: Matrix, reps: int | None = None, seed: int = SEED) -> tuple[float, float, float, list[str]] | None:
+def improvement(mx: Matrix, my: Matrix, reps: int | None = None, seed: int = SEED) -> tuple[float, float | None, float | None, list[str]] | None:
     """(P(X > Y), CI low, CI high, datasets) over the datasets both algorithms ran; None if none.
     The runs of X and of Y are resampled independently within each dataset (rliable's
-    StratifiedIndependentBootstrap)."""
+    StratifiedIndependentBootstrap). When X or Y has one run per dataset: the point alone, CI None."""
     common = [d for d in mx.datasets if d in my.datasets]
     if not common:
         return None
     x = mx.scores[:, [mx.datasets.index(d) for d in common]]
     y = my.scores[:, [my.datasets.index(d) for d in common]]
+    if min(mx.runs, my.runs) < MIN_RUNS:
+        return probability_of_improvement(x, y), None, None, common
     with seeded(seed):
         point, interval = rly.get_interval_estimates(
             {"pair": [x, y]}, probability_of_improvement, reps=reps or REPS, confidence_interval_size=CONFIDENCE
@@ -167,10 +176,11 @@ def plot_profiles(panels: Mapping[str, Mapping[str, Matrix]], path: Path, titles
     for ax, (kind, matrices) in zip(axes[0], panels.items()):
         taus = taus_for(list(matrices.values()))
         points, bands = profiles(matrices, taus)
-        labels = {f"{a} ({m.runs}×{len(m.datasets)})": a for a, m in matrices.items()}
+        labels = {f"{a} ({m.runs}×{len(m.datasets)}{'' if m.runs >= MIN_RUNS else ', no band'})": a
+                  for a, m in matrices.items()}
         plot_utils.plot_performance_profiles(
             {label: points[a] for label, a in labels.items()}, taus,
-            performance_profile_cis={label: bands[a] for label, a in labels.items()},
+            performance_profile_cis={label: bands[a] for label, a in labels.items() if matrices[a].runs >= MIN_RUNS},
             colors={label: colors[a] for label, a in labels.items()}, ax=ax,
             xlabel=r"normalized score $\tau$", ylabel=r"fraction of runs with score $> \tau$",
             labelsize="medium", ticklabelsize="small",
@@ -189,6 +199,7 @@ def save_figure(fig: Any, path: Path) -> Path:
     """A matplotlib figure as PNG, written beside its place and renamed (no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
+    # No "Software" entry (matplotlib's version): the same records give the same bytes on any install.
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     os.replace(tmp, path)
     return path

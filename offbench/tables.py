@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -37,7 +39,7 @@ import yaml
 
 from offbench import stats
 from offbench.errors import MissingFileError, UserError
-from offbench.files import read_json, write_text_atomic
+from offbench.files import write_text_atomic
 
 KINDS = ("last", "best", "final_mean")
 DIFF_KINDS = ("best", "last", "final_mean")  # the paper's numbers are best-style: that comparison first
@@ -58,25 +60,40 @@ DDOF = 0  # std over seeds as numpy's default (population std), as most offline-
 DIFF_POINTS = 3.0  # a measured cell is flagged when it is further from the paper than max(paper std, this)
 
 
+UNKNOWN = "unknown"  # the data fingerprint of a record written before result.json had `data`
+FINGERPRINT_DIGITS = 12  # hex digits of a fingerprint or config hash shown in the tables
+CONFIG_EXCLUDED = ("seed", "dataset", "algorithm")  # hyperparameter keys that are not part of a cell's config
+SCORES = tuple(f"scores.{kind}" for kind in KINDS)
+NUMBERS = ("updates", *SCORES, "scores.final_mean_k", "protocol.episodes_per_evaluation",
+           "protocol.eval_interval_updates", "protocol.evaluations")
+MISSING = object()
+
+
 @dataclass(frozen=True)
 class Run:
-    """One finished cell: its labels and its result.json."""
+    """One run: its labels, its result.json and where it was found."""
 
     algorithm: str
-    dataset: str
+    dataset: str | None
     seed: Any
     result: dict[str, Any]
-    path: Path
+    path: Path  # the run directory
+    name: str = ""  # its result.json relative to the results directory: what tables and messages show
 
-    def score(self, kind: str) -> float | None:
-        value = self.result.get("scores", {}).get(kind)
-        return None if value is None else float(value)
+    def score(self, kind: str) -> float:
+        return float(self.result["scores"][kind])
+
+    @property
+    def fingerprint(self) -> str:
+        """The full data fingerprint from result.json's `data`; "unknown" in records written before it."""
+        data = self.result.get("data")
+        return str(data["fingerprint"]) if isinstance(data, dict) and data.get("fingerprint") else UNKNOWN
 
 
 @dataclass(frozen=True)
 class Summary:
     mean: float
-    std: float
+    std: float  # nan: no spread to show (one seed, or a paper number without std)
     n: int
 
 
@@ -84,9 +101,10 @@ class Summary:
 
 
 def summarize(values: Sequence[float]) -> Summary:
-    """Mean and std (ddof=0) over seeds."""
+    """Mean and std (ddof=0) over seeds; no std (nan) from a single seed."""
     array = np.asarray(values, dtype=np.float64)
-    return Summary(float(array.mean()), float(array.std(ddof=DDOF)), len(array))
+    std = float(array.std(ddof=DDOF)) if len(array) > 1 else math.nan
+    return Summary(float(array.mean()), std, len(array))
 
 
 # --------------------------------------------------------------------------- reading results
@@ -102,27 +120,154 @@ def domain(dataset: str) -> str:
     return "other"
 
 
-def collect_runs(results_dir: str | os.PathLike) -> list[Run]:
-    """Every finished run under `results_dir`. Labels come from the cell.json that `offbench bench`
-    writes next to result.json, else from result.json itself (class name, dataset, seed). The copies
-    of result.json inside a run's W&B directory (`<run>/wandb/`, see offbench/wandb_logging.py) are
-    not runs."""
+def collect_runs(results_dir: str | os.PathLike, left_out: list[tuple[str, str]] | None = None) -> list[Run]:
+    """Every readable result.json under `results_dir`, in path order. Labels come from the cell.json that
+    `offbench bench` writes next to result.json, else from result.json itself (class name, dataset, seed).
+    The copies of result.json inside a run's W&B directory (`<run>/wandb/`, see offbench/wandb_logging.py)
+    are not runs. A file that cannot be read is named in a warning and added to `left_out` as (path, reason);
+    whether a readable record is complete is `record_problem`'s question."""
+    root = Path(results_dir)
     runs = []
-    for path in sorted(Path(results_dir).rglob("result.json")):
-        if "wandb" in path.relative_to(results_dir).parts[:-1]:
+    for path in sorted(root.rglob("result.json")):
+        name = path.relative_to(root).as_posix()
+        if "wandb" in path.relative_to(root).parts[:-1]:
             continue
-        try:
-            result = read_json(path, fix="this run is left out of the tables; delete the file and rerun its cell")
-            cell = read_json(path.parent / "cell.json", fix="this run is left out of the tables") or {}
-        except UserError as e:
-            print(f"offbench table: warning: {e}", file=sys.stderr)
+        result, problem = _read(path)
+        cell, cell_problem = _read(path.parent / "cell.json")
+        if problem is None and result is None:  # removed since it was listed
             continue
-        if result is None:  # removed since it was listed
+        problem = problem or cell_problem
+        if problem is None and not (isinstance(result, dict) and isinstance(cell or {}, dict)):
+            problem = f"{path} is not a JSON object"
+        if problem is not None:
+            print(f"offbench table: warning: {problem}; this run is left out of the tables", file=sys.stderr)
+            if left_out is not None:
+                left_out.append((name, problem.replace(str(path.parent) + os.sep, "")))
             continue
+        cell = cell or {}
         algorithm = cell.get("algorithm") or str(result.get("algorithm", "?")).rsplit(".", 1)[-1].lower()
-        dataset = cell.get("dataset") or result.get("dataset", "?")
-        runs.append(Run(algorithm, dataset, cell.get("seed", result.get("seed")), result, path.parent))
+        dataset = cell.get("dataset") or result.get("dataset")
+        runs.append(Run(algorithm, dataset, cell.get("seed", result.get("seed")), result, path.parent, name))
     return runs
+
+
+def _read(path: Path) -> tuple[Any, str | None]:
+    """A JSON file's value (None when absent), or why it cannot be read ("PATH is unreadable (...)")."""
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path} is unreadable ({e})"
+
+
+def _get(record: dict[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return MISSING
+        value = value[key]
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(run: Run) -> str | None:
+    """Why a readable result.json cannot stand for a finished run (None when it can): no scores, missing
+    keys, a score or a protocol setting that is not a finite number, a malformed history or `data`."""
+    r = run.result
+    if all(_get(r, key) is MISSING or _get(r, key) is None for key in SCORES):
+        return "no scores (scores.last, scores.best and scores.final_mean missing or null: no evaluation recorded)"
+    missing = [key for key in ("algorithm", "hyperparameters", "history", *NUMBERS) if _get(r, key) in (MISSING, None)]
+    missing = (["dataset"] if not run.dataset else []) + (["seed"] if run.seed is None else []) + missing
+    if missing:
+        return "missing or null: " + ", ".join(missing)
+    for key in NUMBERS:
+        if not _is_number(_get(r, key)):
+            return f"{key} is {_get(r, key)!r}, not a finite number"
+    if not isinstance(r["hyperparameters"], dict):
+        return "hyperparameters is not a JSON object"
+    if not isinstance(r["history"], list):
+        return "history is not a list"
+    for i, h in enumerate(r["history"]):
+        if not (isinstance(h, dict) and _is_number(h.get("updates")) and _is_number(h.get("score"))):
+            return f"history[{i}] lacks a numeric updates or score"
+    data = r.get("data")
+    if data is not None:
+        if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
+            return f"data.fingerprint is {_get(r, 'data.fingerprint')!r}, not a fingerprint"
+        for key in ("ref_min", "ref_max"):
+            if data.get(key) is not None and not _is_number(data[key]):
+                return f"data.{key} is {data[key]!r}, not a finite number"
+    return None
+
+
+def config_hash(hyperparameters: dict[str, Any]) -> str:
+    """The first 12 hex digits of the sha256 of the hyperparameters as JSON (sorted keys), without the
+    keys named seed, dataset and algorithm."""
+    kept = {k: v for k, v in hyperparameters.items() if k not in CONFIG_EXCLUDED}
+    text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_DIGITS]
+
+
+def protocol(run: Run) -> dict[str, Any]:
+    """What the runs of one cell must share: the data, the algorithm's class and hyperparameters, the
+    training length and the evaluation settings. Only the seed may differ."""
+    p, data = run.result["protocol"], run.result.get("data") or {}
+    refs = (data.get("ref_min"), data.get("ref_max"))
+    return {
+        "data fingerprint": run.fingerprint,
+        "data ref_min, ref_max": UNKNOWN if None in refs else f"{refs[0]}, {refs[1]}",
+        "algorithm class": run.result["algorithm"],
+        "config hash": config_hash(run.result["hyperparameters"]),
+        "updates": run.result["updates"],
+        "episodes per evaluation": p["episodes_per_evaluation"],
+        "evaluation interval (updates)": p["eval_interval_updates"],
+        "evaluations": p["evaluations"],
+        "final_mean K": run.result["scores"]["final_mean_k"],
+    }
+
+
+def check_cells(runs: list[Run]) -> tuple[list[Run], list[tuple[str, list[str]]], list[str]]:
+    """(the runs to count, the duplicates, the problems). A cell (algorithm, dataset) must hold runs of one
+    protocol and one run per seed. Records of the same seed with the same scores and history are copies of
+    one run: the first (in path order) counts, the others are listed as (kept, [copies]). A cell whose runs
+    differ in protocol, or with two different runs of one seed, is a problem: one line per difference."""
+    cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        cells[(run.algorithm, str(run.dataset))].append(run)
+    kept: list[Run] = []
+    duplicates: list[tuple[str, list[str]]] = []
+    problems: list[str] = []
+    for (algorithm, dataset), cell in cells.items():
+        protocols = [protocol(run) for run in cell]
+        differences = []
+        for key in protocols[0]:
+            values: dict[Any, list[str]] = defaultdict(list)
+            for run, p in zip(cell, protocols):
+                values[p[key]].append(run.name)
+            if len(values) > 1:
+                listed = " vs ".join(f"{value} ({', '.join(names)})" for value, names in values.items())
+                differences.append(f"{algorithm} on {dataset}: {key} differs: {listed}")
+        if differences:
+            problems += differences
+            continue
+        seeds: dict[Any, list[Run]] = defaultdict(list)
+        for run in cell:
+            seeds[run.seed].append(run)
+        for seed, same in seeds.items():
+            first = same[0]
+            measured = (first.result["scores"], first.result["history"])
+            if any((r.result["scores"], r.result["history"]) != measured for r in same[1:]):
+                problems.append(f"{algorithm} on {dataset}: seed {seed} is claimed by {len(same)} different runs "
+                                f"(their scores differ): {', '.join(r.name for r in same)}")
+                continue
+            kept.append(first)
+            if len(same) > 1:
+                duplicates.append((first.name, [r.name for r in same[1:]]))
+    return kept, duplicates, problems
 
 
 def load_references(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -165,7 +310,7 @@ class Column:
 
 @dataclass
 class Tables:
-    runs: list[Run]
+    runs: list[Run]  # the runs counted: complete records, one per (algorithm, dataset, seed)
     datasets: list[str]  # row order, grouped by domain
     algorithms: list[str]
     columns: list[Column]
@@ -174,13 +319,42 @@ class Tables:
     failed: dict[tuple[str, str], list[dict[str, Any]]]
     references: dict[str, Any]
     seeds_from_grid: bool
+    title: str = ""
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (result.json, reason), path order
+    duplicates: list[tuple[str, list[str]]] = field(default_factory=list)  # (the record counted, its copies)
+    warnings: list[str] = field(default_factory=list)  # other files that could not be read
     _statistics: Statistics | None = field(default=None, repr=False)  # see statistics()
 
 
 def build(results_dir: str | os.PathLike, references: str | os.PathLike | None = None) -> Tables:
+    """The tables of the runs under `results_dir`. A UserError (nothing is written) when no run is
+    complete, or when a cell's runs differ in protocol or two different runs claim one seed."""
     results_dir = Path(results_dir)
-    grid = read_json(results_dir / "grid.json") or {}
-    runs = collect_runs(results_dir)
+    warnings: list[str] = []
+    grid = _read_aside(results_dir / "grid.json", warnings)
+    left_out: list[tuple[str, str]] = []
+    complete = []
+    for run in collect_runs(results_dir, left_out):
+        problem = record_problem(run)
+        if problem is None:
+            complete.append(run)
+        else:
+            print(f"offbench table: warning: {run.path / 'result.json'}: {problem}; this run is left out of the tables",
+                  file=sys.stderr)
+            left_out.append((run.name, problem))
+    left_out.sort()
+    runs, duplicates, problems = check_cells(complete)
+    if problems:
+        raise UserError(
+            f"{results_dir}: tables not written ({len(problems)} problem(s)): the runs of a cell (algorithm, dataset) "
+            "must share one protocol and one run per seed; move the other runs to a results folder of their own "
+            "or delete them, then run `offbench table` again\n" + "\n".join(f"  {p}" for p in problems)
+        )
+    if not runs:
+        raise UserError(_no_runs(results_dir, grid, left_out))
+    for kept, copies in duplicates:
+        print(f"offbench table: warning: {', '.join(copies)} under {results_dir}: a copy of {kept} (the same run), "
+              "counted once", file=sys.stderr)
     if references is None and grid.get("references"):
         references = grid["references"]
     refs = load_references(references)
@@ -192,8 +366,7 @@ def build(results_dir: str | os.PathLike, references: str | os.PathLike | None =
     for kind in KINDS:
         values: dict[tuple[str, str], list[float]] = defaultdict(list)
         for run in runs:
-            if run.score(kind) is not None:
-                values[(run.dataset, run.algorithm)].append(run.score(kind))
+            values[(run.dataset, run.algorithm)].append(run.score(kind))
         cells[kind] = {key: summarize(v) for key, v in values.items()}
     seeds = grid.get("seeds")
     expected = len(seeds) if seeds else max((s.n for s in cells["last"].values()), default=0)
@@ -208,9 +381,47 @@ def build(results_dir: str | os.PathLike, references: str | os.PathLike | None =
         columns.insert(after[0] + 1 if after else len(columns), column)
 
     failed: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for entry in (read_json(results_dir / "failures.json") or {}).values():
-        failed[(entry.get("dataset"), entry.get("algorithm"))].append(entry)
-    return Tables(runs, datasets, algorithms, columns, expected, cells, dict(failed), refs, bool(seeds))
+    for entry in _read_aside(results_dir / "failures.json", warnings).values():
+        if isinstance(entry, dict):
+            failed[(entry.get("dataset"), entry.get("algorithm"))].append(entry)
+    return Tables(runs, datasets, algorithms, columns, expected, cells, dict(failed), refs, bool(seeds),
+                  title=_title(results_dir), left_out=left_out, duplicates=duplicates, warnings=warnings)
+
+
+def _title(results_dir: Path) -> str:
+    """The results directory as given when relative (results/quick), else its name: never a path that
+    changes with where the directory lies, so that a copy of it gives the same table.md."""
+    return results_dir.as_posix() if not results_dir.is_absolute() else results_dir.name
+
+
+def _read_aside(path: Path, warnings: list[str]) -> dict[str, Any]:
+    """grid.json or failures.json ({} when absent); one that cannot be read is a warning, not an error."""
+    value, problem = _read(path)
+    if problem is None and value is not None and not isinstance(value, dict):
+        problem = f"{path} is not a JSON object"
+    if problem is not None:
+        print(f"offbench table: warning: {problem}; read as absent", file=sys.stderr)
+        warnings.append(f"{path.name}: {problem.replace(str(path), path.name)}; read as absent")
+        return {}
+    return value or {}
+
+
+def _no_runs(results_dir: Path, grid: dict[str, Any], left_out: list[tuple[str, str]]) -> str:
+    """The one-line reason why there is no table to write."""
+    keep = "the tables there are left as they are"
+    if left_out:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in left_out[:3])
+        more = f"; and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+        return f"no complete result.json under {results_dir} ({len(left_out)} left out: {listed}{more}); {keep}"
+    where = results_dir / "runs" if (results_dir / "runs").is_dir() or grid else results_dir
+    grid_file = grid.get("grid_file")
+    if grid_file and Path(grid_file).as_posix() == f"configs/grids/{Path(grid_file).stem}.yaml":
+        how = f"`make benchmark GRID={Path(grid_file).stem}` (`offbench bench {grid_file}`)"
+    elif grid_file:
+        how = f"`offbench bench {grid_file}`"
+    else:
+        how = "`make benchmark` (or `offbench bench GRID.yaml`)"
+    return f"no result.json under {where}: run {how} first; {keep}"
 
 
 def _ordered(first: list[str], found: list[str]) -> list[str]:
@@ -238,10 +449,12 @@ def _average(t: Tables, kind: str, datasets: list[str], column: Column, dom: str
 def _format(s: Summary | None, expected: int, failed: bool, paper: bool) -> str:
     if s is None:
         return "failed" if failed else "—"
-    text = f"{s.mean:.1f}" if math.isnan(s.std) else f"{s.mean:.1f} ± {s.std:.1f}"
-    if not paper and s.n < expected:
-        text += f" [{s.n}/{expected}]"
-    return text
+    if paper:
+        return f"{s.mean:.1f}" if math.isnan(s.std) else f"{s.mean:.1f} ± {s.std:.1f}"
+    text = f"{s.mean:.1f} ± {s.std:.1f}" if s.n > 1 else f"{s.mean:.1f} ± n/a"  # one seed: no spread to show
+    if s.n < expected:
+        return text + f" [{s.n}/{expected}]"
+    return text + (" (1 seed)" if s.n == 1 else "")
 
 
 def protocol_lines(t: Tables, kind: str) -> list[str]:
@@ -258,7 +471,7 @@ def protocol_lines(t: Tables, kind: str) -> list[str]:
     lines = [
         f"**{kind}**: {KIND_TEXT[kind]}.",
         f"Cell: mean ± std over training seeds of the per-run score (std with ddof={DDOF}, over seeds; not over "
-        f"episodes or evaluations); target {seeds}; `[n/N]` marks a cell with only n of the N seeds finished.",
+        f"episodes or evaluations); target {seeds}; `[n/N]` marks a cell with only n of the N seeds finished; `± n/a`: one seed, no spread.",
         "Score: D4RL normalized score 100 × (return − ref_min) / (ref_max − ref_min), averaged over the episodes of "
         "an evaluation; AntMaze: 100 × the share of episodes that reached the goal.",
         "Averages: mean of the per-dataset means of a domain (no std); `(k/n)` marks an average over k of its n rows.",
@@ -306,8 +519,8 @@ class Statistics:
     """rliable's estimates for every per-run score: the matrices, the aggregates and P(X > Y)."""
 
     matrices: dict[str, dict[str, stats.Matrix]]  # kind -> algorithm -> matrix
-    aggregates: dict[str, dict[str, dict[str, tuple[float, float, float]]]]  # kind -> algorithm -> metric -> (p, lo, hi)
-    improvements: dict[str, dict[tuple[str, str], tuple[float, float, float, list[str]]]]  # kind -> (x, y) -> ...
+    aggregates: dict[str, dict[str, dict[str, stats.Estimate]]]  # kind -> algorithm -> metric -> (p, lo, hi)
+    improvements: dict[str, dict[tuple[str, str], tuple[Any, ...]]]  # kind -> (x, y) -> (p, lo, hi, datasets)
 
 
 def statistics(t: Tables) -> Statistics:
@@ -326,7 +539,8 @@ def statistics(t: Tables) -> Statistics:
                     if result is not None:
                         p, low, high, datasets = result
                         improvements[kind][(x, y)] = result
-                        improvements[kind][(y, x)] = (1 - p, 1 - high, 1 - low, datasets)
+                        flipped = (None, None) if low is None else (1 - high, 1 - low)
+                        improvements[kind][(y, x)] = (1 - p, *flipped, datasets)
         t._statistics = Statistics(matrices, aggregates, improvements)
     return t._statistics
 
@@ -374,14 +588,18 @@ def _average_text(t: Tables, kind: str, datasets: list[str], column: Column, dom
     return f"{mean:.2f}" + ("" if k == len(datasets) else f" ({k}/{len(datasets)})")
 
 
-def render_markdown(t: Tables, results_dir: Path) -> str:
-    out = [f"# Results: {results_dir}", ""]
-    out.append(f"{len(t.runs)} finished runs; {len(t.algorithms)} algorithms; {len(t.datasets)} datasets. "
-               "Three tables, one per per-run score; read `last` or `final_mean` as the honest numbers, `best` as the "
-               "optimistic one the papers report. Under each table: rliable's aggregates and probabilities of improvement "
-               "of that same per-run score; `profiles.png`: performance profiles of each score.")
-    if not t.runs:
-        out += ["", f"No finished runs (result.json) under {results_dir} yet."]
+def render_markdown(t: Tables) -> str:
+    out = [f"# Results: {t.title}", ""]
+    counts = f"{len(t.runs)} finished runs; {len(t.algorithms)} algorithms; {len(t.datasets)} datasets."
+    if t.left_out:
+        counts += f" **{len(t.left_out)} runs left out: see below** (Runs left out)."
+    if t.duplicates:
+        n = len(t.duplicates)
+        counts += f" {n} run{'s' if n != 1 else ''} found more than once, counted once: see below (Duplicate records)."
+    out.append(counts + " Three tables, one per per-run score; read `last` or `final_mean` as the honest numbers, `best` "
+               "as the optimistic one the papers report. Under each table: rliable's aggregates and probabilities of "
+               "improvement of that same per-run score; `profiles.png`: performance profiles of each score.")
+    out += ["", *data_lines(t), *config_lines(t)]
     notes = _dataset_notes(t)
     if notes:
         out += ["", *notes]
@@ -391,7 +609,8 @@ def render_markdown(t: Tables, results_dir: Path) -> str:
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for dom, datasets in _row_groups(t):
             for dataset in datasets:
-                out.append(f"| {dataset} | " + " | ".join(_cell_text(t, kind, dataset, c) for c in t.columns) + " |")
+                cells = [_cell_text(t, kind, dataset, c) for c in t.columns]
+                out.append(f"| {_row_label(t, dataset)} | " + " | ".join(cells) + " |")
             if len(datasets) > 1:
                 cells = [_average_text(t, kind, datasets, c, dom) for c in t.columns]
                 out.append(f"| **{DOMAIN_TEXT[dom]} average** | " + " | ".join(cells) + " |")
@@ -399,10 +618,86 @@ def render_markdown(t: Tables, results_dir: Path) -> str:
     out += _reference_notes(t)
     out += _diff_markdown(t)
     out += _failure_markdown(t)
+    out += _records_markdown(t)
     return "\n".join(out) + "\n"
 
 
-def _ci(value: tuple[float, ...], digits: int = 1) -> str:
+def _cell_runs(t: Tables, dataset: str, algorithm: str | None) -> list[Run]:
+    return [r for r in t.runs if (r.dataset, r.algorithm) == (dataset, algorithm)]
+
+
+def _data_groups(t: Tables, dataset: str) -> dict[tuple[str, str], list[Run]]:
+    """The runs of a row grouped by their data (fingerprint, ref_min and ref_max), one run per column."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for algorithm in t.algorithms:
+        runs = _cell_runs(t, dataset, algorithm)
+        if runs:  # every run of a cell has the same data (check_cells)
+            groups[(runs[0].fingerprint, protocol(runs[0])["data ref_min, ref_max"])].append(runs[0])
+    return groups
+
+
+def _row_label(t: Tables, dataset: str) -> str:
+    return dataset + (" [data differs: see Data]" if len(_data_groups(t, dataset)) > 1 else "")
+
+
+def data_lines(t: Tables) -> list[str]:
+    """Each row's data as the runs recorded it: fingerprint, reference returns, source."""
+    out = [f"Data: the first {FINGERPRINT_DIGITS} hex digits of the fingerprint (sha256 of the dataset arrays) that "
+           "each run recorded in its result.json, with the reference returns of its normalized score; `unknown`: a "
+           "record written before result.json held it. The runs of one cell always share it."]
+    for dataset in t.datasets:
+        groups = _data_groups(t, dataset)
+        texts = []
+        for (fingerprint, refs), runs in groups.items():
+            data = runs[0].result.get("data") or {}
+            text = "unknown" if fingerprint == UNKNOWN else f"`{fingerprint[:FINGERPRINT_DIGITS]}`"
+            text += "" if refs == UNKNOWN else f" (ref_min, ref_max = {refs}"
+            text += (f"; source: {data['source']})" if data.get("source") else ")") if refs != UNKNOWN else ""
+            if len(groups) > 1:
+                text += " for " + ", ".join(r.algorithm for r in runs)
+            texts.append(text)
+        if len(groups) > 1:
+            texts.append("**the columns of this row were not trained on data known to be the same**")
+        out.append(f"- {dataset}: " + ("; ".join(texts) if texts else "no runs"))
+    return out
+
+
+def config_lines(t: Tables) -> list[str]:
+    """Each algorithm's config hash (per dataset when they differ)."""
+    out = []
+    for algorithm in t.algorithms:
+        hashes: dict[str, list[str]] = defaultdict(list)
+        for dataset in t.datasets:
+            runs = _cell_runs(t, dataset, algorithm)
+            if runs:
+                hashes[protocol(runs[0])["config hash"]].append(dataset)
+        if len(hashes) == 1:
+            out.append(f"{algorithm} `{next(iter(hashes))}`")
+        elif hashes:
+            out.append(f"{algorithm} " + ", ".join(f"`{h}` ({', '.join(d)})" for h, d in hashes.items()))
+    return ["", "Configs (the first 12 hex digits of the sha256 of each run's hyperparameters, seed excluded; the runs "
+            "of one cell always share it): " + "; ".join(out) + "."] if out else []
+
+
+def _records_markdown(t: Tables) -> list[str]:
+    out = []
+    if t.left_out:
+        out += ["", "## Runs left out", "",
+                f"{len(t.left_out)} result.json under this directory are not counted in any number above (fix or delete "
+                "them, then run `offbench table` again):", ""]
+        out += [f"- `{name}`: {reason}" for name, reason in t.left_out]
+    if t.duplicates:
+        out += ["", "## Duplicate records", "",
+                "The same run (algorithm, dataset, seed, protocol and scores) found more than once, counted once:", ""]
+        out += [f"- `{kept}` counted; not again: " + ", ".join(f"`{c}`" for c in copies) for kept, copies in t.duplicates]
+    if t.warnings:
+        out += ["", "## Warnings", "", *[f"- {w}" for w in t.warnings]]
+    return out
+
+
+def _ci(value: tuple[Any, ...], digits: int = 1) -> str:
+    if value[1] is None:  # one run per dataset: no interval (stats.MIN_RUNS)
+        return f"{value[0]:.{digits}f} (no CI: 1 run)"
     return f"{value[0]:.{digits}f} [{value[1]:.{digits}f}, {value[2]:.{digits}f}]"
 
 
@@ -421,12 +716,17 @@ def _statistics_markdown(t: Tables, kind: str) -> list[str]:
     for algorithm, m in matrices.items():
         shape = f"{m.runs} × {len(m.datasets)}" + (f" (the first {m.runs} seeds of each dataset; {m.finished} runs finished)" if m.finished > m.scores.size else "")
         out.append(f"| {algorithm} | " + " | ".join(_ci(aggregates[algorithm][name]) for name in stats.METRICS) + f" | {shape} |")
+    single = [a for a, m in matrices.items() if m.runs < stats.MIN_RUNS]
+    if single:
+        out += ["", f"**One run per dataset** for {', '.join(single)}: each of its numbers is a single draw, without an "
+                "interval (`no CI: 1 run`; a bootstrap of one run gives a zero-width interval that would look certain)."]
     names = list(matrices)
     if len(names) > 1:
         out += ["", f"Probability of improvement on `{kind}`: P(row > column), the probability that a run of the row algorithm "
                 "scores higher than a run of the column algorithm on a dataset (ties count one half), averaged over the "
                 f"datasets both ran; {bootstrap.replace('stratified bootstrap', 'stratified independent bootstrap')}. "
-                "Above 0.5: the row tends to beat the column.", "",
+                "Above 0.5: the row tends to beat the column. The runs behind each algorithm: `runs × datasets` "
+                "above; `no CI: 1 run` where either algorithm has one run per dataset.", "",
                 "| P(row > column) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for x in names:
             cells = ["—" if x == y else (_ci(improvements[(x, y)][:3], 2) if (x, y) in improvements else "no common dataset")
@@ -507,31 +807,46 @@ def render_csv(t: Tables) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["table", "row", "domain", "column", "source", "mean", "std", "n_seeds", "expected_seeds",
-                     "ci_low", "ci_high", "note"])
+                     "ci_low", "ci_high", "note", "data_fingerprint", "config_hash"])
     for kind in KINDS:
         for dom, datasets in _row_groups(t):
             for dataset in datasets:
                 for c in t.columns:
                     s = _value(t, kind, dataset, c)
-                    if s is not None:
-                        std = "" if math.isnan(s.std) else s.std
-                        seeds = [s.n, t.expected_seeds] if c.source == "measured" else ["", ""]
-                        writer.writerow([kind, dataset, dom, c.label, c.source, s.mean, std, *seeds, "", "", ""])
+                    if s is None:
+                        continue
+                    std = "" if math.isnan(s.std) else s.std
+                    if c.source == "paper":
+                        writer.writerow([kind, dataset, dom, c.label, c.source, s.mean, std, "", "", "", "", "", "", ""])
+                        continue
+                    run = _cell_runs(t, dataset, c.algorithm)[0]
+                    note = "1 seed: no std" if s.n == 1 else ""
+                    writer.writerow([kind, dataset, dom, c.label, c.source, s.mean, std, s.n, t.expected_seeds, "", "",
+                                     note, run.fingerprint, protocol(run)["config hash"]])
             if len(datasets) > 1:
                 for c in t.columns:
                     mean, k = _average(t, kind, datasets, c, dom)
                     if mean is not None:
                         writer.writerow([kind, f"average {dom}", dom, c.label, c.source, mean, "", "", "", "", "",
-                                         f"mean of per-dataset means over {k}/{len(datasets)} rows"])
+                                         f"mean of per-dataset means over {k}/{len(datasets)} rows", "", ""])
         st = statistics(t)
-        for algorithm, m in st.matrices[kind].items():
+        matrices = st.matrices[kind]
+        for algorithm, m in matrices.items():
             for name, (point, low, high) in st.aggregates[kind][algorithm].items():
-                writer.writerow([kind, name, "aggregate", algorithm, "measured", point, "", m.runs, "", low, high,
-                                 f"rliable, {m.runs} runs x {len(m.datasets)} datasets, stratified bootstrap 95% CI"])
+                ci = "stratified bootstrap 95% CI" if low is not None else "a single draw, no CI"
+                writer.writerow([kind, name, "aggregate", algorithm, "measured", point, "", m.runs, "", _blank(low),
+                                 _blank(high), f"rliable, {m.runs} runs x {len(m.datasets)} datasets, {ci}", "", ""])
         for (x, y), (point, low, high, datasets) in st.improvements[kind].items():
-            writer.writerow([kind, f"P({x} > {y})", "probability of improvement", x, "measured", point, "", "", "", low,
-                             high, f"rliable, over {len(datasets)} common datasets, stratified independent bootstrap 95% CI"])
+            ci = "stratified independent bootstrap 95% CI" if low is not None else "no CI (1 run)"
+            runs = f"{matrices[x].runs} vs {matrices[y].runs} runs per dataset"
+            writer.writerow([kind, f"P({x} > {y})", "probability of improvement", x, "measured", point, "", "", "",
+                             _blank(low), _blank(high), f"rliable, over {len(datasets)} common datasets, {runs}, {ci}",
+                             "", ""])
     return buffer.getvalue()
+
+
+def _blank(value: float | None) -> Any:
+    return "" if value is None else value
 
 
 def render_latex(t: Tables) -> str:
@@ -539,13 +854,14 @@ def render_latex(t: Tables) -> str:
         return re.sub(r"([_&%#$])", r"\\\1", text).replace("±", r"$\pm$").replace("—", "--")
 
     out = ["% offbench tables: mean $\\pm$ std over seeds (ddof=0); see table.md for the full protocol"]
+    out += [f"% {line}" for line in data_lines(t)]
     for kind in KINDS:
         out += [f"% {kind}: {KIND_TEXT[kind]}", r"\begin{tabular}{l" + "r" * len(t.columns) + "}", r"\toprule",
                 " & ".join(["Dataset", *[esc(c.label) for c in t.columns]]) + r" \\", r"\midrule"]
         for dom, datasets in _row_groups(t):
             for dataset in datasets:
                 cells = [_cell_text(t, kind, dataset, c) for c in t.columns]
-                out.append(" & ".join(esc(x) for x in [dataset, *cells]) + r" \\")
+                out.append(" & ".join(esc(x) for x in [_row_label(t, dataset), *cells]) + r" \\")
             if len(datasets) > 1:
                 averages = [_average(t, kind, datasets, c, dom) for c in t.columns]
                 cells = ["--" if m is None else f"{m:.2f}" for m, _ in averages]
@@ -579,7 +895,8 @@ def plot_curves(t: Tables, out_dir: Path) -> list[Path]:
                 continue
             x = np.array(sorted(by_updates))
             y = [np.asarray(by_updates[u]) for u in x]
-            line, = ax.plot(x, [v.mean() for v in y], marker="o", markersize=3, label=f"{algorithm} ({seeds} seeds)")
+            label = f"{algorithm} ({seeds} seed{'s' if seeds != 1 else ''})"
+            line, = ax.plot(x, [v.mean() for v in y], marker="o", markersize=3, label=label)
             ax.fill_between(x, [v.min() for v in y], [v.max() for v in y], alpha=0.2, color=line.get_color())
             drawn = True
         if drawn:
@@ -602,7 +919,7 @@ def write_tables(
     """Write table.md, table.csv (table.tex with `latex`), curves/*.png and profiles.png into `results_dir`."""
     results_dir = Path(results_dir)
     t = build(results_dir, references)
-    files = {"table.md": render_markdown(t, results_dir), "table.csv": render_csv(t)}
+    files = {"table.md": render_markdown(t), "table.csv": render_csv(t)}  # all checked before anything is written
     if latex:
         files["table.tex"] = render_latex(t)
     written = []

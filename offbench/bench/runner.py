@@ -279,10 +279,15 @@ def _write_tables(grid: Grid, report: GridReport, console: Any) -> None:
             "which a table would mix with the grid's; rerun them with --rerun-stale (or restore the grid file)"
         )
     else:
+        from offbench.errors import UserError
         from offbench.tables import write_tables
 
-        written = write_tables(grid.output)
-        console.print("tables: " + ", ".join(str(p) for p in written))
+        try:
+            written = write_tables(grid.output)
+        except UserError as e:  # no finished run yet, or runs a table must not mix: the tables as they were stay
+            console.print(f"[yellow]tables not written[/yellow]: {e}")
+        else:
+            console.print("tables: " + ", ".join(str(p) for p in written))
 
 
 def _failure(r: Running, code: int | None, elapsed: float, log_tail: str) -> dict[str, Any]:
