@@ -7,6 +7,10 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from rliable import library as rly
 from rliable import metrics
 
 from offbench import stats, tables
+from offbench.cli import main as cli_main
 from offbench.tables import build, diff_rows, render_markdown, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,3 +274,262 @@ def test_profiles_draw_any_number_of_algorithms(tmp_path):
     matrices = {f"algo{i}": stats.score_matrix(f"algo{i}", {"d": list(rng.uniform(0, 100, 2))}) for i in range(25)}
     path = stats.plot_profiles({"last": matrices}, tmp_path / "profiles.png", {"last": "last"})
     assert path.stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- records that must not mislead
+# Each test below is one of the fault trials of the project's issue 30: on the tables of before it, each
+# gave a wrong headline number or crashed without naming the file.
+
+FINGERPRINT = "0123456789abcdef"
+
+
+def write_run(root: Path, algorithm: str, dataset: str, seed: int, score: float = 50.0, folder: str | None = None,
+              edit=None) -> Path:
+    """One run directory as `offbench bench` writes it (cell.json, result.json with `data`); `edit(record)`
+    changes the record before it is written. Returns the result.json."""
+    run = root / (folder or f"runs/{algorithm}/{tables._slug(dataset)}/seed{seed}")
+    run.mkdir(parents=True)
+    record = result(dataset, seed, score, score + 5, score + 2)
+    record["data"] = {"name": dataset, "fingerprint": FINGERPRINT, "ref_min": -10.0, "ref_max": 90.0, "source": "test"}
+    if edit is not None:
+        edit(record)
+    (run / "cell.json").write_text(json.dumps({"algorithm": algorithm, "dataset": dataset, "seed": seed}))
+    (run / "result.json").write_text(json.dumps(record))
+    return run / "result.json"
+
+
+def refused(root: Path, capsys) -> str:
+    """`offbench table root` refuses: exit 2, no file written, the message (stderr, after any warnings)."""
+    before = sorted(p for p in root.rglob("*"))
+    assert cli_main(["table", str(root)]) == 2
+    assert sorted(p for p in root.rglob("*")) == before
+    err = capsys.readouterr().err
+    assert "offbench: error: " in err
+    return err[err.index("offbench: error: "):]
+
+
+def test_the_same_run_found_three_times_counts_once(tmp_path, capsys):
+    """seed 0 copied into two more folders: one seed, not three, and the copies named."""
+    first = write_run(tmp_path, "bc", "hopper-medium-v2", 0, score=40.0)
+    for copy in ("backup/seed0", "runs/old/seed0"):
+        (tmp_path / copy).mkdir(parents=True)
+        for name in ("cell.json", "result.json"):
+            (tmp_path / copy / name).write_text((first.parent / name).read_text())
+    write_run(tmp_path, "bc", "hopper-medium-v2", 1, score=60.0)
+    write_tables(tmp_path)
+    cell = rows(tmp_path / "table.csv")[("last", "hopper-medium-v2", "bc")]
+    assert (cell["n_seeds"], float(cell["mean"]), float(cell["std"])) == ("2", 50.0, 10.0)
+    md = (tmp_path / "table.md").read_text()
+    assert "2 finished runs" in md and "1 run found more than once, counted once" in md
+    assert ("`backup/seed0/result.json` counted; not again: `runs/bc/hopper-medium-v2/seed0/result.json`, "
+            "`runs/old/seed0/result.json`") in md
+    assert "a copy of backup/seed0/result.json" in capsys.readouterr().err
+
+
+def test_two_different_runs_claiming_one_seed_are_refused(tmp_path, capsys):
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0, score=40.0)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0, score=70.0, folder="rerun/seed0")
+    err = refused(tmp_path, capsys)
+    assert ("bc on hopper-medium-v2: seed 0 is claimed by 2 different runs (their scores differ): "
+            "rerun/seed0/result.json, runs/bc/hopper-medium-v2/seed0/result.json") in err
+
+
+def test_400_and_1000_updates_in_one_cell_are_refused(tmp_path, capsys):
+    """Two seeds of different training lengths are not two seeds of one measurement."""
+    (tmp_path / "table.md").write_text("the table of before\n")
+
+    def short(record):
+        record["updates"] = 400
+
+    def long(record):
+        record["updates"] = 1000
+
+    write_run(tmp_path, "td3bc", "hopper-medium-v2", 0, edit=short)
+    write_run(tmp_path, "td3bc", "hopper-medium-v2", 1, edit=long)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0)
+    err = refused(tmp_path, capsys)
+    assert ("td3bc on hopper-medium-v2: updates differs: 400 (runs/td3bc/hopper-medium-v2/seed0/result.json) vs "
+            "1000 (runs/td3bc/hopper-medium-v2/seed1/result.json)") in err
+    assert "tables not written (1 problem(s))" in err and "bc on" not in err.replace("td3bc on", "")
+    assert (tmp_path / "table.md").read_text() == "the table of before\n"
+
+
+@pytest.mark.parametrize(("key", "value", "shown"), [
+    ("protocol.episodes_per_evaluation", 5, "episodes per evaluation differs: 10 ("),
+    ("protocol.eval_interval_updates", 50, "evaluation interval (updates) differs: 100 ("),
+    ("protocol.evaluations", 6, "evaluations differs: 3 ("),
+    ("hyperparameters.actor_lr", 0.0003, "config hash differs: "),
+    ("algorithm", "algorithms.y.Y", "algorithm class differs: algorithms.x.X ("),
+    ("data.ref_max", 95.0, "data ref_min, ref_max differs: -10.0, 90.0 ("),
+])
+def test_every_protocol_difference_in_a_cell_is_refused(tmp_path, capsys, key, value, shown):
+    def edit(record):
+        *parents, last = key.split(".")
+        target = record
+        for name in parents:
+            target = target[name]
+        target[last] = value
+
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 1, edit=edit)
+    err = refused(tmp_path, capsys)
+    assert f"bc on hopper-medium-v2: {shown}" in err and "runs/bc/hopper-medium-v2/seed1/result.json" in err
+
+
+def test_mixed_data_fingerprints_in_one_cell_are_refused(tmp_path, capsys):
+    def other_data(record):
+        record["data"]["fingerprint"] = "fedcba9876543210"
+
+    def old_record(record):
+        del record["data"]
+
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 1, edit=other_data)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 2, edit=old_record)
+    err = refused(tmp_path, capsys)
+    assert (f"bc on hopper-medium-v2: data fingerprint differs: {FINGERPRINT} "
+            "(runs/bc/hopper-medium-v2/seed0/result.json) vs fedcba9876543210 "
+            "(runs/bc/hopper-medium-v2/seed1/result.json) vs unknown (runs/bc/hopper-medium-v2/seed2/result.json)") in err
+
+
+def test_each_row_shows_its_data_fingerprint(tmp_path):
+    """Rows show the first 12 hex digits; a row whose columns hold different (or unknown) data is marked."""
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0)
+    write_run(tmp_path, "bc", "walker2d-medium-v2", 0)
+    write_run(tmp_path, "iql", "walker2d-medium-v2", 0, edit=lambda record: record.pop("data"))
+    write_tables(tmp_path)
+    md = (tmp_path / "table.md").read_text()
+    assert "- hopper-medium-v2: `0123456789ab` (ref_min, ref_max = -10.0, 90.0; source: test)" in md
+    assert "- walker2d-medium-v2: `0123456789ab` (ref_min, ref_max = -10.0, 90.0; source: test) for bc; unknown for iql" in md
+    assert "| walker2d-medium-v2 [data differs: see Data] |" in md and "| hopper-medium-v2 | 50.0 ± n/a (1 seed) |" in md
+    table = rows(tmp_path / "table.csv")
+    assert table[("last", "walker2d-medium-v2", "bc")]["data_fingerprint"] == FINGERPRINT
+    assert table[("last", "walker2d-medium-v2", "iql")]["data_fingerprint"] == "unknown"
+
+
+def test_a_result_without_scores_is_left_out_and_listed(tmp_path, capsys):
+    """A run that recorded no evaluation is not a finished run."""
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0, score=40.0)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 1, edit=lambda record: record.pop("scores"))
+    write_run(tmp_path, "bc", "hopper-medium-v2", 2, edit=lambda record: record["scores"].update(
+        last=None, best=None, final_mean=None))
+    write_tables(tmp_path)
+    assert rows(tmp_path / "table.csv")[("last", "hopper-medium-v2", "bc")]["n_seeds"] == "1"
+    md = (tmp_path / "table.md").read_text()
+    assert "1 finished runs" in md and "**2 runs left out: see below**" in md
+    for seed in (1, 2):
+        assert f"- `runs/bc/hopper-medium-v2/seed{seed}/result.json`: no scores" in md
+    assert "seed1/result.json: no scores" in capsys.readouterr().err
+
+
+def test_a_result_missing_keys_is_left_out_never_shown_as_none(tmp_path):
+    def strip(record):
+        del record["updates"], record["protocol"]
+
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0)
+    write_run(tmp_path, "iql", "hopper-medium-v2", 0, edit=strip)
+    write_tables(tmp_path)
+    md = (tmp_path / "table.md").read_text()
+    assert "None" not in md and "None" not in (tmp_path / "table.csv").read_text()
+    assert ("- `runs/iql/hopper-medium-v2/seed0/result.json`: missing or null: updates, "
+            "protocol.episodes_per_evaluation, protocol.eval_interval_updates, protocol.evaluations") in md
+    assert "Runs: 300 updates, an evaluation every 100 updates (3 in all), 10 episodes per evaluation" in md
+
+
+def test_a_non_numeric_score_is_named_and_the_table_still_written(tmp_path, capsys):
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0)
+    write_run(tmp_path, "bc", "hopper-medium-v2", 1, edit=lambda record: record["scores"].update(best="n/a"))
+    write_run(tmp_path, "bc", "hopper-medium-v2", 2, edit=lambda record: record["history"][0].update(score=[1]))
+    (tmp_path / "runs/bc/broken").mkdir()
+    (tmp_path / "runs/bc/broken/result.json").write_text('{"scores": ')
+    (tmp_path / "failures.json").write_text("[1, ")  # a damaged side file is a warning too
+    assert cli_main(["table", str(tmp_path)]) == 0
+    md = (tmp_path / "table.md").read_text()
+    assert "- `runs/bc/hopper-medium-v2/seed1/result.json`: scores.best is 'n/a', not a finite number" in md
+    assert "- `runs/bc/hopper-medium-v2/seed2/result.json`: history[0] lacks a numeric updates or score" in md
+    assert "- `runs/bc/broken/result.json`: result.json is unreadable (Expecting value" in md
+    assert "- failures.json: failures.json is unreadable" in md
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/runs/bc/hopper-medium-v2/seed1/result.json: scores.best is 'n/a'" in err
+
+
+def test_one_seed_shows_no_interval(tmp_path):
+    """One seed per algorithm: no std, no zero-width CI, and P(X > Y) a single draw that says so."""
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0, score=30.0)
+    write_run(tmp_path, "td3bc", "hopper-medium-v2", 0, score=60.0)
+    write_tables(tmp_path)
+    md = (tmp_path / "table.md").read_text()
+    assert "| hopper-medium-v2 | 30.0 ± n/a (1 seed) | 60.0 ± n/a (1 seed) |" in md
+    assert "| td3bc | 60.0 (no CI: 1 run) | 60.0 (no CI: 1 run) |" in md
+    assert "| td3bc | 1.00 (no CI: 1 run) | — |" in md and "[1.00, 1.00]" not in md
+    assert "**One run per dataset** for bc, td3bc" in md
+    table = rows(tmp_path / "table.csv")
+    assert table[("last", "hopper-medium-v2", "bc")]["std"] == "" and table[("last", "IQM", "bc")]["ci_low"] == ""
+    p = table[("last", "P(td3bc > bc)", "td3bc")]
+    assert (float(p["mean"]), p["ci_low"], p["ci_high"]) == (1.0, "", "")
+    assert "1 vs 1 runs per dataset, no CI (1 run)" in p["note"]
+
+
+def test_one_seed_against_several_has_no_interval_either(tmp_path):
+    """The bootstrap of P(X > Y) resamples both sides: one run on either side is no interval."""
+    write_run(tmp_path, "bc", "hopper-medium-v2", 0, score=30.0)
+    for seed, score in enumerate([55.0, 60.0, 65.0]):
+        write_run(tmp_path, "td3bc", "hopper-medium-v2", seed, score=score)
+    t = build(tmp_path)
+    st = tables.statistics(t)
+    assert st.aggregates["last"]["bc"]["IQM"] == (30.0, None, None)
+    assert st.aggregates["last"]["td3bc"]["IQM"][1] is not None
+    assert st.improvements["last"][("bc", "td3bc")][:3] == (0.0, None, None)
+
+
+def test_no_finished_run_never_replaces_a_table(tmp_path, capsys):
+    """A fresh clone: results/<grid>/ holds the committed tables and grid.json, no runs/."""
+    results = tmp_path / "results/quick"
+    results.mkdir(parents=True)
+    (results / "grid.json").write_text(json.dumps({"name": "quick", "grid_file": "configs/grids/quick.yaml",
+                                                   "seeds": [0, 1]}))
+    for name in ("table.md", "table.csv", "profiles.png"):
+        (results / name).write_text(f"committed {name}")
+    err = refused(results, capsys)
+    assert err.count("\n") == 1 and (f"no result.json under {results}/runs: run `make benchmark GRID=quick` "
+                                     "(`offbench bench configs/grids/quick.yaml`) first") in err
+    (results / "runs/bc/x/seed0").mkdir(parents=True)  # a cell that never finished
+    (results / "runs/bc/x/seed0/result.json").write_text(json.dumps({"dataset": "x", "scores": {"last": None}}))
+    err = refused(results, capsys)
+    assert err.count("\n") == 1 and "no complete result.json under" in err and "runs/bc/x/seed0/result.json: no scores" in err
+    for name in ("table.md", "table.csv", "profiles.png"):
+        assert (results / name).read_text() == f"committed {name}"
+
+
+def test_the_same_records_give_the_same_bytes(tmp_path):
+    """Two copies of one results directory (2 algorithms × 3 seeds × 2 datasets, a paper reference, a
+    one-seed cell, a duplicate and a damaged record), each tabled by its own Python process under another
+    hash seed: every output file has the same bytes."""
+    source = tmp_path / "a/results"
+    for algorithm, base in (("bc", 40.0), ("diffcps", 70.0)):
+        for dataset in ("hopper-medium-v2", "walker2d-medium-v2"):
+            for seed in range(3):
+                write_run(source, algorithm, dataset, seed, score=base + 3 * seed + len(dataset))
+    write_run(source, "iql", "hopper-medium-v2", 0, score=55.0)
+    copy = source / "backup/seed0"
+    copy.mkdir(parents=True)
+    for name in ("cell.json", "result.json"):
+        (copy / name).write_text((source / "runs/bc/hopper-medium-v2/seed0" / name).read_text())
+    (source / "runs/broken").mkdir()
+    (source / "runs/broken/result.json").write_text("{")
+    shutil.copytree(source, tmp_path / "b/results")
+    written = []
+    for hash_seed, root in (("1", source), ("2", tmp_path / "b/results")):
+        code = ("import sys; from offbench import stats, tables; stats.REPS = 200; "
+                f"sys.exit(tables.main([{str(root)!r}, '--latex', '--references', {str(REFERENCES)!r}]))")
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, capture_output=True)
+        written.append({p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
+                        if p.is_file() and "runs" not in p.parts and "backup" not in p.parts})
+    names = sorted(str(p) for p in written[0])
+    assert names == ["curves/hopper-medium-v2.png", "curves/walker2d-medium-v2.png", "profiles.png", "table.csv",
+                     "table.md", "table.tex"]
+    assert written[0].keys() == written[1].keys()
+    for name in written[0]:
+        assert written[0][name] == written[1][name], name
+    assert b"Software" not in written[0][Path("profiles.png")]
