@@ -55,7 +55,7 @@ lint: $(STAMP)  ## ruff
 benchmark: $(STAMP)  ## run configs/grids/$(GRID).yaml (GRID=quick|table1, WORKERS=N); re-run to resume
 	$(BIN)/offbench bench configs/grids/$(GRID).yaml --workers $(WORKERS)
 
-table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX)
+table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX); without runs: exit 2, nothing written
 	$(BIN)/offbench table results/$(GRID) --latex
 
 perf: $(STAMP)  ## training updates/s with and without Lightning and compiled, eval env-steps/s -> results/perf/

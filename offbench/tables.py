@@ -15,6 +15,13 @@ Reads every `result.json` under RESULTS_DIR (the run directories of `offbench be
 
 `grid.json` (written by `offbench bench`) gives the seeds the grid asks for, the row and column
 order and the references file; without it the largest seed count found is taken as the target.
+
+What the tables refuse to do (docs/statistics.md, "What a cell holds"): a cell (algorithm, dataset)
+holds runs of one protocol only (data fingerprint and reference returns, algorithm class, config hash,
+updates, evaluation settings), else nothing is written (a UserError listing every difference with the
+runs' paths); a run found twice (same seed and scores) counts once, two different runs of one seed are
+refused; unreadable or incomplete records are left out and listed; a single seed shows no std and no
+interval; without a complete record nothing is written. The same records give the same bytes.
 """
 
 from __future__ import annotations
@@ -401,7 +408,7 @@ def _read_aside(path: Path, warnings: list[str]) -> dict[str, Any]:
         problem = f"{path} is not a JSON object"
     if problem is not None:
         print(f"offbench table: warning: {problem}; read as absent", file=sys.stderr)
-        warnings.append(f"{path.name}: {problem.replace(str(path), path.name)}; read as absent")
+        warnings.append(f"{problem.replace(str(path), path.name)}; read as absent")
         return {}
     return value or {}
 

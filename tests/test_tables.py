@@ -448,7 +448,7 @@ def test_a_non_numeric_score_is_named_and_the_table_still_written(tmp_path, caps
     assert "- `runs/bc/hopper-medium-v2/seed1/result.json`: scores.best is 'n/a', not a finite number" in md
     assert "- `runs/bc/hopper-medium-v2/seed2/result.json`: history[0] lacks a numeric updates or score" in md
     assert "- `runs/bc/broken/result.json`: result.json is unreadable (Expecting value" in md
-    assert "- failures.json: failures.json is unreadable" in md
+    assert "- failures.json is unreadable (Expecting value: line 1 column 5 (char 4)); read as absent" in md
     err = capsys.readouterr().err
     assert f"{tmp_path}/runs/bc/hopper-medium-v2/seed1/result.json: scores.best is 'n/a'" in err
 
