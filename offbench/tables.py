@@ -508,8 +508,7 @@ def score_matrices(t: Tables, kind: str) -> dict[str, stats.Matrix]:
     for algorithm in t.algorithms:
         by_dataset: dict[str, list[float]] = {}
         for dataset in t.datasets:
-            runs = sorted((r for r in t.runs if (r.algorithm, r.dataset) == (algorithm, dataset) and r.score(kind) is not None),
-                          key=_seed_order)
+            runs = sorted(_cell_runs(t, dataset, algorithm), key=_seed_order)
             if runs:
                 by_dataset[dataset] = [r.score(kind) for r in runs]
         if by_dataset:
