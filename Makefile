@@ -77,14 +77,13 @@ gpu-check:  ## on a CUDA machine: the cuda tests and perf on CUDA in under 8 min
 	fi; \
 	PYTHONPATH="$$path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m offbench.gpu_check $(GPU_CHECK_ARGS)
 
-# `make pgd`: PGD's measurements on the forge's Pendulum data (docs/pgd.md). Each dataset's trajectory model is
+# `make pgd`: PGD's measurements on the shipped Pendulum data (docs/pgd.md). Each dataset's trajectory model is
 # trained once (cached, resumable), then configs/grids/pgd.yaml runs and writes its tables (re-run to resume), then the reports.
-PGD_DATASETS := forge/pendulum-medium-replay-v0 forge/pendulum-medium-v0
+PGD_DATASETS := shipped/pendulum-medium-replay-v0 shipped/pendulum-medium-v0
 PGD_RUNS := results/pgd/learning/runs
 
 .PHONY: pgd
 pgd: $(STAMP)  ## PGD: trajectory models, the learning grid and the dynamics/likelihood reports -> results/pgd/
-	$(BIN)/offbench data forge --env Pendulum-v1 --quiet
 	for d in $(PGD_DATASETS); do $(BIN)/offbench data pgd train $$d --preset small --steps 20000 || exit 1; done
 	$(BIN)/offbench bench configs/grids/pgd.yaml --workers $(WORKERS)
 	for d in $(PGD_DATASETS); do slug=$$(echo $$d | tr / -); for algo in td3bc iql; do \

@@ -273,6 +273,13 @@ class EvalCallback(Callback):
         result = {
             "dataset": info.name,
             "env_id": info.env_id,
+            "data": {  # which bytes were trained on and how they were scored (offbench/data/identity.py)
+                "name": info.name,
+                "fingerprint": getattr(trainer.datamodule, "fingerprint", None),
+                "source": info.source,
+                "ref_min": info.ref_min,
+                "ref_max": info.ref_max,
+            },
             "algorithm": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "hyperparameters": _json_safe(dict(getattr(pl_module, "hparams", {}) or {})),
             "seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,

@@ -3,6 +3,7 @@ and each kind of name resolving to data written here (no network: reachability i
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
-from offbench.data import sources
-from offbench.data.catalog import CATALOG, maze_goal_xy, resolve
+from offbench.data import catalog, sources
+from offbench.data.catalog import CATALOG, SHIPPED_DIR, maze_goal_xy, resolve, shipped_names
 from offbench.data.commands import main as data_main
+from offbench.data.datamodule import OfflineDataModule
+from offbench.data.identity import cached_fingerprint, fingerprint
 from offbench.data.sources import (
     load_transitions,
     reachable,
@@ -23,6 +26,7 @@ from offbench.data.sources import (
 )
 from offbench.data.synthetic import write_random_dataset
 from offbench.envs import make_env
+from offbench.errors import UserError
 from offbench.scores import REF_SCORES, normalized_score
 
 ANTMAZE_KEYS = ("achieved_goal", "observation")
@@ -439,3 +443,53 @@ def test_data_commands(tmp_path, capsys):
     assert "not on this machine" in capsys.readouterr().out
     assert data_main(["info", "list"]) == 0
     assert "D4RL/antmaze/large-diverse-v1" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- dataset identity and shipped data
+def test_fingerprint_changes_with_any_value_or_episode_boundary_and_is_cached_per_file(tmp_path):
+    path = tmp_path / "p.hdf5"
+    write_random_dataset("Pendulum-v1", path, episodes=3, seed=0, max_episode_steps=20, ref_min=-100.0, ref_max=0.0)
+    t = read_d4rl_hdf5(path)
+    value = fingerprint(t)
+    assert len(value) == 16 and value == fingerprint(read_d4rl_hdf5(path))
+    for field in ("obs", "act", "rew", "next_obs"):
+        changed = read_d4rl_hdf5(path)
+        getattr(changed, field).flat[5] += 1e-3
+        assert fingerprint(changed) != value, field
+    changed = read_d4rl_hdf5(path)
+    changed.episode[20:] += 1  # the same rows cut into other episodes
+    assert fingerprint(changed) != value
+    # cached beside the file while it is unchanged; a rewritten file is hashed again
+    assert cached_fingerprint(t, path) == value
+    cache = path.with_name(path.name + ".fingerprint.json")
+    assert cache.is_file()
+    write_random_dataset("Pendulum-v1", path, episodes=3, seed=1, max_episode_steps=20, ref_min=-100.0, ref_max=0.0)
+    other = read_d4rl_hdf5(path)
+    assert cached_fingerprint(other, path) == fingerprint(other) != value
+
+
+def test_shipped_datasets_load_with_their_pinned_fingerprints(capsys):
+    names = shipped_names()
+    assert {"shipped/pendulum-medium-replay-v0", "shipped/pendulum-medium-v0"} <= set(names)
+    for name in names:
+        info = resolve(name)
+        assert info.fingerprint and info.env_id == "Pendulum-v1" and info.ref_min < info.ref_max
+        assert fingerprint(load_transitions(info)) == info.fingerprint, name
+    assert data_main(["info", "shipped/pendulum-medium-replay-v0"]) == 0
+    text = capsys.readouterr().out
+    assert f"fingerprint        {resolve('shipped/pendulum-medium-replay-v0').fingerprint} (pinned" in text
+    assert data_main(["info", "list"]) == 0
+    assert "shipped/pendulum-medium-v0" in capsys.readouterr().out
+
+
+def test_a_changed_shipped_file_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    copy = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR, copy)
+    monkeypatch.setattr(catalog, "SHIPPED_DIR", copy)
+    info = resolve("shipped/pendulum-medium-replay-v0")
+    with h5py.File(info.location, "r+") as f:
+        f["rewards"][3] += 1.0
+    with pytest.raises(UserError, match=r"pinned to [0-9a-f]{16}: the file was changed or damaged; restore it"):
+        OfflineDataModule("shipped/pendulum-medium-replay-v0")
+    with pytest.raises(UserError, match="unknown shipped dataset 'shipped/hopper-medium-v0'"):
+        resolve("shipped/hopper-medium-v0")

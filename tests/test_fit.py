@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from offbench.cli import main
+from offbench.data.identity import fingerprint
+from offbench.data.sources import read_d4rl_hdf5
+from offbench.scores import REF_SCORES
 
 REPO = Path(__file__).resolve().parents[1]
 BC_CONFIG = str(REPO / "configs/algorithms/bc.yaml")
@@ -55,6 +58,10 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     run = tmp_path / "run"
     result = json.loads((run / "result.json").read_text())
     assert result["updates"] == 300
+    # which bytes it trained on and how they were scored
+    data = result["data"]
+    assert data["fingerprint"] == fingerprint(read_d4rl_hdf5(tiny_hopper)) and data["name"] == str(tiny_hopper)
+    assert (data["ref_min"], data["ref_max"]) == REF_SCORES["hopper"]
     assert [h["updates"] for h in result["history"]] == [100, 200, 300]
     scores = result["scores"]
     assert scores["last"] == result["history"][-1]["score"]

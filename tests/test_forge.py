@@ -15,6 +15,7 @@ from offbench import forge as forge_module
 from offbench.cli import main as cli_main
 from offbench.data.catalog import forge_dir, resolve
 from offbench.data.commands import main as data_main
+from offbench.data.identity import fingerprint
 from offbench.data.sources import load_transitions, read_d4rl_hdf5, read_minari
 from offbench.errors import UserError
 from offbench.forge import KINDS, choose_expert, choose_medium, expert_candidates, forge, forge_config
@@ -148,6 +149,12 @@ def test_manifest_says_how_each_dataset_was_made(tiny):
     assert set(manifest["seeds"]) >= {"torch", "env", "numpy", "references", "datasets"}
     assert set(manifest["wall_seconds"]) >= {"sac", "references", "rollouts", "writing"}
     assert set(manifest["datasets"]) == set(KINDS)
+    # the bytes depend on the machine: it is recorded, and each dataset's fingerprint with it (cached beside the file)
+    assert manifest["machine"]["cpu"] and manifest["machine"]["torch_cpu_capability"] and "depends" in manifest["machine"]["note"]
+    out, _ = tiny
+    for kind, d in manifest["datasets"].items():
+        assert d["fingerprint"] == fingerprint(read_d4rl_hdf5(out / d["hdf5"])), kind
+        assert json.loads((out / f"{d['hdf5']}.fingerprint.json").read_text())["fingerprint"] == d["fingerprint"]
 
 
 def test_medium_and_expert_rules_by_hand():
@@ -200,6 +207,7 @@ def test_same_seed_same_data_and_another_seed_other_data(tiny, tmp_path):
         a, b = read_hdf5(out / f"{kind}.hdf5")[0], read_hdf5(tmp_path / "again" / f"{kind}.hdf5")[0]
         for key in D4RL_KEYS:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kind}/{key}")
+    assert [again["datasets"][k]["fingerprint"] for k in KINDS] == [manifest["datasets"][k]["fingerprint"] for k in KINDS]
     other = forge(tiny_config(seed=1, sac_steps=400), tmp_path / "other", minari_namespace="test/other", progress=False)
     assert other["references"]["ref_min"] != manifest["references"]["ref_min"]
     assert not np.array_equal(read_hdf5(out / "random.hdf5")[0]["actions"], read_hdf5(tmp_path / "other/random.hdf5")[0]["actions"])

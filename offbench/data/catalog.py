@@ -38,6 +38,7 @@ class DatasetInfo:
     eval_episodes: int = 10  # protocol default: 10 on locomotion, 100 on AntMaze
     success_scored: bool = False  # AntMaze: an episode scores 1 when the goal is reached
     note: str = ""  # caveat to print next to results (e.g. not comparable with D4RL tables)
+    fingerprint: str | None = None  # the arrays' expected fingerprint (offbench/data/identity.py), when pinned
 
 
 # --------------------------------------------------------------------------- the catalog
@@ -273,6 +274,46 @@ def _forge_info(name: str) -> DatasetInfo:
     )
 
 
+# --------------------------------------------------------------------------- shipped datasets
+#
+# Forged data depends on the machine that forged it (its SAC run is a float32 CPU computation), so the
+# datasets behind the committed results are shipped with the suite, with their fingerprints:
+# offbench/data/shipped/<slug>/ holds the forge's HDF5 files and its manifest.json (settings, machine,
+# references, and `fingerprints`). Their names are `shipped/<slug>-<kind>-v0`; loading one checks the
+# data against the pinned fingerprint.
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+_SHIPPED_NAME = re.compile(r"shipped/(?P<slug>[\w.-]+?)-(?P<kind>random|medium-replay|medium-expert|medium|expert)-v0")
+
+
+def shipped_names() -> list[str]:
+    """Every shipped dataset's catalog name."""
+    names = []
+    for manifest_path in sorted(SHIPPED_DIR.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        names += [f"shipped/{manifest_path.parent.name}-{kind}-v0" for kind in manifest["datasets"]]
+    return names
+
+
+def _shipped_info(name: str) -> DatasetInfo:
+    match = _SHIPPED_NAME.fullmatch(name)
+    manifest_path = SHIPPED_DIR / match["slug"] / "manifest.json" if match else None
+    manifest = json.loads(manifest_path.read_text()) if manifest_path and manifest_path.is_file() else None
+    if manifest is None or match["kind"] not in manifest["datasets"]:
+        raise UserError(f"unknown shipped dataset {name!r}; the shipped datasets are {', '.join(shipped_names())}")
+    refs, kind = manifest["references"], match["kind"]
+    return DatasetInfo(
+        name, "hdf5", str(manifest_path.parent / manifest["datasets"][kind]["hdf5"]), manifest["env_id"],
+        float(refs["ref_min"]), float(refs["ref_max"]), int(manifest["max_episode_steps"]),
+        note=(
+            f"shipped with offbench: forged by offbench data forge (SAC, seed {manifest['config']['seed']}) on "
+            f"{manifest['machine']['cpu']}; scored with the forge's own references (mean returns of the random and "
+            "the expert policy), not D4RL's"
+        ),
+        fingerprint=manifest["fingerprints"][kind],
+    )
+
+
 # --------------------------------------------------------------------------- resolve
 
 
@@ -287,7 +328,8 @@ def resolve(
     env_id_flag: str = "--data.env_id",
 ) -> DatasetInfo:
     """The `DatasetInfo` of a catalog name, a forged dataset (`forge/<env>-<kind>-v0`, read from the
-    forge's manifest; FileNotFoundError with the command that makes it when it is missing) or a path
+    forge's manifest; FileNotFoundError with the command that makes it when it is missing), a shipped one
+    (`shipped/<env>-<kind>-v0`, with its pinned fingerprint) or a path
     to a D4RL-layout HDF5 file.
 
     Arguments that are given replace the catalog's (or the file's) values: `env_id`, the reference
@@ -299,6 +341,8 @@ def resolve(
         info = CATALOG[name]
     elif name.startswith("forge/"):
         info = _forge_info(name)
+    elif name.startswith("shipped/"):
+        info = _shipped_info(name)
     elif name.endswith((".hdf5", ".h5")) or Path(name).is_file():
         info = _hdf5_info(name, env_id, refs, max_episode_steps)
     else:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from offbench.data.catalog import CATALOG, FORGE_ENVS, FORGE_KINDS, forge_dir, forge_name, resolve
+from offbench.data.catalog import CATALOG, FORGE_ENVS, FORGE_KINDS, forge_dir, forge_name, resolve, shipped_names
 from offbench.data.checks import check_transitions
+from offbench.data.identity import checked_fingerprint
 from offbench.data.sources import load_transitions, local_path
 from offbench.data.synthetic import minari_datasets_root, write_random_dataset
 from offbench.envs import action_bounds, observation_dim
@@ -41,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         description="D4RL's recipe on any gymnasium env with flat Box spaces (offbench/forge/). Settings not "
         "given come from the preset: small (Pendulum-v1, InvertedPendulum-v5: minutes on a CPU) or d4rl (1M SAC "
         "steps and 1M-step datasets, as D4RL: hours). An interrupted run resumes its SAC run when rerun with the "
-        "same settings.",
+        "same settings. The output depends on the machine (SAC runs in float32 on the CPU, whose rounding differs "
+        "between CPUs, torch builds and thread counts): another machine forges other data under the same names. "
+        "manifest.json records the machine and each dataset's fingerprint; the datasets behind the committed "
+        "results are shipped as shipped/<env>-<kind>-v0 (`offbench data info list`).",
     )
     forge.add_argument("--env", required=True, help="gymnasium env id, e.g. Pendulum-v1, Hopper-v4")
     forge.add_argument("--out", default=None, help="output folder (default: where the catalog looks, "
@@ -141,6 +145,9 @@ def _info(args: argparse.Namespace) -> int:
     if args.name == "list":
         for name, entry in CATALOG.items():
             print(f"{name:42s} {entry.source:9s} {entry.env_id}")
+        for name in shipped_names():
+            shipped = resolve(name)
+            print(f"{name:42s} {'shipped':9s} {shipped.env_id} (fingerprint {shipped.fingerprint})")
         for entry in FORGE_ENVS.values():
             made = "forged" if (forge_dir(entry.env_id) / "manifest.json").is_file() else "not forged"
             for kind in FORGE_KINDS:
@@ -151,7 +158,8 @@ def _info(args: argparse.Namespace) -> int:
         max_episode_steps=args.max_episode_steps, env_id_flag="--env-id",
     )
     for f in fields(info):
-        print(f"{f.name:18s} {getattr(info, f.name)}")
+        if f.name != "fingerprint":  # printed below, computed from the data
+            print(f"{f.name:18s} {getattr(info, f.name)}")
     path = local_path(info)
     if path is None:
         print("local data         not on this machine")
@@ -164,6 +172,8 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     returns = t.episode_returns()
     scores = normalized_score(returns, info.ref_min, info.ref_max)
+    pinned = " (pinned by the catalog: matches)" if info.fingerprint else ""
+    print(f"fingerprint        {checked_fingerprint(t, info)}{pinned} (recorded in every result.json trained on it)")
     print(f"transitions        {len(t)} (obs dim {t.obs_dim}, action dim {t.act_dim}), {int(t.done.sum())} done")
     low, high = action_bounds(info)
     check = check_transitions(t, str(path), info.env_id, observation_dim(info), low, high)

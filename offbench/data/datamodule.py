@@ -20,6 +20,7 @@ from torch import Tensor
 from offbench.batch import Batch, Transitions
 from offbench.data.catalog import DatasetInfo, resolve
 from offbench.data.checks import check_transitions
+from offbench.data.identity import checked_fingerprint
 from offbench.data.sources import load_transitions, local_path
 from offbench.envs import action_bounds, observation_dim
 from offbench.errors import UserError
@@ -120,6 +121,7 @@ class OfflineDataModule(pl.LightningDataModule):
             max_episode_steps=max_episode_steps,
         )
         transitions = load_transitions(self.info)
+        self.fingerprint = checked_fingerprint(transitions, self.info)  # of the data as read (result.json `data`)
         low, high = action_bounds(self.info)
         transitions = checked(transitions, self.info, observation_dim(self.info), low, high, clip_actions)
         self.transitions = tune_rewards(transitions, reward_tuning)

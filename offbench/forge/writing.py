@@ -4,6 +4,7 @@ was made."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from offbench.data.catalog import forge_dir, forge_minari_id, forge_name, forge_slug
+from offbench.data.identity import cached_fingerprint
+from offbench.data.sources import read_d4rl_hdf5
 from offbench.data.synthetic import Episode, minari_datasets_root, write_d4rl_hdf5, write_minari_dataset
 from offbench.errors import UserError
 from offbench.files import read_json
@@ -95,8 +98,11 @@ def write_datasets(
             description=f"{kind} dataset of {config.env_id}: {made_by[kind]}; {dest.owner}",
             ref_min=refs[0], ref_max=refs[1], ref_episodes=config.ref_episodes, overwrite=True, root=dest.minari_root,
         )
+        # the identity of these bytes (they depend on the machine: see `machine` in the manifest); cached beside the file
+        fingerprint = cached_fingerprint(read_d4rl_hdf5(dest.out / file_name), dest.out / file_name)
         datasets[kind] = {
             "name": forge_name(config.env_id, kind) if dest.in_catalog else None, "hdf5": file_name,
+            "fingerprint": fingerprint,
             "minari_id": minari_id, "minari_root": str(dest.minari_root),
             "made_by": made_by[kind], **_stats(episodes[kind], refs),
         }
@@ -173,6 +179,7 @@ def build_manifest(
         "warnings": chosen.warnings,
         "wall_seconds": wall_seconds,
         "versions": _versions(),
+        "machine": machine(),
     }
 
 
@@ -229,3 +236,24 @@ def _versions() -> dict[str, str]:
     import minari
 
     return {"torch": torch.__version__, "gymnasium": gymnasium.__version__, "minari": minari.__version__}
+
+
+def machine() -> dict[str, Any]:
+    """The facts the forged bytes depend on: SAC is a float32 CPU computation whose rounding depends on the
+    CPU's vector units, torch's kernels and the thread count, so another machine forges other data."""
+    import platform
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    vector = sorted(flags & {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"})
+    return {
+        "cpu": cpu, "vector_flags": vector, "architecture": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(), "numpy": np.__version__, "python": platform.python_version(),
+        "note": "forged data depends on the machine (float32 SAC on the CPU): compare the datasets' fingerprints",
+    }

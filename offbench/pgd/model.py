@@ -8,17 +8,16 @@ data's fingerprint, losses, timing) and, while training, checkpoint.pt (resume s
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from offbench.batch import Transitions
+from offbench.data.identity import fingerprint
 from offbench.data.synthetic import data_root
 from offbench.errors import MissingFileError, UserError
 from offbench.files import read_json
@@ -104,14 +103,6 @@ class TrajectoryModel(nn.Module):
     def transitions(self, traj: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(obs, act, rew, next_obs, done) of sampled trajectories, raw units."""
         return self.normalizer.to_transitions(traj)
-
-
-def fingerprint(t: Transitions) -> str:
-    """A short hash of the data a model was trained on (obs, act, rew, done, episode ids)."""
-    h = hashlib.sha256()
-    for array in (t.obs, t.act, t.rew, t.done, t.episode):
-        h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()[:16]
 
 
 def model_dir(dataset: str, name: str, data_dir: str | Path | None = None) -> Path:

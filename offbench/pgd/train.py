@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from offbench.data.catalog import resolve
+from offbench.data.identity import fingerprint
 from offbench.data.sources import load_transitions
 from offbench.envs import action_bounds
 from offbench.errors import UserError
 from offbench.files import read_json, write_json_atomic
 from offbench.forge import _Progress, _save_atomic
-from offbench.pgd.model import TrajectoryModel, TrajectoryModelConfig, fingerprint, model_dir
+from offbench.pgd.model import TrajectoryModel, TrajectoryModelConfig, model_dir
 from offbench.pgd.windows import window_starts, windows
 
 
