@@ -30,8 +30,9 @@ the critic target moves towards the critic after its step (`optax.incremental_up
 where `critic` is the critic already stepped by `update_critic`), and the actor target towards the actor
 *before* its step (`optax.incremental_update(actor.params, ...)` where `actor` is the train state passed in,
 not `new_actor`). `actor_target_from="pre_step"` (the default) does that; "post_step" moves it towards the
-stepped actor (the TD3 / TD3+BC PyTorch order, and this module's order before the golden test against the
-official code found the difference; one step later in an average over about 1 / tau = 200 updates). Both
+stepped actor (the TD3 / TD3+BC PyTorch order, and this module's order until the golden test against the
+official code, tests/test_golden_rebrac.py, found the difference: the target then holds one more actor step,
+a small change to an average over about 1 / tau = 200 updates, but not the official computation). Both
 orders keep the same state, so checkpoints load either way; a checkpoint saved before the option existed
 resumes with the official order unless "post_step" is passed.
 
