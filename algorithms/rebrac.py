@@ -25,6 +25,17 @@ critic lr 5e-5, gamma 0.999, rewards x 100 (`reward_scale`). beta_1 / beta_2 per
 (configs/tasks/rebrac/). 1000 epochs x 1000 updates (1M); evaluation every 5 epochs with 10
 episodes on locomotion, every 50 with 100 on AntMaze.
 
+Target updates (the official `update_actor`, src/algorithms/rebrac.py of DT6A/ReBRAC at commit 694385b):
+the critic target moves towards the critic after its step (`optax.incremental_update(critic.params, ...)`
+where `critic` is the critic already stepped by `update_critic`), and the actor target towards the actor
+*before* its step (`optax.incremental_update(actor.params, ...)` where `actor` is the train state passed in,
+not `new_actor`). `actor_target_from="pre_step"` (the default) does that; "post_step" moves it towards the
+stepped actor (the TD3 / TD3+BC PyTorch order, and this module's order until the golden test against the
+official code, tests/test_golden_rebrac.py, found the difference: the target then holds one more actor step,
+a small change to an average over about 1 / tau = 200 updates, but not the official computation). Both
+orders keep the same state, so checkpoints load either way; a checkpoint saved before the option existed
+resumes with the official order unless "post_step" is passed.
+
 Deviations and choices: the actor and the targets update on the updates counted from 0 with
 `step % policy_every == 0` (the official `delayed_updates`: the very first update is a full one). The
 AntMaze reward scale is an argument of the algorithm (`reward_scale`), since the suite's reward
@@ -37,14 +48,24 @@ timeout row); `Batch.next_act` repeats the row's own action there (one row per t
 from __future__ import annotations
 
 import copy
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from algorithms.td3bc import smoothed_target_action
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, DeterministicActor, EnsembleLinear
+
+
+class UpdateDraws(NamedTuple):
+    """The random draws of one update. Training leaves them None (drawn on the device); tests pass the
+    official run's draws."""
+
+    target_noise: Tensor | None = None  # (B, act_dim) standard normal: the target-policy smoothing noise
+
+
+NO_DRAWS = UpdateDraws()
 
 
 @torch.no_grad()
@@ -77,8 +98,11 @@ class ReBRAC(OfflineRLModule):
         normalize_q: bool = True,
         critic_layer_norm: bool = True,
         reward_scale: float = 1.0,
+        actor_target_from: Literal["pre_step", "post_step"] = "pre_step",
     ) -> None:
         super().__init__()
+        if actor_target_from not in ("pre_step", "post_step"):
+            raise ValueError(f"actor_target_from must be 'pre_step' or 'post_step', not {actor_target_from!r}")
         self.save_hyperparameters()
         self.actor = DeterministicActor(obs_dim, act_dim, max_action, hidden)
         self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, layer_norm=critic_layer_norm)
@@ -92,23 +116,26 @@ class ReBRAC(OfflineRLModule):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr)
         return [self.actor_opt, self.critic_opt]
 
-    def update(self, batch: Batch) -> dict[str, Tensor]:
+    def update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         if batch.next_act is None:
             raise ValueError("ReBRAC's critic penalty needs the dataset's next actions: pass batches with Batch.next_act "
                              "(OfflineDataModule.sample fills it; Transitions.next_actions() computes it)")
-        metrics = self.critic_update(batch)
+        metrics = self.critic_update(batch, draws)
         # every policy_every updates, counted from 0 as the official delayed_updates: the actor, then both targets
         if self.step % self.hparams.policy_every == 0:
             metrics |= self.actor_update(batch)
         return metrics
 
     @compilable
-    def critic_update(self, batch: Batch) -> dict[str, Tensor]:
+    def critic_update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """Clipped double-Q target with smoothing, minus beta_2 times the next-action penalty; one step."""
         h = self.hparams
         with torch.no_grad():
-            next_act = smoothed_target_action(self.actor_target, batch.next_obs, batch.act, h.policy_noise,
-                                              h.noise_clip, h.max_action)
+            # TD3's target policy smoothing (as algorithms.td3bc.smoothed_target_action, with the draw explicit)
+            eps = torch.randn_like(batch.act) if draws.target_noise is None else draws.target_noise
+            clip = h.noise_clip * h.max_action
+            noise = (eps * h.policy_noise * h.max_action).clamp(-clip, clip)
+            next_act = (self.actor_target(batch.next_obs) + noise).clamp(-h.max_action, h.max_action)
             penalty = (next_act - batch.next_act).pow(2).sum(-1)
             next_q = self.critic_target(batch.next_obs, next_act).min(0).values - h.critic_bc_coef * penalty
             target = h.reward_scale * batch.rew + h.gamma * (1.0 - batch.done) * next_q
@@ -119,16 +146,20 @@ class ReBRAC(OfflineRLModule):
 
     @compilable
     def actor_update(self, batch: Batch) -> dict[str, Tensor]:
-        """Actor = beta_1 * BC - lambda * min Q, one step; then both targets follow."""
+        """Actor = beta_1 * BC - lambda * min Q, one step; both targets follow (the actor target from the
+        actor before its step by default, as the official code: see the module docstring)."""
         h = self.hparams
         pi = self.actor(batch.obs)
         q_pi = self.critic(batch.obs, pi).min(0).values
         lmbda = 1.0 / q_pi.abs().mean().detach() if h.normalize_q else torch.ones_like(q_pi[0])
         bc = (pi - batch.act).pow(2).sum(-1)
         actor_loss = (h.actor_bc_coef * bc - lmbda * q_pi).mean()
+        if h.actor_target_from == "pre_step":  # the actor target reads nothing of this step: Polyak now
+            soft_update(self.actor_target, self.actor, h.tau)
         self.optimize(self.actor_opt, actor_loss)
+        if h.actor_target_from == "post_step":
+            soft_update(self.actor_target, self.actor, h.tau)
         soft_update(self.critic_target, self.critic, h.tau)
-        soft_update(self.actor_target, self.actor, h.tau)
         return {"loss/actor": actor_loss, "lambda": lmbda, "bc/actor": bc.mean()}
 
     @torch.no_grad()

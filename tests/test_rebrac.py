@@ -1,5 +1,5 @@
 """ReBRAC (algorithms/rebrac.py) and the shared pieces it brought: both behaviour penalties and the
-critic target on a hand-computed case, the update cadence, the dataset's next action on a Batch, the
+critic target on a hand-computed case, the update cadence, the actor target's order, the dataset's next action on a Batch, the
 LayerNorm critic ensemble; and a learning test on the forge's Pendulum data against BC (slow)."""
 
 from __future__ import annotations
@@ -113,6 +113,21 @@ def test_actor_penalty_and_q_normalisation_by_hand(normalize_q, expected_lambda,
     assert metrics["bc/actor"].item() == pytest.approx(0.55)
     assert metrics["lambda"].item() == pytest.approx(expected_lambda)
     assert metrics["loss/actor"].item() == pytest.approx(expected_loss)
+
+
+def test_the_actor_target_follows_the_actor_before_its_step():
+    # official update_actor (DT6A/ReBRAC): actor target <- (1 - tau) target + tau * (the actor BEFORE its step);
+    # the target's p starts at 0 and the actor's at [0.2, 0.4], so with tau 0.5 the target lands on [0.1, 0.2]
+    module, batch = hand_case(tau=0.5)
+    module.update(batch)
+    assert not torch.equal(module.actor.p.detach(), torch.tensor([0.2, 0.4]))  # the actor did step
+    torch.testing.assert_close(module.actor_target.p, torch.tensor([0.1, 0.2]))
+    # the other order, kept as an option: tau times the actor after its step
+    module, batch = hand_case(tau=0.5, actor_target_from="post_step")
+    module.update(batch)
+    torch.testing.assert_close(module.actor_target.p, 0.5 * module.actor.p.detach())
+    with pytest.raises(ValueError, match="actor_target_from"):
+        ReBRAC(OBS, ACT, actor_target_from="after")
 
 
 def random_batch(n: int = 16) -> Batch:
