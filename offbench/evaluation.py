@@ -17,11 +17,13 @@ import platform
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning
 import numpy as np
 import torch
+import yaml
 from gymnasium.vector import VectorEnv
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
@@ -279,6 +281,7 @@ class EvalCallback(Callback):
                 "source": info.source,
                 "ref_min": info.ref_min,
                 "ref_max": info.ref_max,
+                "settings": _data_settings(trainer),  # batch size, transforms, PGD's pool...: part of a cell's protocol
             },
             "algorithm": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "hyperparameters": _json_safe(dict(getattr(pl_module, "hparams", {}) or {})),
@@ -325,6 +328,16 @@ class EvalCallback(Callback):
         if self._envs is not None:
             self._envs.close()
             self._envs = None
+
+
+def _data_settings(trainer: Trainer) -> dict[str, Any] | None:
+    """The data section (class_path, init_args) of the run's config.yaml, which `offbench fit` writes into the
+    run directory before training; None for a run not started by the CLI."""
+    path = Path(str(trainer.default_root_dir)) / "config.yaml"
+    if not path.is_file():
+        return None
+    section = (yaml.safe_load(path.read_text()) or {}).get("data")
+    return section if isinstance(section, dict) else None
 
 
 def _dataset_info(trainer: Trainer) -> DatasetInfo:

@@ -211,10 +211,13 @@ def record_problem(run: Run) -> str | None:
     return None
 
 
-def config_hash(hyperparameters: dict[str, Any]) -> str:
+def config_hash(hyperparameters: dict[str, Any], data_settings: dict[str, Any] | None = None) -> str:
     """The first 12 hex digits of the sha256 of the hyperparameters as JSON (sorted keys), without the
-    keys named seed, dataset and algorithm."""
-    kept = {k: v for k, v in hyperparameters.items() if k not in CONFIG_EXCLUDED}
+    keys named seed, dataset and algorithm, and of the data settings (result.json `data.settings`: the
+    DataModule's class and arguments, e.g. batch size and transforms) when the record has them."""
+    kept: dict[str, Any] = {k: v for k, v in hyperparameters.items() if k not in CONFIG_EXCLUDED}
+    if data_settings is not None:
+        kept = {"model": kept, "data": data_settings}
     text = json.dumps(kept, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_DIGITS]
 
@@ -228,7 +231,7 @@ def protocol(run: Run) -> dict[str, Any]:
         "data fingerprint": run.fingerprint,
         "data ref_min, ref_max": UNKNOWN if None in refs else f"{refs[0]}, {refs[1]}",
         "algorithm class": run.result["algorithm"],
-        "config hash": config_hash(run.result["hyperparameters"]),
+        "config hash": config_hash(run.result["hyperparameters"], data.get("settings")),
         "updates": run.result["updates"],
         "episodes per evaluation": p["episodes_per_evaluation"],
         "evaluation interval (updates)": p["eval_interval_updates"],

@@ -62,6 +62,7 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     data = result["data"]
     assert data["fingerprint"] == fingerprint(read_d4rl_hdf5(tiny_hopper)) and data["name"] == str(tiny_hopper)
     assert (data["ref_min"], data["ref_max"]) == REF_SCORES["hopper"]
+    assert data["settings"]["init_args"]["dataset"] == str(tiny_hopper) and "batch_size" in data["settings"]["init_args"]
     assert [h["updates"] for h in result["history"]] == [100, 200, 300]
     scores = result["scores"]
     assert scores["last"] == result["history"][-1]["score"]

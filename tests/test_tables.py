@@ -290,7 +290,9 @@ def write_run(root: Path, algorithm: str, dataset: str, seed: int, score: float 
     run = root / (folder or f"runs/{algorithm}/{tables._slug(dataset)}/seed{seed}")
     run.mkdir(parents=True)
     record = result(dataset, seed, score, score + 5, score + 2)
-    record["data"] = {"name": dataset, "fingerprint": FINGERPRINT, "ref_min": -10.0, "ref_max": 90.0, "source": "test"}
+    record["data"] = {"name": dataset, "fingerprint": FINGERPRINT, "ref_min": -10.0, "ref_max": 90.0, "source": "test",
+                      "settings": {"class_path": "offbench.data.datamodule.OfflineDataModule",
+                                   "init_args": {"dataset": dataset, "batch_size": 256}}}
     if edit is not None:
         edit(record)
     (run / "cell.json").write_text(json.dumps({"algorithm": algorithm, "dataset": dataset, "seed": seed}))
@@ -359,6 +361,7 @@ def test_400_and_1000_updates_in_one_cell_are_refused(tmp_path, capsys):
     ("protocol.eval_interval_updates", 50, "evaluation interval (updates) differs: 100 ("),
     ("protocol.evaluations", 6, "evaluations differs: 3 ("),
     ("hyperparameters.actor_lr", 0.0003, "config hash differs: "),
+    ("data.settings.init_args.batch_size", 512, "config hash differs: "),
     ("algorithm", "algorithms.y.Y", "algorithm class differs: algorithms.x.X ("),
     ("data.ref_max", 95.0, "data ref_min, ref_max differs: -10.0, 90.0 ("),
 ])
