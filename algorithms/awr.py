@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from offbench import settings as check
 from offbench.batch import Batch, Transitions
 from offbench.module import OfflineRLModule, compilable
 from offbench.nets import mlp
@@ -93,6 +94,21 @@ class AWR(OfflineRLModule):
         actor_steps: int = 1000,
         bound_loss_weight: float = 10.0,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.interval("momentum", momentum, "[0, 1)", " (SGD momentum; 0: plain SGD)")
+        check.positive("action_std", action_std)
+        check.interval("gamma", gamma, "[0, 1)", " (V is learned in units of 1 / (1 - gamma))")
+        check.interval("td_lambda", td_lambda, "[0, 1]", " (0: one-step TD, 1: Monte-Carlo returns)")
+        check.positive("temperature", temperature)
+        check.positive("weight_clip", weight_clip)
+        check.integer("critic_steps", critic_steps)
+        check.integer("actor_steps", actor_steps)
+        check.non_negative("bound_loss_weight", bound_loss_weight, " (0: no bound loss)")
         super().__init__()
         self.save_hyperparameters()
         self.actor = mlp(obs_dim, act_dim, hidden)  # the Gaussian's mean, in units of max_action

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, unit_gaussian_log_prob
 from offbench.nets import DeterministicActor, GaussianActor
@@ -31,6 +32,11 @@ class BC(OfflineRLModule):
         hidden: tuple[int, ...] = (256, 256),
         actor_lr: float = 1e-3,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
         super().__init__()
         self.save_hyperparameters()
         actor = DeterministicActor if policy == "deterministic" else GaussianActor

@@ -41,6 +41,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, graph_break, soft_update
 from offbench.nets import CriticEnsemble
@@ -75,6 +76,19 @@ class CQL(OfflineRLModule):
         bc_steps: int = 40_000,
         backup_entropy: bool = False,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.non_negative("cql_alpha", cql_alpha, " (0: no conservative penalty, plain SAC)")
+        check.integer("num_random", num_random)
+        check.positive("cql_temperature", cql_temperature)
+        check.finite("target_action_gap", target_action_gap)  # a threshold on the gap: any sign is well defined
+        check.integer("bc_steps", bc_steps, low=0, note=" (0: no behaviour-cloning warm-up)")
         super().__init__()
         self.save_hyperparameters()
         self.actor = TanhGaussianActor(obs_dim, act_dim, max_action, hidden)

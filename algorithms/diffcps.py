@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from algorithms.diffusion_ql import NO_DRAWS, DiffusionQL, UpdateDraws
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy
 from offbench.module import compilable
@@ -90,6 +91,14 @@ class DiffCPS(DiffusionQL):
         n_eval_candidates: int = 50,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
+        # Its own settings; those it shares with Diffusion-QL are checked there (super().__init__ below).
+        check.positive("kappa", kappa, " (the bound on L_c >= 0: 0 could never be met)")
+        check.non_negative("lambda_init", lambda_init, " (a Lagrange multiplier of an inequality constraint)")
+        check.non_negative("lambda_clip", lambda_clip)
+        check.require(check.is_number(lambda_max) and lambda_max > 0 and lambda_max >= lambda_clip, "lambda_max",
+                      lambda_max, f"a positive number >= lambda_clip ({lambda_clip})")
+        check.integer("policy_every", policy_every)
+        check.learning_rate("lambda_lr", lambda_lr)
         super().__init__(
             obs_dim, act_dim, max_action, actor_lr=actor_lr, critic_lr=critic_lr, max_grad_norm=max_grad_norm, gamma=gamma,
             tau=tau, max_q_backup=max_q_backup, n_backup_actions=n_backup_actions, n_timesteps=n_timesteps,

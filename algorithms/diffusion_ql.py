@@ -47,6 +47,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DenoisingTerms, DiffusionPolicy, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
@@ -92,6 +93,22 @@ class DiffusionQL(OfflineRLModule):
         n_eval_candidates: int = 50,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.non_negative("eta", eta, " (0: the diffusion loss alone, behaviour cloning)")
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.positive("max_grad_norm", max_grad_norm, or_null="no clipping")
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.integer("n_backup_actions", n_backup_actions)
+        check.diffusion_steps("n_timesteps", n_timesteps, beta_schedule)
+        check.interval("ema_decay", ema_decay, "[0, 1)", " (0: the EMA copies the actor)")
+        check.integer("ema_start", ema_start, low=0, note=" (0: the EMA moves from the first update)")
+        check.integer("ema_every", ema_every)
+        check.integer("n_eval_candidates", n_eval_candidates)
+        check.widths("hidden", hidden)
         super().__init__()
         self.save_hyperparameters()
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, sampling_variance, hidden=hidden)

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from algorithms.iql import expectile_loss
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy, Surrogate, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
@@ -134,6 +135,31 @@ class EDP(OfflineRLModule):
         n_eval_candidates: int = 10,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.non_negative("alpha", alpha, " (0: the diffusion loss alone, behaviour cloning)")
+        check.positive("crr_beta", crr_beta)
+        check.positive("crr_weight_clip", crr_weight_clip)
+        check.integer("crr_samples", crr_samples)
+        check.interval("expectile", expectile, "(0, 1)")
+        # awr_temperature multiplies the advantage (an inverse temperature): 0 gives weights 1
+        check.non_negative("awr_temperature", awr_temperature, " (0: behaviour cloning)")
+        check.positive("awr_weight_clip", awr_weight_clip)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.learning_rate("value_lr", value_lr)
+        check.positive("max_grad_norm", max_grad_norm, or_null="no clipping")
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.integer("n_backup_actions", n_backup_actions)
+        check.diffusion_steps("n_timesteps", n_timesteps, beta_schedule)
+        check.integer("dpm_steps", dpm_steps)
+        check.interval("ema_decay", ema_decay, "[0, 1)", " (0: the EMA copies the policy)")
+        check.integer("ema_start", ema_start, low=0, note=" (0: the EMA moves from the first updates)")
+        check.integer("ema_every", ema_every)
+        check.integer("n_eval_candidates", n_eval_candidates)
+        check.widths("hidden", hidden)
         super().__init__()
         if rule not in ("td3", "crr", "iql"):
             raise ValueError(f"unknown rule {rule!r}; choose td3, crr or iql")

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from algorithms.iql import expectile_loss, total_updates
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
@@ -141,6 +142,25 @@ class IDQL(OfflineRLModule):
         lr_decay_steps: int | None = None,
         time_dim: int = 128,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.widths("critic_hidden", critic_hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.non_negative("actor_weight_decay", actor_weight_decay, " (0: no weight decay)")
+        check.learning_rate("critic_lr", critic_lr)
+        check.learning_rate("value_lr", value_lr)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.interval("expectile", expectile, "(0, 1)")
+        check.diffusion_steps("n_timesteps", n_timesteps, beta_schedule)
+        check.interval("actor_dropout", actor_dropout, "[0, 1)", " (0: no dropout)")
+        check.interval("ema_decay", ema_decay, "[0, 1)", " (0: the EMA copies the model)")
+        check.integer("n_candidates", n_candidates)
+        check.integer("lr_decay_steps", lr_decay_steps, or_null="the run's total updates")
+        check.require(check.is_integer(time_dim) and time_dim >= 2 and time_dim % 2 == 0, "time_dim", time_dim,
+                      "a positive even integer (cos and sin features, time_dim / 2 each)")
         super().__init__()
         if selection not in Selection.__args__:
             raise ValueError(f"selection must be one of {Selection.__args__}, got {selection!r}")

@@ -29,6 +29,7 @@ import copy
 import torch
 from torch import Tensor
 
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, GaussianActor, mlp
@@ -68,6 +69,20 @@ class IQL(OfflineRLModule):
         weight_clip: float = 100.0,
         lr_decay_steps: int | None = None,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.learning_rate("value_lr", value_lr)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.interval("expectile", expectile, "(0, 1)")
+        # temperature multiplies the advantage (an inverse temperature): 0 gives weights 1, behaviour cloning
+        check.non_negative("temperature", temperature, " (0: behaviour cloning)")
+        check.positive("weight_clip", weight_clip)
+        check.integer("lr_decay_steps", lr_decay_steps, or_null="the run's total updates")
         super().__init__()
         self.save_hyperparameters()
         self.actor = GaussianActor(obs_dim, act_dim, max_action, hidden)

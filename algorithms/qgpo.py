@@ -82,6 +82,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from algorithms.sfbc import ScoreNet
+from offbench import settings as check
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import ScoreDiffusion, SolverForm, repeat_rows
 from offbench.diffusion.solvers import check_form
@@ -173,6 +174,28 @@ class QGPO(OfflineRLModule):
         solver_form: SolverForm = "data",
         support_chunk: int = 4096,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.integer("behavior_steps", behavior_steps, low=0, note=" (0: no behaviour stage, e.g. a model loaded)")
+        check.integer("q_steps", q_steps)  # 0 would train f_phi on an untrained Q
+        check.learning_rate("behavior_lr", behavior_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.learning_rate("energy_lr", energy_lr)
+        check.integer("critic_batch_size", critic_batch_size)
+        check.widths("critic_hidden", critic_hidden)
+        check.widths("energy_hidden", energy_hidden)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        # beta, beta_q multiply Q inside softmaxes (inverse temperatures): 0 gives uniform weights
+        check.non_negative("beta", beta, " (0: uniform labels, the unguided behaviour policy)")
+        check.non_negative("beta_q", beta_q, " (0: the support actions' mean Q)")
+        # CEP contrasts the support actions of a state: with one, log softmax is 0 and f_phi learns nothing
+        check.integer("n_support", n_support, low=2, note=" (contrastive energy prediction compares support actions)")
+        check.non_negative("guidance_scale", guidance_scale, " (0: the behaviour model unguided)")
+        check.integer("solver_steps", solver_steps)
+        check.one_of("solver_order", solver_order, (1, 2, 3))
+        check.integer("support_chunk", support_chunk)
         super().__init__()
         check_form(solver_form)  # data (DPM-Solver++, the official code's) or noise (DPM-Solver)
         self.save_hyperparameters()

@@ -53,6 +53,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, DeterministicActor, EnsembleLinear
@@ -100,6 +101,20 @@ class ReBRAC(OfflineRLModule):
         reward_scale: float = 1.0,
         actor_target_from: Literal["pre_step", "post_step"] = "pre_step",
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.non_negative("policy_noise", policy_noise, " (0: no target policy smoothing)")
+        check.non_negative("noise_clip", noise_clip, " (0: no target policy smoothing)")
+        check.integer("policy_every", policy_every)
+        check.non_negative("actor_bc_coef", actor_bc_coef, " (0: no actor penalty)")
+        check.non_negative("critic_bc_coef", critic_bc_coef, " (0: no critic penalty, as on antmaze-medium-diverse)")
+        check.positive("reward_scale", reward_scale)
         super().__init__()
         if actor_target_from not in ("pre_step", "post_step"):
             raise ValueError(f"actor_target_from must be 'pre_step' or 'post_step', not {actor_target_from!r}")

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from offbench import settings as check
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import ScoreDiffusion, repeat_rows, resample
 from offbench.module import OfflineRLModule, compilable
@@ -143,6 +144,24 @@ class SfBC(OfflineRLModule):
         reset_critic: bool = True,
         planning_chunk: int = 4096,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.integer("behavior_steps", behavior_steps, low=0, note=" (0: no behaviour stage, e.g. a model loaded)")
+        check.integer("critic_steps", critic_steps)
+        check.integer("planning_iterations", planning_iterations, note=" (1: Monte-Carlo returns only)")
+        check.learning_rate("behavior_lr", behavior_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.widths("critic_hidden", critic_hidden)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.integer("solver_steps", solver_steps)
+        check.one_of("solver_order", solver_order, (1, 2, 3))
+        check.integer("n_planning_candidates", n_planning_candidates)
+        check.non_negative("planning_alpha", planning_alpha, " (0: V is the candidates' mean Q)")
+        check.integer("n_eval_candidates", n_eval_candidates)
+        check.non_negative("eval_alpha", eval_alpha, " (0: a uniform choice among the behaviour candidates)")
+        check.integer("n_select", n_select, high=n_eval_candidates, note=" (at most n_eval_candidates)")
+        check.integer("planning_chunk", planning_chunk)
         super().__init__()
         self.save_hyperparameters()
         self.behavior = ScoreDiffusion(ScoreNet(obs_dim, act_dim), act_dim, max_action)

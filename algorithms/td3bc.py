@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offbench import settings as check
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update, unit_gaussian_log_prob
 from offbench.nets import CriticEnsemble, DeterministicActor
@@ -56,6 +57,18 @@ class TD3BC(OfflineRLModule):
         policy_every: int = 2,
         alpha: float = 2.5,
     ) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.non_negative("policy_noise", policy_noise, " (0: no target policy smoothing)")
+        check.non_negative("noise_clip", noise_clip, " (0: no target policy smoothing)")
+        check.integer("policy_every", policy_every)
+        check.non_negative("alpha", alpha, " (0: pure behaviour cloning)")
         super().__init__()
         self.save_hyperparameters()
         self.actor = DeterministicActor(obs_dim, act_dim, max_action, hidden)

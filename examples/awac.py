@@ -22,6 +22,7 @@ import copy
 import torch
 from torch import Tensor
 
+from offbench import settings as check  # range checks of the settings, one line each
 from offbench.batch import Batch
 from offbench.module import OfflineRLModule, compilable, soft_update
 from offbench.nets import CriticEnsemble, GaussianActor
@@ -31,6 +32,16 @@ class AWAC(OfflineRLModule):
     def __init__(self, obs_dim: int, act_dim: int, max_action: float = 1.0, hidden: tuple[int, ...] = (256, 256),
                  actor_lr: float = 3e-4, critic_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005,
                  awac_lambda: float = 1.0, weight_clip: float = 100.0) -> None:
+        check.integer("obs_dim", obs_dim)
+        check.integer("act_dim", act_dim)
+        check.positive("max_action", max_action)
+        check.widths("hidden", hidden)
+        check.learning_rate("actor_lr", actor_lr)
+        check.learning_rate("critic_lr", critic_lr)
+        check.interval("gamma", gamma, "[0, 1)")
+        check.interval("tau", tau, "(0, 1]")
+        check.positive("awac_lambda", awac_lambda)  # divides the advantage
+        check.positive("weight_clip", weight_clip)
         super().__init__()
         self.save_hyperparameters()  # every argument above is a config key: --model.init_args.awac_lambda 0.3
         self.actor = GaussianActor(obs_dim, act_dim, max_action, hidden)
