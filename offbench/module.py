@@ -6,10 +6,13 @@ complete one outside the package, algorithms/bc.py the smallest inside it):
 __init__(obs_dim, act_dim, max_action, ...)
     Typed arguments with defaults are the hyperparameters: `offbench fit` turns them into the config
     schema (`--model.init_args.NAME`). Call `self.save_hyperparameters()` and read them from
-    `self.hparams`. The CLI fills three of them from the dataset: `obs_dim`, `act_dim` and `max_action`
-    (the evaluation env's action bound; D4RL's envs have +-1). An algorithm without a `max_action`
-    argument runs only on envs whose bounds are +-1: on any other env `offbench fit` stops with an
-    error before training, never silently.
+    `self.hparams`. Check each numeric setting first, at the top of __init__, with offbench/settings.py
+    (`check.integer("policy_every", policy_every)`, `check.interval("gamma", gamma, "[0, 1)")`): a value
+    out of range then stops `offbench fit` when the module is built, with one line naming
+    `model.init_args.NAME` and its valid range. The CLI fills three of the arguments from the dataset:
+    `obs_dim`, `act_dim` and `max_action` (the evaluation env's action bound; D4RL's envs have +-1).
+    An algorithm without a `max_action` argument runs only on envs whose bounds are +-1: on any other
+    env `offbench fit` stops with an error before training, never silently.
     One naming scheme across the algorithms (configs rely on it): learning rates `<network>_lr`
     (`actor_lr`, `critic_lr`, `value_lr`, `lambda_lr`; never a bare `lr`), a policy delay
     `policy_every`, layer widths `hidden: tuple[int, ...]` (one entry per hidden layer; a second
