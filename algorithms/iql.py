@@ -36,7 +36,7 @@ from offbench.nets import CriticEnsemble, GaussianActor, mlp
 
 def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
     """Asymmetric squared loss |expectile - 1(diff < 0)| * diff^2, elementwise."""
-    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    weight = torch.where(diff < 0, diff.new_tensor(1.0 - expectile), diff.new_tensor(expectile))  # in diff's dtype
     return weight * diff.pow(2)
 
 
