@@ -488,12 +488,15 @@ def test_edp_energy_based_action_selection(prec, monkeypatch):
     """EAS (the code's SamplerPolicy.ddpmensemble_act, 50 candidates): candidates from the ONLINE policy, scored
     by min(Q1, Q2) of the ONLINE critics, one drawn by jax.random.categorical (Gumbel-max; its uniforms are
     stored). Recorded with the agent after the TD3 update, where the EMA policy (held at init) and the target
-    critics differ from the online ones; the test also makes our EMA policy and target critics disagree more."""
+    critics differ from the online ones, and all critics' output layers scaled by 1000 so that Q, not the Gumbel
+    noise, decides; the test then also makes our EMA policy and target critics disagree more."""
     import algorithms.edp as edp_module
+    from offbench.diffusion.helpers import sample_by_score
 
     g, tol = golden("edp", prec), TOL[prec]["value"]
-    agent = edp_agent(g, DTYPES[prec], stage="after", n_eval_candidates=50)
+    agent = edp_agent(g, DTYPES[prec], stage="act/params", n_eval_candidates=50)
     sample, pick = agent.actor.sample, edp_module.resample
+    flips = 0
     for wrong in (False, True):
         if wrong:  # the official choice reads neither the targets nor the EMA policy: make them disagree
             with torch.no_grad():
@@ -501,18 +504,23 @@ def test_edp_energy_based_action_selection(prec, monkeypatch):
                 for p in agent.actor_ema.parameters():
                     p.mul_(-1.0)
         for s in range(4):
-            state, chain = g[f"act/{s}/state"], g[f"act/{s}/chain"].flatten(1, 2)  # (31, 50, 3)
+            state, chain, u = g[f"act/{s}/state"], g[f"act/{s}/chain"].flatten(1, 2), g[f"act/{s}/u"]  # (31, 50, 3)
+            idx = int(g[f"act/{s}/index"][0])
             with torch.no_grad():
                 candidates = agent.actor.sample(state.expand(50, -1), noise=chain)
                 close(candidates, g[f"act/{s}/candidates"][0], tol, "candidates")
-                close(agent.critic(state.expand(50, -1), candidates).amin(0), g[f"act/{s}/q"][0], tol, "q")
+                q = agent.critic(state.expand(50, -1), candidates).amin(0)
+                # Q carries the factor 1000 of the output layers (and so does its round-off): compared in units of 1000
+                close(q / 1000, g[f"act/{s}/q"][0] / 1000, tol, "q / 1000")
+            assert int(sample_by_score(q[None], 1, u)[0, 0]) == idx  # the Gumbel-max of the official draw
+            flips += int(sample_by_score(-q[None], 1, u)[0, 0]) != idx  # Q decides (other critics, other choice)
             monkeypatch.setattr(agent.actor, "sample", functools.partial(sample, noise=chain))
-            monkeypatch.setattr(edp_module, "resample", functools.partial(pick, u=g[f"act/{s}/u"]))
+            monkeypatch.setattr(edp_module, "resample", functools.partial(pick, u=u))
             action = agent.act(state)
             monkeypatch.undo()
             close(action, g[f"act/{s}/action"][0], tol, f"action of state {s}")
-            idx = int(g[f"act/{s}/index"][0])
             close(action[0], g[f"act/{s}/candidates"][0, idx], tol, "the chosen candidate")
+    assert flips == 8  # with the critics negated every choice would differ: the test sees which critics are read
 
 
 def code_noise_clip(policy: DiffusionPolicy, s: torch.Tensor):
@@ -588,3 +596,45 @@ def test_edp_iql_update_equals_the_official_one(prec):
         state = module.state_dict()
         for key, value in state_of().items():
             close(state[key], value, tol, f"{name} {key} after the update")
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+def test_edp_crr_update_equals_the_official_one(prec, monkeypatch):
+    """The CRR rule (the code's _train_step_crr with its defaults: exp weights min(exp(A), 20), A = min Q(s, a) -
+    mean over 10 samples a' ~ N(a0_hat, I) of min Q(s, a'), online critics; the Gaussian surrogate), one update
+    from the TD3 update's parameters, batch and draws, plus the 10 recorded samples' noise (passed in place of
+    our torch.randn)."""
+    import algorithms.edp as edp_module
+
+    g, tols = golden("edp", prec), TOL[prec]
+    agent = edp_agent(g, DTYPES[prec], rule="crr")
+    agent.configure_optimizers()
+    norms = record_grad_norms(agent)
+    vf_noise = g["crr/vf_noise"]
+
+    class RecordedRandn:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def randn(*shape, **kw):
+            assert tuple(shape) == tuple(vf_noise.shape)
+            return vf_noise.clone()
+
+    monkeypatch.setattr(edp_module, "torch", RecordedRandn())
+    metrics = agent.update(edp_batch(g), td3_draws(g)._replace(head=None))
+    monkeypatch.undo()
+    m = tree(g, "crr/metrics")
+    for ours, theirs in [("loss/diffusion", "diff_loss"), ("loss/guide", "guide_loss"), ("loss/actor", "policy_loss"),
+                         ("loss/critic", "qf_loss"), ("adv/weight_mean", "lmbda"), ("log_prob", "log_prob")]:
+        close(metrics[ours], m[theirs], tols["value"], ours)
+    assert 0.0 < float(m["lmbda"]) < 20.0
+    assert min(float(m["qf1_grad_norm"]), float(m["qf2_grad_norm"]), float(m["policy_grad_norm"])) > 1.0
+    check_clipped_norms(norms, m, tols["norm"])
+    for key, value in edp_noise_state(tree(g, "crr/after/policy")).items():
+        close(agent.actor.model.state_dict()[key], value, tols["params"], f"policy {key} after the update")
+    for names, module, tol in [(("qf1", "qf2"), agent.critic, tols["params"]),
+                               (("tgt_qf1", "tgt_qf2"), agent.critic_target, tols["slow"])]:
+        state = module.state_dict()
+        for key, value in edp_critic_state(g, "crr/after", names).items():
+            close(state[key], value, tol, f"{names[0][:-1]} {key} after the update")

@@ -139,6 +139,10 @@ def main() -> None:
             if q is not None:
                 want, value = q.pop(0)
                 assert want == name, (want, name)
+                if value is None:  # a draw recorded here for the first time: the original, stored
+                    value = orig(key, shape, *a, **k)
+                    state["log"].append((name, np.asarray(value)))
+                    return value
                 value = np.asarray(value)
                 assert tuple(value.shape) == tuple(shape), (name, value.shape, shape)
                 return cast(value) if name != "randint" else jnp.asarray(value.astype(np.int32))
@@ -287,6 +291,27 @@ def main() -> None:
             store_or_compare(f"iql/metrics/{k}", v)
         after("iql/after", iql, ("policy", "qf1", "qf2", "vf"), ("tgt_qf1", "tgt_qf2"), old="iql/after")
 
+        # -------------------------------------------------------------- new: CRR rule (one update, step 1)
+        # The same initial parameters, batch and draws as the TD3 update (a' chain, bc_t, bc_noise), plus the 10
+        # samples a ~ N(a0_hat, I) of the value estimate (the policy loss is evaluated twice by
+        # value_and_multi_grad with the same key: both draws equal).
+        src = extra if args.x64 else {}
+        crr = make_agent("CRR")
+        set_state(crr, gold, "init")
+        vf_noise = src.get("crr/vf_noise")
+        policy_draws = [("randint", gold["update/bc_t"]), ("normal", gold["update/bc_noise"]), ("normal", vf_noise)]
+        replay([("normal", x) for x in gold["update/next_chain"]] * 2 + policy_draws * 2)
+        crr._total_steps = 0
+        metrics = crr.train(batch)
+        log = recorded()
+        if not args.x64:
+            (_, first), (_, second) = log
+            assert first.shape == (10, 8, 3) and np.array_equal(first, second)
+            out["crr/vf_noise"] = first
+        for k, v in metrics.items():
+            out[f"crr/metrics/{k}"] = np.asarray(v)
+        after("crr/after", crr, ("policy", "qf1", "qf2"), ("tgt_qf1", "tgt_qf2"))
+
         # -------------------------------------------------------------- DPM-Solver
         _, dpm_policy = make_policy(1000, "dpm")
         replay([("normal", gold["dpm/x_T"])])
@@ -296,9 +321,22 @@ def main() -> None:
 
         # -------------------------------------------------------------- new: EAS acting (online critics)
         # The agent after the TD3 update: online policy != EMA policy (held at init), online critics != targets.
-        src = extra if args.x64 else {}
+        # The output layers of all four critics are scaled by 1000: the Q spread among the candidates (about 1e-2
+        # with these weights) then exceeds the Gumbel noise of jax.random.categorical (a few units), so that the
+        # choice depends on which critics are read. The parameters used are stored under act/params.
         sampler = SamplerPolicy(agent.policy, agent.qf)
-        train_params = agent.train_params
+
+        def scaled(tree):
+            flat = flatten_dict(dict(tree), sep="/")
+            last = max({k.split("/")[1] for k in flat}, key=lambda n: int(n.split("_")[1]))
+            return unflatten_dict({k: v * 1000.0 if k.split("/")[1] == last else v for k, v in flat.items()}, sep="/")
+
+        train_params = dict(agent.train_params)
+        train_params["qf1"], train_params["qf2"] = scaled(train_params["qf1"]), scaled(train_params["qf2"])
+        for n, tree in [("policy", train_params["policy"]), ("qf1", train_params["qf1"]), ("qf2", train_params["qf2"]),
+                        ("tgt_qf1", scaled(agent._tgt_params["qf1"])), ("tgt_qf2", scaled(agent._tgt_params["qf2"])),
+                        ("tgt_policy", agent._tgt_params["policy"])]:
+            store(f"act/params/{n}", tree)
         n_states, n = 4, 50  # the code's num_samples; one state per call (its jnp.take assumes one row)
         rng = jax.random.PRNGKey(3)
         for s in range(n_states):
