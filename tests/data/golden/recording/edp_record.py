@@ -291,13 +291,26 @@ def main() -> None:
             store_or_compare(f"iql/metrics/{k}", v)
         after("iql/after", iql, ("policy", "qf1", "qf2", "vf"), ("tgt_qf1", "tgt_qf2"), old="iql/after")
 
+        def scaled(tree, factor: float):
+            """A critic's parameters with its output layer (the last Dense) multiplied by `factor`."""
+            flat = flatten_dict(dict(tree), sep="/")
+            last = max({k.split("/")[1] for k in flat}, key=lambda n: int(n.split("_")[1]))
+            return unflatten_dict({k: v * factor if k.split("/")[1] == last else v for k, v in flat.items()}, sep="/")
+
         # -------------------------------------------------------------- new: CRR rule (one update, step 1)
         # The same initial parameters, batch and draws as the TD3 update (a' chain, bc_t, bc_noise), plus the 10
         # samples a ~ N(a0_hat, I) of the value estimate (the policy loss is evaluated twice by
-        # value_and_multi_grad with the same key: both draws equal).
+        # value_and_multi_grad with the same key: both draws equal). The four critics' output layers are scaled
+        # by 30 (stored under crr/init): the advantages then range over several units, so that the weight clip
+        # min(exp(A), 20) binds for some samples and not for others.
         src = extra if args.x64 else {}
         crr = make_agent("CRR")
         set_state(crr, gold, "init")
+        for n in ("qf1", "qf2"):
+            crr._train_states[n] = crr._train_states[n].replace(params=scaled(crr._train_states[n].params, 30))
+            crr._tgt_params[n] = scaled(crr._tgt_params[n], 30)
+            store(f"crr/init/{n}", crr._train_states[n].params)
+            store(f"crr/init/tgt_{n}", crr._tgt_params[n])
         vf_noise = src.get("crr/vf_noise")
         policy_draws = [("randint", gold["update/bc_t"]), ("normal", gold["update/bc_noise"]), ("normal", vf_noise)]
         replay([("normal", x) for x in gold["update/next_chain"]] * 2 + policy_draws * 2)
@@ -326,15 +339,11 @@ def main() -> None:
         # choice depends on which critics are read. The parameters used are stored under act/params.
         sampler = SamplerPolicy(agent.policy, agent.qf)
 
-        def scaled(tree):
-            flat = flatten_dict(dict(tree), sep="/")
-            last = max({k.split("/")[1] for k in flat}, key=lambda n: int(n.split("_")[1]))
-            return unflatten_dict({k: v * 1000.0 if k.split("/")[1] == last else v for k, v in flat.items()}, sep="/")
-
         train_params = dict(agent.train_params)
-        train_params["qf1"], train_params["qf2"] = scaled(train_params["qf1"]), scaled(train_params["qf2"])
+        train_params["qf1"], train_params["qf2"] = scaled(train_params["qf1"], 1000), scaled(train_params["qf2"], 1000)
         for n, tree in [("policy", train_params["policy"]), ("qf1", train_params["qf1"]), ("qf2", train_params["qf2"]),
-                        ("tgt_qf1", scaled(agent._tgt_params["qf1"])), ("tgt_qf2", scaled(agent._tgt_params["qf2"])),
+                        ("tgt_qf1", scaled(agent._tgt_params["qf1"], 1000)),
+                        ("tgt_qf2", scaled(agent._tgt_params["qf2"], 1000)),
                         ("tgt_policy", agent._tgt_params["policy"])]:
             store(f"act/params/{n}", tree)
         n_states, n = 4, 50  # the code's num_samples; one state per call (its jnp.take assumes one row)
