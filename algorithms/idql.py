@@ -88,7 +88,7 @@ class FourierFeatures(nn.Module):
         self.w = nn.Parameter(torch.randn(dim // 2) * std)
 
     def forward(self, t: Tensor) -> Tensor:
-        f = 2 * math.pi * t.float()[:, None] * self.w[None, :]
+        f = 2 * math.pi * t.to(self.w.dtype)[:, None] * self.w[None, :]  # t in the weights' dtype (float64 runs)
         return torch.cat([f.cos(), f.sin()], dim=-1)
 
 

@@ -37,7 +37,8 @@ from offbench.nets import CriticEnsemble, GaussianActor, mlp
 
 def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
     """Asymmetric squared loss |expectile - 1(diff < 0)| * diff^2, elementwise."""
-    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    # in diff's dtype (float64 runs), filled on its device (no host-to-device copy inside an update)
+    weight = torch.where(diff < 0, torch.full_like(diff, 1.0 - expectile), torch.full_like(diff, expectile))
     return weight * diff.pow(2)
 
 

@@ -42,7 +42,7 @@ class SinusoidalEmbedding(nn.Module):
         self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1))), persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
-        x = t.float()[:, None] * self.freqs[None, :]
+        x = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]  # float64 modules: t not rounded to float32
         return torch.cat([x.sin(), x.cos()], dim=-1)
 
 

@@ -73,7 +73,7 @@ def dpm_solver_sample(eps: EpsFn, schedule: VPSchedule, x: Tensor, steps: int = 
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
     check_form(form)
-    grid = torch.linspace(t_start, t_end, steps + 1, device=x.device)
+    grid = torch.linspace(t_start, t_end, steps + 1, device=x.device, dtype=x.dtype)  # float64 runs: a float64 grid
     i = 0
     for o in singlestep_orders(steps, order, form):
         x = dpm_step(eps, schedule, x, grid[i : i + o + 1], form)
