@@ -53,8 +53,10 @@ flip is drawn on the device; the EAS draw is a Gumbel-max (same distribution, no
 
 Verified against the official code: tests/test_golden_jax.py loads flax weights recorded from it into this
 module, passes its random draws through `UpdateDraws` and compares the schedule, the noise network, the
-action approximation and both likelihood surrogates, one whole TD3 update (gradient clipping active) and
-DPM-Solver sampling (tests/data/golden/README.md).
+action approximation and both likelihood surrogates, one whole TD3 update (gradient clipping active), one
+IQL-rule and one CRR-rule update, the EMA policy once it has started, the energy-based choice of `act` (it
+reads the online critics, as the code does) and DPM-Solver sampling, in float64 tightly and in float32 at
+measured tolerances (tests/data/golden/README.md).
 """
 
 from __future__ import annotations
