@@ -78,6 +78,27 @@ def compare64(run: dict, ref: dict) -> dict:
     return out
 
 
+def ours_pieces(name: str) -> dict:
+    """Our float32 pieces 1-3 and the evaluation choice's candidates and Q against the float32 recordings."""
+    from tests.test_golden import chain_noise, golden, policy
+    g = golden(name)
+    net = policy(g, torch.float32)
+    out = {"schedule": max(absd(getattr(net, a), g["schedule"]["float32"][b]) for a, b in (
+        ("betas", "betas"), ("sqrt_abar", "sqrt_alphas_cumprod"), ("sqrt_recip_abar", "sqrt_recip_alphas_cumprod"),
+        ("sqrt_recipm1_abar", "sqrt_recipm1_alphas_cumprod"), ("post_coef_x0", "posterior_mean_coef1"),
+        ("post_coef_xt", "posterior_mean_coef2")))}
+    ref = g["loss"]["float32"]
+    i, noise = (d["value"] for d in ref["random_draws"])
+    terms = net.denoise(ref["state"], ref["x0"], noise=noise, i=i)
+    out["eps_pred"], out["loss"] = absd(terms.eps_pred, ref["eps_pred"]), absd(terms.loss(), ref["loss"])
+    ref = g["sample"]["float32"]
+    with torch.no_grad():
+        out["reverse_step"] = max(absd(net.reverse_step(ref["x_in"][k], t, ref["state"], ref["noise"][k]), ref["x_out"][k])
+                                  for k, t in enumerate(ref["t"].tolist()))
+        out["chain"] = absd(net.sample(ref["state"], noise=chain_noise(ref["random_draws"])), ref["action"])
+    return out
+
+
 def one(args) -> None:
     import record_diffusion as rd
 
@@ -96,6 +117,7 @@ def one(args) -> None:
                 "official32": compare32(o32, g, piece, name, o64), "ours32": compare32(ours32, g, piece, name, o64),
                 "ours64": compare64(ours64, f64[piece]["float64"]), "official64": compare64(o64, f64[piece]["float64"]),
             }
+        result[f"{name}/pieces"] = {"ours32": ours_pieces(name)}
     print("JSON" + json.dumps(result))
 
 

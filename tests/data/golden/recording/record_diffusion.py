@@ -52,7 +52,7 @@ TARGET_SCALE = 0.9  # sample_action_t09: critic_target = 0.9 x critic (float32),
 # sample_action_t09's state: one where the argmax over the 50 candidates of min_j Q'_j differs from that of
 # max_j Q'_j and of min_j Q_j (the online critic), so that those choices are told apart (see the README)
 T09_STATE = {"diffusion_ql": ("train_step", 1), "diffcps": ("sample_action", None)}
-SMALL_GRAD = 1e-4  # relative gradient below which a float32 Adam step is round-off dominated (README)
+SMALL_GRAD = 1e-5  # relative gradient below which a float32 Adam step is round-off dominated (README)
 BIG = 1024  # tensors with more entries are stored as their first 2 rows plus sums
 
 
@@ -215,14 +215,24 @@ def summary(t: torch.Tensor) -> dict:
     return out
 
 
-def official_train(checkout: str, agent: str, g: dict, piece: str, dtype) -> dict:
-    """One official train() iteration of `piece` in `dtype`. Returns the quantities named as in the
-    float32 file, gradients and parameters after the step (full, keyed by official names)."""
+def step1000_init(init: dict) -> dict:
+    """The initial weights of the `train_step_1000` piece: the piece's own actor and critic, the EMA
+    actor 0.9 x actor and the target critic 0.9 x critic (float32), so that every term's reading of
+    online or averaged weights shows, and the EMA step (active from update 1000) moves the EMA actor."""
+    return {"actor": init["actor"], "critic": init["critic"], "ema_actor": target_weights(init["actor"]),
+            "critic_target": target_weights(init["critic"])}
+
+
+def official_train(checkout: str, agent: str, g: dict, piece: str, dtype, step: int = 0) -> dict:
+    """One official train() iteration of `piece` in `dtype`, from update number `step` (1000: with the
+    weights of `step1000_init`). Returns the quantities named as in the float32 file, gradients and
+    parameters after the step (full, keyed by official names)."""
     mod, dmod, hmod = load_official(checkout, agent)
     ref = g[piece]
     cfg = ref["config"]
     a = build_agent(mod, dmod, hmod, agent, g, cfg, dtype)
-    load_weights(a, ref["init"])
+    load_weights(a, ref["init"] if step == 0 else step1000_init(ref["init"]))
+    a.step = step
     nets = {"actor": a.actor.model, "critic": a.critic, "critic_target": a.critic_target, "ema_actor": a.ema_model.model}
     names = {id(p): (net, n) for net, m in nets.items() if net in ("actor", "critic") for n, p in m.named_parameters()}
     init = {net: {k: v.detach().clone() for k, v in m.state_dict().items()} for net, m in nets.items()}
@@ -290,9 +300,10 @@ def compact_step(run: dict, agent: str) -> dict:
         keep += ["lambda_loss", "lambda_grad", "lambda_after"]
     out = {k: run[k] for k in keep}
     out["grad"] = {net: {k: summary(v) for k, v in d.items()} for net, d in run["grad"].items()}
-    out["after"] = {net: {k: summary(v) for k, v in run["after"][net].items()} for net in ("actor", "critic", "critic_target")}
+    nets = ("actor", "critic", "critic_target", "ema_actor")
+    out["after"] = {net: {k: summary(v) for k, v in run["after"][net].items()} for net in nets}
     out["moved_abs_sum"] = {net: {k: (run["after"][net][k] - run["init"][net][k]).abs().sum().item()
-                                  for k in run["after"][net]} for net in ("actor", "critic", "critic_target")}
+                                  for k in run["after"][net]} for net in nets}
     out["ema_unchanged"] = all(torch.equal(run["after"]["ema_actor"][k], run["init"]["ema_actor"][k])
                                for k in run["init"]["ema_actor"])
     return out
@@ -353,6 +364,11 @@ def main() -> None:
         out[piece]["float64"]["small_grad_bits"] = small
         print(piece, "float64 recorded; small-gradient entries:",
               {net: sum(int(np.unpackbits(b.numpy()).sum()) for b in d.values()) for net, d in small.items()})
+
+    # one update at step 1000 (EMA step active) with EMA actor and target critic apart from the online ones
+    run = official_train(checkout, args.agent, g, "train_step", torch.float64, step=1000)
+    out["train_step_1000"] = {"float64": compact_step(run, args.agent)}
+    assert not out["train_step_1000"]["float64"]["ema_unchanged"]
 
     # sample_action with critic_target = 0.9 x critic: float32 (new multinomial draw, recorded) and float64
     weights = {"actor": sa["weights"]["actor"], "critic": sa["weights"]["critic_target"]}
