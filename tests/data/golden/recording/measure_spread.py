@@ -143,7 +143,7 @@ def main() -> None:
     print(json.dumps(runs, indent=1))
     worst: dict = {}
     for res in runs.values():
-        for piece, by_who in res.items():
+        for _piece, by_who in res.items():
             for who, d in by_who.items():
                 for q, v in d.items():
                     key = (who, q)
