@@ -355,12 +355,19 @@ def test_one_critic_iteration_equals_the_official_one(dtype):
     to_energy = lambda st: {ENERGY_OFFICIAL[k]: v for k, v in st.items() if k in ENERGY_OFFICIAL}  # noqa: E731
     critic_grads = to_official({k: grads[id(p)] for k, p in model.critic.named_parameters()})
     energy_grads = to_energy({k: grads[id(p)] for k, p in model.energy.named_parameters()})
-    if dtype == torch.float64:  # the gradients, tightly (the float64 Adam steps are not the official ones)
+    if dtype == torch.float64:  # the gradients, tightly, then the official float64 steps (qgpo_f64.pt)
         for ours, official in ((critic_grads, ref["q0_grad"]), (energy_grads, ref["qt_grad"])):
             top = max(v.abs().max() for v in official["grad"].values())
             for name, value in official["grad"].items():
                 torch.testing.assert_close(ours[name][: len(value)], value, atol=1e-12 * top, rtol=0.0, msg=f"grad {name}")
                 torch.testing.assert_close(ours[name].norm(), official["grad_norm"][name], atol=1e-15, rtol=1e-8)
+        ref64 = golden64()["critic_step"]["float64"]
+        torch.testing.assert_close(metrics["loss/critic"], ref64["q_loss"], **F64)
+        torch.testing.assert_close(metrics["loss/energy"], ref64["energy_loss"], **F64)
+        for what, params, old in (("q0", to_official(model.critic.state_dict()), to_official(before["critic"])),
+                                  ("q0_target", to_official(model.critic_target.state_dict()), to_official(before["critic_target"])),
+                                  ("qt", to_energy(model.energy.state_dict()), to_energy(before["energy"]))):
+            check_summaries(params, ref64["after"][what], ref64["moved_abs_sum"][what], old, what)
         return
 
     # gradients as the optimisers saw them, and the parameters after the step (float32 only)
@@ -379,6 +386,34 @@ def test_one_critic_iteration_equals_the_official_one(dtype):
     # variant above checks it to 1e-12.
     check_step(ref["qt_step"], *official_view(model.energy, to_energy), "energy", 3e-4, before=to_energy(before["energy"]),
                grad_atol=1e-4)
+
+
+@functools.cache
+def golden64() -> dict:
+    """qgpo_f64.pt: the official float64 behaviour update and critic iteration (README, recording/record_qgpo.py)."""
+    return torch.load(GOLDEN.with_name("qgpo_f64.pt"), weights_only=True)
+
+
+F64_SUM = dict(atol=1e-9, rtol=1e-12)  # float64 sums over up to 262,144 entries: observed <= 4e-14 (README)
+
+
+def check_summaries(params: dict[str, torch.Tensor], ref: dict, moved: dict, before: dict[str, torch.Tensor],
+                    what: str) -> None:
+    """float64 parameters (or gradients, `before` None) after one official float64 step, against the recording's
+    summaries: the whole tensor (<= 1024 entries) or its first 2 rows at F64 (Adam's first step multiplies
+    a gradient's round-off by up to lr / 1e-8 = 3e4 where g ~ 0: still < 1e-11 in float64), and over every
+    entry its sum, sum of |x| and sum of x_k cos(k) at F64_SUM, and the sum of |after - before|."""
+    for name, summary in ref.items():
+        mine = params[name].double()
+        torch.testing.assert_close(mine[: len(summary["head"])], summary["head"], **F64, msg=f"{what} {name}")
+        flat = mine.flatten()
+        sums = {"sum": flat.sum(), "abs_sum": flat.abs().sum(),
+                "dot": (flat * torch.cos(torch.arange(flat.numel(), dtype=torch.float64))).sum()}
+        for kind, value in sums.items():
+            torch.testing.assert_close(value.item(), summary[kind], **F64_SUM, msg=f"{what} {name}: {kind}")
+        if before is not None:
+            torch.testing.assert_close((mine - before[name].double()).abs().sum().item(), moved[name], **F64_SUM,
+                                       msg=f"{what} {name}: sum of |after - before|")
 
 
 def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None, what: str,
@@ -467,6 +502,29 @@ def test_one_behavior_update_equals_the_official_one():
     torch.testing.assert_close(norm, ref["total_grad_norm"], atol=0.0, rtol=2e-6)
     check_step(ref, to_official_behavior(net.state_dict()), to_official_behavior(ours_grad), "behaviour", 1e-4,
                before=official_weights()["behavior"])
+
+
+def test_one_behavior_update_equals_the_official_one_in_float64():
+    """The official behaviour update run in float64 (qgpo_f64.pt; the draws are behavior_step's, cast)."""
+    ref, ref64 = golden()["behavior_step"], golden64()["behavior_step"]["float64"]
+    draws = ref["random_draws"]
+    model = build(torch.float64, behavior_steps=1)
+    grads: dict[int, torch.Tensor] = {}
+    model.behavior_opt.register_step_pre_hook(
+        lambda o, args, kw: grads.update({id(p): p.grad.clone() for gr in o.param_groups for p in gr["params"]}))
+    model.step = 0
+    n = len(ref["s"])
+    s, a = ref["s"].double(), ref["a"].double()
+    batch = Batch(s, a, torch.zeros(n, dtype=torch.float64), s, torch.zeros(n, dtype=torch.float64))
+    metrics = model.update(batch, QGPODraws(behavior_u=draws[0]["value"].double(), behavior_noise=draws[1]["value"].double()))
+    torch.testing.assert_close(metrics["loss/behavior"], ref64["loss"], **F64)
+    net = model.behavior.model
+    ours_grad = to_official_behavior({k: grads[id(p)] for k, p in net.named_parameters()})
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ours_grad.values()]))
+    torch.testing.assert_close(norm, ref64["total_grad_norm"], **F64)
+    check_summaries(ours_grad, ref64["grad"], {}, None, "behaviour grad")
+    before = {k: v.double() for k, v in official_weights()["behavior"].items()}  # official names already
+    check_summaries(to_official_behavior(net.state_dict()), ref64["after"], ref64["moved_abs_sum"], before, "behaviour")
 
 
 def to_official_behavior(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -187,7 +187,8 @@ def grads_at_step():
     grads: dict[int, torch.Tensor] = {}
 
     def hook(opt, args, kwargs):
-        grads.update({id(p): p.grad.detach().clone() for group in opt.param_groups for p in group["params"]})
+        grads.update({id(p): p.grad.detach().clone() for group in opt.param_groups for p in group["params"]
+                      if p.grad is not None})
 
     handle = register_optimizer_step_pre_hook(hook)
     try:
