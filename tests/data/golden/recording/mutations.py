@@ -61,9 +61,26 @@ MUTATIONS = [
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", type=int, nargs="*")
+    p.add_argument("--old", metavar="COMMIT", help="run the golden test files as they were at COMMIT (for comparison)")
+    p.add_argument("-k", dest="select", help="pytest -k expression, e.g. 'not float64' (the float32 tests alone)")
     args = p.parse_args()
     if subprocess.run(["git", "diff", "--quiet", "--", "algorithms", "offbench"]).returncode:
         sys.exit("algorithms/ or offbench/ has uncommitted changes: commit or stash them first")
+    if args.old:  # the test files of an older commit, put back with git checkout at the end
+        if subprocess.run(["git", "diff", "--quiet", "--", T_DQL, T_QGPO]).returncode:
+            sys.exit("the golden test files have uncommitted changes: commit them first")
+        for path in (T_DQL, T_QGPO):
+            old = subprocess.run(["git", "show", f"{args.old}:{path}"], capture_output=True, text=True, check=True).stdout
+            with open(path, "w") as f:
+                f.write(old)
+    try:
+        run(args)
+    finally:
+        if args.old:
+            subprocess.run(["git", "checkout", "--", T_DQL, T_QGPO], check=True)
+
+
+def run(args) -> None:
     caught = 0
     chosen = [(k, m) for k, m in enumerate(MUTATIONS, 1) if not args.only or k in args.only]
     for k, (what, path, old, new, tests) in chosen:
@@ -72,7 +89,8 @@ def main() -> None:
         try:
             with open(path, "w") as f:
                 f.write(text.replace(old, new))
-            res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            select = ["-k", args.select] if args.select else []
+            res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *select, *tests],
                                  capture_output=True, text=True)
         finally:
             subprocess.run(["git", "checkout", "--", path], check=True)
