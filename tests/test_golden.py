@@ -45,7 +45,7 @@ T32 = {
     "actor_grad": 7e-5,  # relative to the largest entry; measured 1.3e-6 (the grad norm: 3.8e-7, tolerance 2e-5)
     "actor_grad_norm": 2e-5,
     "critic_grad": 2e-5,  # measured 3.1e-7
-    "params": dict(atol=8e-7, rtol=0.0),  # where well-posed (|g64| >= 1e-5 max|g64|); measured 1.5e-8
+    "params": dict(atol=2e-6, rtol=0.0),  # where well-posed (|g64| >= 1e-5 max|g64|); measured 3e-8
 }
 
 
@@ -410,7 +410,7 @@ def test_action_selection(name):
         torch.testing.assert_close(candidates, ref["candidates"], **F32)
         q = agent.critic_target(repeat_rows(state, 50), candidates).amin(0)  # min over heads of the target critic
         torch.testing.assert_close(q, ref["q_value"], **F32)
-        torch.testing.assert_close(q.softmax(0), ref["probs"], atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(q.softmax(0), ref["probs"], atol=2e-7, rtol=1e-6)  # measured 3e-9
     action = agent.act(state, chain=chain, u=u)
     torch.testing.assert_close(action[0], ref["action"], **F32)
 

@@ -410,17 +410,18 @@ def golden64() -> dict:
 
 
 F64_SUM = dict(atol=1e-9, rtol=1e-12)  # float64 sums over up to 262,144 entries: observed <= 4e-14 (README)
+F64_STEP = dict(atol=1e-10, rtol=1e-10)  # float64 values after an Adam step (observed <= 2e-14, see check_summaries)
 
 
 def check_summaries(params: dict[str, torch.Tensor], ref: dict, moved: dict, before: dict[str, torch.Tensor],
                     what: str) -> None:
     """float64 parameters (or gradients, `before` None) after one official float64 step, against the recording's
-    summaries: the whole tensor (<= 1024 entries) or its first 2 rows at F64 (Adam's first step multiplies
+    summaries: the whole tensor (<= 1024 entries) or its first 2 rows at F64_STEP (Adam's first step multiplies
     a gradient's round-off by up to lr / 1e-8 = 3e4 where g ~ 0: still < 1e-11 in float64), and over every
     entry its sum, sum of |x| and sum of x_k cos(k) at F64_SUM, and the sum of |after - before|."""
     for name, summary in ref.items():
         mine = params[name].double()
-        torch.testing.assert_close(mine[: len(summary["head"])], summary["head"], **F64, msg=f"{what} {name}")
+        torch.testing.assert_close(mine[: len(summary["head"])], summary["head"], **F64_STEP, msg=f"{what} {name}")
         flat = mine.flatten()
         sums = {"sum": flat.sum(), "abs_sum": flat.abs().sum(),
                 "dot": (flat * torch.cos(torch.arange(flat.numel(), dtype=torch.float64))).sum()}
@@ -438,7 +439,7 @@ def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torc
     whole small tensors and the first rows of large ones):
     - gradients: atol `grad_atol` (1e-5; the energy net's 2e-3, see the critic test; 50 x the measured
       1.9e-7 and 3.2e-5) of the largest entry;
-      each tensor's norm to rtol 10 grad_atol, atol 1e-5 of the largest norm (a gradient that is 0 up to
+      each tensor's norm to rtol 10 grad_atol, atol 1e-4 of the largest norm (a gradient that is 0 up to
       round-off, as the energy net's last bias, see below);
     - parameters after the step: atol 3e-6 (a wrong sign moves an entry by 2 lr = 2e-4 or 6e-4) where the
       official gradient is large enough for the gradient tolerance dg to move Adam's first step
@@ -458,7 +459,7 @@ def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torc
             if name not in zero:  # else only its norm is checked
                 torch.testing.assert_close(grads[name][: len(value)], value, atol=grad_atol * top, rtol=0.0,
                                            msg=f"{what} grad {name}")
-            torch.testing.assert_close(grads[name].double().norm(), ref["grad_norm"][name], atol=1e-5 * top_norm,
+            torch.testing.assert_close(grads[name].double().norm(), ref["grad_norm"][name], atol=1e-4 * top_norm,
                                        rtol=10 * grad_atol, msg=f"{what} grad norm {name}")
     for name, value in ref["after"].items():
         ours = params[name][: len(value)]
