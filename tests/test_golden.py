@@ -7,8 +7,11 @@ schedule, the denoising loss, the reverse sampling chain, one whole training upd
 with the max-Q backup) and the evaluation's choice among 50 candidates. Each test loads the official
 weights into our modules, passes the recorded draws through the explicit draw arguments of our own
 functions (`DiffusionPolicy.loss(noise=, i=)`, `sample(noise=)`, `UpdateDraws`, `act(chain=, u=)`) and
-compares. Tolerances are float32 round-off (the README's table lists the differences observed); a
-sign, a clip, a coefficient or a cadence changed anywhere in an update moves a value by far more.
+compares. The float64 files (`*_f64.pt`) hold the same official update run in float64 (and one at
+update 1000 with the EMA actor and target critic apart from the online ones, and the evaluation choice
+with a distinct target critic): they are compared to 1e-10. The float32 tolerances are about 50 times
+the spread measured across thread counts and CPU kernels (README, "Tolerances"); a sign, a clip, a
+coefficient or a cadence changed anywhere in an update moves a value by far more (README, "Mutation check").
 """
 
 from __future__ import annotations
