@@ -27,9 +27,12 @@ from offbench.diffusion.solvers import singlestep_orders
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "qgpo.pt"
 DTYPES = [torch.float32, torch.float64]
-F32 = dict(atol=1e-6, rtol=1e-6)
+# float32: about 50 x the largest difference measured across threads (1, 2) and ATen CPU capabilities (default,
+# avx2, avx512), rounded up (README, "Tolerances"; largest: the critic's Q values, 3.2e-7); float64: round-off.
+F32 = dict(atol=2e-5, rtol=2e-5)
 F64 = dict(atol=1e-12, rtol=1e-10)
-PARAMS = dict(atol=2e-7, rtol=0.0)  # after one Adam step: a wrong sign moves an entry by 2 lr (2e-4 or 6e-4)
+PARAMS = dict(atol=3e-6, rtol=0.0)  # after one Adam step (measured 6e-8): a wrong sign moves an entry by 2 lr (2e-4 or 6e-4)
+ULP1 = 1.2e-7  # float32's spacing at 1: the official sigma_t = sqrt(1 - exp(2 log alpha_t)) is off by up to ULP1 / (2 sigma_t)
 
 
 @functools.cache
@@ -200,7 +203,13 @@ def test_guided_noise_is_what_the_official_code_hands_its_solver(dtype):
             # the official score = h / sigma_t = -eps_theta / sigma_t, and f_phi at (x, t, s)
             # (float32: the official sigma_t = sqrt(1 - exp(2 log alpha_t)) loses digits at t = 1e-3, ours uses expm1)
             score = -model.behavior.model(ref["x"], ref["t"], ref["s"]) / model.behavior.sigma(ref["t"])[:, None]
-            torch.testing.assert_close(score, out["score"], **(dict(atol=1e-6, rtol=5e-4) if dtype == torch.float32 else F64))
+            if dtype == torch.float32:  # the official score's relative error from its sigma_t: up to ULP1 / (2 sigma_t^2)
+                # (observed 1.2e-4 at t = 1e-3, against 5.4e-4 there), allowed per row on top of F32
+                slack = ULP1 / model.behavior.sigma(ref["t"])[:, None] ** 2 * out["score"].abs()
+                excess = ((score - out["score"]).abs() - slack).clamp_min(0)
+                torch.testing.assert_close(excess, torch.zeros_like(excess), atol=F32["atol"], rtol=0.0)
+            else:
+                torch.testing.assert_close(score, out["score"], **F64)
             torch.testing.assert_close(model.energy(ref["x"], ref["t"], ref["s"]), out["energy"][:, 0], **tolerance(dtype))
 
 
@@ -208,7 +217,7 @@ def test_guided_noise_is_what_the_official_code_hands_its_solver(dtype):
 def sample_tolerance(dtype: torch.dtype, x: torch.Tensor) -> dict:
     """The samples of these untrained models reach |x| ~ 600: round-off relative to the largest entry."""
     scale = x.abs().max().item()
-    return dict(atol=2e-6 * scale, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-13 * scale, rtol=1e-11)
+    return dict(atol=3e-5 * scale, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-13 * scale, rtol=1e-11)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=key)
@@ -350,17 +359,30 @@ def test_one_critic_iteration_equals_the_official_one(dtype):
         t = (draws[0]["value"] * (1 - 1e-3) + 1e-3).repeat_interleave(m)
         z = draws[1]["value"].reshape(n * m, a)
         a_t = model.behavior.log_alpha(t).exp()[:, None] * d["fake_a"].reshape(-1, a) + model.behavior.sigma(t)[:, None] * z
-        torch.testing.assert_close(a_t.view(n, m, a), ref["qt"]["perturbed_fake_a"], **tol)
+        if dtype == torch.float32:  # the official sigma_t's float32 error (ULP1 / (2 sigma_t)) times |z|, per entry,
+            # on top of F32 (observed 1.0e-6 at t = 0.0057, 0.15 of that allowance)
+            slack = (z.abs() * ULP1 / model.behavior.sigma(t)[:, None]).view(n, m, a)
+            excess = ((a_t.view(n, m, a) - ref["qt"]["perturbed_fake_a"]).abs() - slack).clamp_min(0)
+            torch.testing.assert_close(excess, torch.zeros_like(excess), atol=F32["atol"], rtol=0.0)
+        else:
+            torch.testing.assert_close(a_t.view(n, m, a), ref["qt"]["perturbed_fake_a"], **tol)
     to_official = lambda st: to_official_critic(st, a)  # noqa: E731
     to_energy = lambda st: {ENERGY_OFFICIAL[k]: v for k, v in st.items() if k in ENERGY_OFFICIAL}  # noqa: E731
     critic_grads = to_official({k: grads[id(p)] for k, p in model.critic.named_parameters()})
     energy_grads = to_energy({k: grads[id(p)] for k, p in model.energy.named_parameters()})
-    if dtype == torch.float64:  # the gradients, tightly (the float64 Adam steps are not the official ones)
+    if dtype == torch.float64:  # the gradients, tightly, then the official float64 steps (qgpo_f64.pt)
         for ours, official in ((critic_grads, ref["q0_grad"]), (energy_grads, ref["qt_grad"])):
             top = max(v.abs().max() for v in official["grad"].values())
             for name, value in official["grad"].items():
-                torch.testing.assert_close(ours[name][: len(value)], value, atol=1e-12 * top, rtol=0.0, msg=f"grad {name}")
+                torch.testing.assert_close(ours[name][: len(value)], value, atol=1e-10 * top, rtol=0.0, msg=f"grad {name}")
                 torch.testing.assert_close(ours[name].norm(), official["grad_norm"][name], atol=1e-15, rtol=1e-8)
+        ref64 = golden64()["critic_step"]["float64"]
+        torch.testing.assert_close(metrics["loss/critic"], ref64["q_loss"], **F64)
+        torch.testing.assert_close(metrics["loss/energy"], ref64["energy_loss"], **F64)
+        for what, params, old in (("q0", to_official(model.critic.state_dict()), to_official(before["critic"])),
+                                  ("q0_target", to_official(model.critic_target.state_dict()), to_official(before["critic_target"])),
+                                  ("qt", to_energy(model.energy.state_dict()), to_energy(before["energy"]))):
+            check_summaries(params, ref64["after"][what], ref64["moved_abs_sum"][what], old, what)
         return
 
     # gradients as the optimisers saw them, and the parameters after the step (float32 only)
@@ -378,26 +400,56 @@ def test_one_critic_iteration_equals_the_official_one(dtype):
     # its round-off relative to its largest entry is larger (observed 3.2e-5) than the critic's; the float64
     # variant above checks it to 1e-12.
     check_step(ref["qt_step"], *official_view(model.energy, to_energy), "energy", 3e-4, before=to_energy(before["energy"]),
-               grad_atol=1e-4)
+               grad_atol=2e-3)
+
+
+@functools.cache
+def golden64() -> dict:
+    """qgpo_f64.pt: the official float64 behaviour update and critic iteration (README, recording/record_qgpo.py)."""
+    return torch.load(GOLDEN.with_name("qgpo_f64.pt"), weights_only=True)
+
+
+F64_SUM = dict(atol=1e-9, rtol=1e-12)  # float64 sums over up to 262,144 entries: observed <= 9.1e-13 (README)
+F64_STEP = dict(atol=1e-10, rtol=1e-10)  # float64 values after an Adam step (observed <= 4.2e-13, see check_summaries)
+
+
+def check_summaries(params: dict[str, torch.Tensor], ref: dict, moved: dict, before: dict[str, torch.Tensor],
+                    what: str) -> None:
+    """float64 parameters (or gradients, `before` None) after one official float64 step, against the recording's
+    summaries: the whole tensor (<= 1024 entries) or its first 2 rows at F64_STEP (Adam's first step multiplies
+    a gradient's round-off by up to lr / 1e-8 = 3e4 where g ~ 0: still < 1e-11 in float64), and over every
+    entry its sum, sum of |x| and sum of x_k cos(k) at F64_SUM, and the sum of |after - before|."""
+    for name, summary in ref.items():
+        mine = params[name].double()
+        torch.testing.assert_close(mine[: len(summary["head"])], summary["head"], **F64_STEP, msg=f"{what} {name}")
+        flat = mine.flatten()
+        sums = {"sum": flat.sum(), "abs_sum": flat.abs().sum(),
+                "dot": (flat * torch.cos(torch.arange(flat.numel(), dtype=torch.float64))).sum()}
+        for kind, value in sums.items():
+            torch.testing.assert_close(value.item(), summary[kind], **F64_SUM, msg=f"{what} {name}: {kind}")
+        if before is not None:
+            torch.testing.assert_close((mine - before[name].double()).abs().sum().item(), moved[name], **F64_SUM,
+                                       msg=f"{what} {name}: sum of |after - before|")
 
 
 def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor] | None, what: str,
                lr: float, grad_ref: dict | None = None, before: dict[str, torch.Tensor] | None = None,
-               grad_atol: float = 2e-6) -> None:
+               grad_atol: float = 1e-5) -> None:
     """One optimiser step against the official one (names and layouts official; `after` and `grad` hold
     whole small tensors and the first rows of large ones):
-    - gradients: atol `grad_atol` (2e-6; the energy net's 1e-4, see the critic test) of the largest entry;
-      each tensor's norm to rtol 10 grad_atol, atol 1e-5 of the largest norm (a gradient that is 0 up to
+    - gradients: atol `grad_atol` (1e-5; the energy net's 2e-3, see the critic test; 50 x the measured
+      1.9e-7 and 3.2e-5) of the largest entry;
+      each tensor's norm to rtol 10 grad_atol, atol 1e-4 of the largest norm (a gradient that is 0 up to
       round-off, as the energy net's last bias, see below);
-    - parameters after the step: atol 2e-7 (a wrong sign moves an entry by 2 lr = 2e-4 or 6e-4) where the
+    - parameters after the step: atol 3e-6 (a wrong sign moves an entry by 2 lr = 2e-4 or 6e-4) where the
       official gradient is large enough for the gradient tolerance dg to move Adam's first step
       lr g / (|g| + 1e-8) by at most 1e-7 (|g| >= max(2 dg, sqrt(lr 1e-8 dg / 1e-7))), or exactly 0 (dead
       ReLU units). Below that the step turns the gradient's round-off into differences up to lr (the energy net's last bias: its gradient
       is 0 up to round-off, since the CEP loss is invariant to a constant shift of f); there, only
       |difference| < 1e-3 is checked;
-    - the sum of |after - before| over every entry of each tensor (not only the stored rows): rtol 1e-2
-      (a learning rate or Polyak rate off by 1 %; observed 1e-6, the energy net's 6e-4 from its ill-posed
-      entries), except for gradients that are 0 up to round-off."""
+    - the sum of |after - before| over every entry of each tensor (not only the stored rows): rtol 5e-2
+      (observed 1e-6, the energy net's 6e-4 from its ill-posed entries, up to 6.4e-4 across settings), except for
+      gradients that are 0 up to round-off. The float64 steps (qgpo_f64.pt) check these sums to 1e-12."""
     grad_ref = ref if grad_ref is None else grad_ref  # the step whose gradients moved these parameters
     top = max(v.abs().max() for v in grad_ref["grad"].values())
     top_norm = max(grad_ref["grad_norm"].values())
@@ -407,7 +459,7 @@ def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torc
             if name not in zero:  # else only its norm is checked
                 torch.testing.assert_close(grads[name][: len(value)], value, atol=grad_atol * top, rtol=0.0,
                                            msg=f"{what} grad {name}")
-            torch.testing.assert_close(grads[name].double().norm(), ref["grad_norm"][name], atol=1e-5 * top_norm,
+            torch.testing.assert_close(grads[name].double().norm(), ref["grad_norm"][name], atol=1e-4 * top_norm,
                                        rtol=10 * grad_atol, msg=f"{what} grad norm {name}")
     for name, value in ref["after"].items():
         ours = params[name][: len(value)]
@@ -425,7 +477,7 @@ def check_step(ref: dict, params: dict[str, torch.Tensor], grads: dict[str, torc
         if name in zero:
             continue
         moved = (params[name].double() - before[name].double()).abs().sum()
-        torch.testing.assert_close(moved, value, atol=0.0, rtol=1e-2, msg=f"{what} {name}: sum of |after - before|")
+        torch.testing.assert_close(moved, value, atol=0.0, rtol=5e-2, msg=f"{what} {name}: sum of |after - before|")
 
 
 def to_official_critic(state: dict[str, torch.Tensor], act_dim: int) -> dict[str, torch.Tensor]:
@@ -464,9 +516,32 @@ def test_one_behavior_update_equals_the_official_one():
     net = model.behavior.model
     ours_grad = {k: grads[id(p)] for k, p in net.named_parameters()}
     norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in ours_grad.values()]))
-    torch.testing.assert_close(norm, ref["total_grad_norm"], atol=0.0, rtol=2e-6)
+    torch.testing.assert_close(norm, ref["total_grad_norm"], atol=0.0, rtol=5e-6)  # measured 8.4e-8
     check_step(ref, to_official_behavior(net.state_dict()), to_official_behavior(ours_grad), "behaviour", 1e-4,
                before=official_weights()["behavior"])
+
+
+def test_one_behavior_update_equals_the_official_one_in_float64():
+    """The official behaviour update run in float64 (qgpo_f64.pt; the draws are behavior_step's, cast)."""
+    ref, ref64 = golden()["behavior_step"], golden64()["behavior_step"]["float64"]
+    draws = ref["random_draws"]
+    model = build(torch.float64, behavior_steps=1)
+    grads: dict[int, torch.Tensor] = {}
+    model.behavior_opt.register_step_pre_hook(
+        lambda o, args, kw: grads.update({id(p): p.grad.clone() for gr in o.param_groups for p in gr["params"]}))
+    model.step = 0
+    n = len(ref["s"])
+    s, a = ref["s"].double(), ref["a"].double()
+    batch = Batch(s, a, torch.zeros(n, dtype=torch.float64), s, torch.zeros(n, dtype=torch.float64))
+    metrics = model.update(batch, QGPODraws(behavior_u=draws[0]["value"].double(), behavior_noise=draws[1]["value"].double()))
+    torch.testing.assert_close(metrics["loss/behavior"], ref64["loss"], **F64)
+    net = model.behavior.model
+    ours_grad = to_official_behavior({k: grads[id(p)] for k, p in net.named_parameters()})
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ours_grad.values()]))
+    torch.testing.assert_close(norm, ref64["total_grad_norm"], **F64)
+    check_summaries(ours_grad, ref64["grad"], {}, None, "behaviour grad")
+    before = {k: v.double() for k, v in official_weights()["behavior"].items()}  # official names already
+    check_summaries(to_official_behavior(net.state_dict()), ref64["after"], ref64["moved_abs_sum"], before, "behaviour")
 
 
 def to_official_behavior(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
