@@ -76,6 +76,8 @@ def advantage_weights(adv: Tensor, temperature: float, weight_clip: float) -> Te
 
 
 class AWR(OfflineRLModule):
+    needs_dataset_rows = True  # reads TD(lambda) returns and weights per dataset row by Batch.idx
+
     def __init__(
         self,
         obs_dim: int,

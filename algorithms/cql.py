@@ -181,3 +181,7 @@ class CQL(OfflineRLModule):
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:
         return self.actor.mode(obs)
+
+    def log_prob(self, obs: Tensor, act: Tensor) -> Tensor:
+        """log pi(a|s) of the tanh-Gaussian actor, exact (guided PGD data: docs/pgd.md)."""
+        return self.actor.log_prob(obs, act)

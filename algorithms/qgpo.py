@@ -150,6 +150,8 @@ NO_DRAWS = QGPODraws()  # training: every draw made on the device
 
 
 class QGPO(OfflineRLModule):
+    needs_dataset_rows = True  # reads support actions per dataset row by Batch.idx
+
     def __init__(
         self,
         obs_dim: int,

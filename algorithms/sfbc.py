@@ -120,6 +120,8 @@ def plan_returns(rew: Tensor, not_done: Tensor, has_next: Tensor, gamma: float, 
 
 
 class SfBC(OfflineRLModule):
+    needs_dataset_rows = True  # reads planned returns per dataset row by Batch.idx
+
     def __init__(
         self,
         obs_dim: int,

@@ -46,7 +46,9 @@ optimiser checks), `on_save_checkpoint` and `on_load_checkpoint` (RNG states): a
 on the device from `self.trainer.datamodule.transitions` (a `Transitions` of numpy arrays, with
 `normalize_obs` to apply the run's observation normalisation); `Batch.idx` holds the dataset rows of
 a batch, so per-row quantities (AWR's TD(lambda) returns, SfBC's planned returns) are read as
-`table[batch.idx]` (algorithms/awr.py).
+`table[batch.idx]` (algorithms/awr.py). Such an algorithm sets the class attribute
+`needs_dataset_rows = True`: a DataModule whose batches carry no rows (offbench/pgd's synthetic data)
+then refuses it before training instead of the algorithm drawing real rows in their place.
 
 Counting: one *update* is one `update()` call. The buffer `updates` (saved in checkpoints) and its
 host mirror `self.step` count them; `metrics.csv` has one counter column, `updates`, in every row.
@@ -105,6 +107,8 @@ def graph_break() -> None:
 
 class OfflineRLModule(pl.LightningModule):
     """Base class of every algorithm: subclasses implement `update`, `act` and `configure_optimizers`."""
+
+    needs_dataset_rows = False  # True: update() reads per-row tables by Batch.idx (see the contract above)
 
     def __init__(self) -> None:
         super().__init__()

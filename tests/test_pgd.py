@@ -248,9 +248,7 @@ def test_pgd_fit_through_the_cli_resumes_exactly(tiny_hopper, tmp_path, monkeypa
     for a, b in zip(full["PGDDataModule"]["pgd"]["pool"], resumed["PGDDataModule"]["pgd"]["pool"]):
         assert torch.equal(a, b)
     assert full["PGDDataModule"]["pgd"]["pool_step"] == 30
-    # An algorithm without log_prob cannot be guided: the error says what to do, before training.
-    with pytest.raises(TypeError, match="does not define log_prob.*--data.guidance_coeff 0"):
-        main(fit_args("cql", tiny_hopper, tmp_path / "cql"))
+    # An algorithm without log_prob cannot be guided: test_rebrac_trains_on_pgd_data_and_guidance_needs_log_prob
 
 
 def test_the_simulator_check_reproduces_real_transitions_and_measures_a_reward_error(tiny_hopper, tmp_path):
@@ -296,3 +294,214 @@ def test_trained_model_generates_transitions_with_low_dynamics_error(tmp_path, m
     trivial = np.mean((t.next_obs - t.obs) ** 2)
     print(f"dynamics error {error:.5f}, trivial s' = s {trivial:.5f}")
     assert error < 0.25 * trivial
+
+
+# --- fault trials: each mistake is one line naming the fix (exit 2), before any work is lost -------
+def one_line_error(capsys) -> str:
+    """The error `offbench` printed: exactly one line, `offbench: error: ...` (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("offbench: error: ")]
+    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
+    return lines[0]
+
+
+@pytest.fixture
+def trained(tiny_hopper, tmp_path, monkeypatch):
+    """A 2-step trajectory model of tiny_hopper in a fresh data root (the cwd is the repository, for configs)."""
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(train_args(tiny_hopper, "--steps", "2")) == 0
+    return tiny_hopper
+
+
+SHORT = ("--updates", "10", "--data.eval_every", "10")  # override fit_args' budget: the trials need few updates
+
+
+@pytest.mark.parametrize("algorithm", ["awr", "sfbc"])
+def test_algorithms_that_read_dataset_rows_are_refused_before_training(trained, tmp_path, capsys, algorithm):
+    """AWR and SfBC look their per-row tables up by Batch.idx, which PGD batches lack: refused at setup
+    instead of silently training on random real rows (a result labelled PGD that is not)."""
+    assert main(fit_args(algorithm, trained, tmp_path / algorithm, *SHORT, "--data.guidance_coeff", "0")) == 2
+    line = one_line_error(capsys)
+    assert "trains from per-row tables of the real dataset" in line and "drop --data.class_path" in line
+    assert not list((tmp_path / algorithm).rglob("*.ckpt"))  # nothing trained
+
+
+def test_which_algorithms_need_dataset_rows():
+    from algorithms.awr import AWR
+    from algorithms.qgpo import QGPO
+    from algorithms.rebrac import ReBRAC
+    from algorithms.sfbc import SfBC
+
+    assert AWR.needs_dataset_rows and SfBC.needs_dataset_rows and QGPO.needs_dataset_rows
+    assert not any(c.needs_dataset_rows for c in (TD3BC, IQL, BC, ReBRAC, OfflineRLModule))
+
+
+def test_synthetic_next_actions_are_the_next_rows_actions():
+    """ReBRAC's penalty needs a'_D: for synthetic rows it is the synthetic trajectory's next action."""
+    from offbench.pgd.model import TrajectoryModel
+
+    model = TrajectoryModel(obs_dim=2, act_dim=1, max_action=2.0, features=16, n_blocks=2)
+    traj = torch.randn(3, 6, model.channels)
+    obs, act, rew, next_obs, done = model.transitions(traj)
+    next_act = model.next_actions(traj)
+    assert next_act.shape == act.shape == (3 * 5, 1)
+    torch.testing.assert_close(next_act.reshape(3, 5, 1)[:, :-1], act.reshape(3, 5, 1)[:, 1:])
+    torch.testing.assert_close(next_act.reshape(3, 5, 1)[:, -1], model.normalizer.unnormalize(traj)[:, -1, 2:3])
+
+
+def test_rebrac_trains_on_pgd_data_and_guidance_needs_log_prob(trained, tmp_path, capsys):
+    """ReBRAC gets next actions on PGD batches (it failed mid-run); CQL's tanh-Gaussian log-likelihood
+    guides (a TypeError traceback before); an algorithm without log_prob is one line naming the fix."""
+    assert main(fit_args("rebrac", trained, tmp_path / "rebrac", *SHORT, "--data.guidance_coeff", "0")) == 0
+    assert main(fit_args("rebrac", trained, tmp_path / "guided", *SHORT)) == 2
+    line = one_line_error(capsys)
+    assert "ReBRAC does not define log_prob(obs, act)" in line and "--data.guidance_coeff 0" in line
+    assert main(fit_args("cql", trained, tmp_path / "cql", *SHORT, "--data.regenerate_every", "5")) == 0
+
+
+def test_cql_log_prob_is_the_tanh_gaussian_likelihood():
+    from algorithms.cql import CQL
+
+    torch.manual_seed(0)
+    module, obs = CQL(3, 2, max_action=2.0), torch.randn(4, 3)
+    act = (torch.rand(4, 2) * 3.8 - 1.9).requires_grad_(True)
+    mean, log_std = module.actor._dist(obs)
+    u = torch.atanh(act.detach() / 2)
+    expected = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+                - torch.log(2 * (1 - torch.tanh(u) ** 2))).sum(-1)  # change of variables a = 2 tanh(u)
+    logp = module.log_prob(obs, act)
+    torch.testing.assert_close(logp, expected, atol=1e-4, rtol=1e-5)
+    assert torch.autograd.grad(logp.sum(), act)[0].abs().sum() > 0  # differentiable w.r.t. the actions
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--data.sampling_steps", "1"), "data.sampling_steps must be at least 2"),
+    (("--data.synthetic_batch_size", "40"), "data.synthetic_batch_size must be within 0..data.batch_size (32), got 40"),
+    (("--data.pool_trajectories", "0"), "data.pool_trajectories must be a positive integer, got 0"),
+])
+def test_pgd_datamodule_settings_are_checked_when_it_is_built(tiny_hopper, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))  # no model needed: refused before loading it
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(fit_args("td3bc", tiny_hopper, tmp_path / "run", *extra)) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_pgd_train_runs_fits_data_checks(tiny_hopper, tmp_path, monkeypatch, capsys):
+    """Actions outside the env's bounds: refused as by fit, or clipped with --clip-actions; the model
+    then matches the data a fit with --data.clip_actions true trains on."""
+    import shutil
+
+    import h5py
+
+    from offbench.pgd.datamodule import PGDDataModule
+
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))
+    path = tmp_path / "wide.hdf5"
+    shutil.copy(tiny_hopper, path)
+    with h5py.File(path, "r+") as f:
+        f["actions"][...] = f["actions"][...] * 3.0
+    assert main(train_args(path, "--steps", "2")) == 2
+    line = one_line_error(capsys)
+    assert "outside the action bounds of Hopper-v4" in line and "--clip-actions" in line
+    assert main(train_args(path, "--steps", "2", "--clip-actions")) == 0
+    data = PGDDataModule(str(path), clip_actions=True, synthetic_batch_size=8, batch_size=16)
+    assert data.transitions.act.max() <= 1.0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--steps", "0"), "--steps must be at least 1, got 0"),
+    (("--epochs", "0"), "--epochs must be at least 1, got 0"),
+    (("--checkpoint-every", "0"), "--checkpoint-every must be at least 1 step, got 0"),
+    (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+    (("--window", "1"), "--window must be at least 2, got 1"),
+    (("--lr", "0"), "--lr must be positive, got 0.0"),
+    (("--ema-decay", "1"), "--ema-decay must be in [0, 1), got 1.0"),
+])
+def test_pgd_train_arguments_are_checked_up_front(tiny_hopper, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))
+    assert main(train_args(tiny_hopper, *extra)) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").rglob("*.pt"))
+
+
+def test_damaged_checkpoint_or_model_names_the_file_and_the_fix(trained, tmp_path, capsys):
+    from offbench.data.sources import read_d4rl_hdf5
+    from offbench.errors import UserError
+    from offbench.pgd.model import load_trajectory_model, model_dir
+
+    directory = model_dir(str(trained), "small")
+    model_file = directory / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match=f"{model_file} is unreadable .*: it is missing, truncated or damaged; "
+                                        "retrain it with offbench data pgd train .* --force"):
+        load_trajectory_model(str(trained), "small", read_d4rl_hdf5(trained))
+    assert main(fit_args("td3bc", trained, tmp_path / "run", *SHORT)) == 2
+    assert f"{model_file} is unreadable" in one_line_error(capsys)
+
+    checkpoint = directory / "checkpoint.pt"
+    (directory / "manifest.json").unlink()  # an unfinished training with a damaged resume state
+    checkpoint.write_bytes(b"not a checkpoint")
+    assert main(train_args(trained, "--steps", "2")) == 2
+    line = one_line_error(capsys)
+    assert f"the resume checkpoint {checkpoint} is unreadable" in line and "delete it and rerun" in line
+    checkpoint.unlink()
+    assert main(train_args(trained, "--steps", "2")) == 0  # the fix it names works
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tiny_hopper, tmp_path, monkeypatch, capsys):
+    """A full disk while saving: one line, no `checkpoint.pt.tmp<pid>` left; a rerun succeeds, and a
+    temporary left by a killed process (its PID gone) is removed too."""
+    import offbench.forge.sac as sac
+    from offbench.pgd.model import model_dir
+
+    monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path / "data"))
+    save = torch.save
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sac.torch, "save", full_disk)
+    assert main(train_args(tiny_hopper, "--steps", "2", "--checkpoint-every", "1")) == 2
+    line = one_line_error(capsys)
+    directory = model_dir(str(tiny_hopper), "small")
+    assert f"writing {directory / 'checkpoint.pt'} failed (No space left on device): free space" in line
+    assert sorted(p.name for p in directory.iterdir()) == []
+    monkeypatch.setattr(sac.torch, "save", save)
+    (directory / "model.pt.tmp999999999").write_bytes(b"left by a killed process")
+    assert main(train_args(tiny_hopper, "--steps", "2")) == 0
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.pt"]
+
+
+def fake_run(run_dir: Path, dataset: str, obs_dim: int, act_dim: int) -> Path:
+    """A run directory as `offbench fit` leaves it: config.yaml and checkpoints/last.ckpt of TD3+BC."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(
+        f"model:\n  class_path: algorithms.td3bc.TD3BC\ndata:\n  class_path: offbench.pgd.PGDDataModule\n"
+        f"  init_args:\n    dataset: {dataset}\n")
+    torch.save({"hyper_parameters": {"obs_dim": obs_dim, "act_dim": act_dim}}, run_dir / "checkpoints/last.ckpt")
+    return run_dir
+
+
+def report_args(dataset, run_dir, *extra) -> list[str]:
+    return ["data", "pgd", "report", str(dataset), "--policy-run", str(run_dir), "--trajectories", "2", "--length", "2",
+            "--sampling-steps", "2", "--ensemble-steps", "1", *extra]
+
+
+def test_pgd_report_arguments_and_policy_run_are_checked(trained, tmp_path, capsys):
+    hopper_run = fake_run(tmp_path / "hopper", str(trained), 11, 3)
+    for extra, message in ((("--trajectories", "0"), "--trajectories must be at least 1, got 0"),
+                           (("--ensemble-steps", "0"), "--ensemble-steps must be at least 1, got 0"),
+                           (("--sampling-steps", "1"), "--sampling-steps must be at least 2, got 1")):
+        assert main(report_args(trained, hopper_run, *extra)) == 2
+        assert message in one_line_error(capsys)
+    assert main(report_args(trained, tmp_path / "missing")) == 2
+    assert f"no {tmp_path / 'missing' / 'config.yaml'}" in one_line_error(capsys)
+    other = fake_run(tmp_path / "pendulum", "synthetic/pendulum-random-v0", 3, 1)
+    assert main(report_args(trained, other)) == 2
+    line = one_line_error(capsys)
+    assert "trained on 'synthetic/pendulum-random-v0' (env Pendulum-v1), not on this dataset's env Hopper-v4" in line
+    sizes = fake_run(tmp_path / "sizes", str(tmp_path / "nowhere.hdf5"), 3, 1)  # dataset not resolvable: sizes decide
+    assert main(report_args(trained, sizes)) == 2
+    assert "takes 3-dim observations and 1-dim actions, the dataset has 11 and 3" in one_line_error(capsys)

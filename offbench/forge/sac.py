@@ -136,9 +136,14 @@ class ReplayBuffer:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file renamed over `path`; on any failure (a full disk) the temporary is removed."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_train_state(path: Path, state: dict[str, Any]) -> None:

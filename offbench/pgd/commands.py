@@ -52,6 +52,8 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resume checkpoints")
+    parser.add_argument("--clip-actions", action="store_true", help="clip actions outside the env's bounds to them "
+                        "(otherwise refused, as by `offbench fit`; fit the model's data with --data.clip_actions true)")
     parser.add_argument("--force", action="store_true", help="delete this model's files and train again")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

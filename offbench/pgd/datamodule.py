@@ -18,8 +18,10 @@ coefficient 0 (unguided) by default, cosine coefficient 0.3, no gradient normali
 steps. Deviation: the official loop regenerates after the update whose 0-based index is a multiple
 of 10,000 (so after 10,001 updates); here it happens before that update (after exactly 10,000).
 The synthetic rewards get the run's reward tuning (every tuning is affine), and the synthetic states
-its observation normalisation. Batches carry no dataset row indices (`Batch.idx` is None):
-algorithms that train from per-row tables of the real dataset (AWR, SfBC) cannot use this module.
+its observation normalisation. The synthetic rows' next actions (`Batch.next_act`, ReBRAC's critic
+penalty) are the synthetic trajectory's action at the next row, as the dataset's are. Batches carry no
+dataset row indices (`Batch.idx` is None): algorithms that train from per-row tables of the real
+dataset (`needs_dataset_rows`: AWR, SfBC, QGPO) are refused before training.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from offbench.batch import Batch
 from offbench.data.datamodule import OfflineDataModule, RewardTuning, tune_rewards
+from offbench.errors import UserError
 from offbench.module import OfflineRLModule
 from offbench.pgd.edm import SamplerSettings
 from offbench.pgd.guidance import PolicyGuidance
@@ -94,11 +97,17 @@ class PGDDataModule(OfflineDataModule):
             max_episode_steps=max_episode_steps, clip_actions=clip_actions,
         )
         if not 0 <= synthetic_batch_size <= batch_size:
-            raise ValueError(f"data.synthetic_batch_size must be within 0..batch_size ({batch_size}), got {synthetic_batch_size}")
+            raise UserError(f"data.synthetic_batch_size must be within 0..data.batch_size ({batch_size}), got "
+                            f"{synthetic_batch_size}: lower it or raise --data.batch_size")
         for name, value in (("pool_trajectories", pool_trajectories), ("rollout_length", rollout_length),
                             ("regenerate_every", regenerate_every), ("generation_batch", generation_batch)):
             if value <= 0:
-                raise ValueError(f"data.{name} must be positive, got {value}")
+                raise UserError(f"data.{name} must be a positive integer, got {value}")
+        if sampling_steps < 2:
+            raise UserError(f"data.sampling_steps must be at least 2 (the EDM sampler's noise levels run from "
+                            f"sigma_max to sigma_min), got {sampling_steps}; the official value is 256")
+        if guidance_delay < 0:
+            raise UserError(f"data.guidance_delay must be 0 or more sampler steps, got {guidance_delay}")
         raw = self.transitions
         self.transitions = tune_rewards(raw, reward_tuning)
         # Every tuning is affine in the reward; read its scale and shift off two probe rewards 0 and 1.
@@ -109,8 +118,9 @@ class PGDDataModule(OfflineDataModule):
         self.model_name = model
         self.trajectory_model, self.model_manifest = load_trajectory_model(self.info.name, model, raw)
         if abs(self.trajectory_model.normalizer.max_action - self.max_action) > 1e-6:
-            raise ValueError(f"the trajectory model's action bound {self.trajectory_model.normalizer.max_action} "
-                             f"differs from the env's {self.max_action}: retrain it")
+            raise UserError(f"the trajectory model's action bound {self.trajectory_model.normalizer.max_action} "
+                            f"differs from the env's {self.max_action}: retrain it "
+                            f"(offbench data pgd train {self.info.name} ... --force)")
         self.synthetic_batch_size = synthetic_batch_size
         self.pool_trajectories, self.rollout_length = pool_trajectories, rollout_length
         self.regenerate_every, self.generation_batch = regenerate_every, generation_batch
@@ -129,17 +139,24 @@ class PGDDataModule(OfflineDataModule):
             self._pool_generator = torch.Generator(device=device)
             self._pool_generator.manual_seed(torch.initial_seed() + 1)  # apart from the batch sampler's stream
         module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and getattr(module, "needs_dataset_rows", False):
+            raise UserError(
+                f"{type(module).__name__} trains from per-row tables of the real dataset (Batch.idx), which PGD's "
+                "synthetic rows do not have: train it with the plain DataModule (drop --data.class_path "
+                "offbench.pgd.PGDDataModule), or use PGD data with an algorithm that trains on the batch it is given "
+                "(docs/pgd.md)"
+            )
         if self.guidance["coeff"] != 0 and module is not None and type(module).log_prob is OfflineRLModule.log_prob:
-            raise TypeError(
+            raise UserError(
                 f"PGD guidance (data.guidance_coeff {self.guidance['coeff']}) needs the policy's log-likelihood, and "
                 f"{type(module).__name__} does not define log_prob(obs, act): implement it (offbench/module.py, "
-                "docs/pgd.md) or set --data.guidance_coeff 0 for unguided synthetic data."
+                "docs/pgd.md) or set --data.guidance_coeff 0 for unguided synthetic data"
             )
 
     # --- the synthetic pool ------------------------------------------------------------------
     def generate(self, module: OfflineRLModule | None) -> tuple[Tensor, ...]:
-        """A pool of synthetic transitions (obs, act, rew, next_obs, done) on the device, guided by
-        `module.log_prob` when a module is given and the coefficient is not 0."""
+        """A pool of synthetic transitions (obs, act, rew, next_obs, done, next_act) on the device, guided
+        by `module.log_prob` when a module is given and the coefficient is not 0."""
         model = self.trajectory_model
         guide = None
         if module is not None and self.guidance["coeff"] != 0:
@@ -149,10 +166,10 @@ class PGDDataModule(OfflineDataModule):
         for start in range(0, self.pool_trajectories, self.generation_batch):
             n = min(self.generation_batch, self.pool_trajectories - start)
             traj = model.sample(n, self.rollout_length + 1, self.sampler, self._pool_generator, guide)
-            parts.append(model.transitions(traj))
-        obs, act, rew, next_obs, done = (torch.cat(p) for p in zip(*parts))
+            parts.append((*model.transitions(traj), model.next_actions(traj)))
+        obs, act, rew, next_obs, done, next_act = (torch.cat(p) for p in zip(*parts))
         rew = rew * self.reward_scale + self.reward_shift
-        return self.normalize_obs(obs), act, rew, self.normalize_obs(next_obs), done
+        return self.normalize_obs(obs), act, rew, self.normalize_obs(next_obs), done, next_act
 
     def _refresh(self, step: int) -> None:
         guided = step > 0 and self.guidance["coeff"] != 0
@@ -162,7 +179,8 @@ class PGDDataModule(OfflineDataModule):
         self._pool_step = step
 
     def sample(self) -> Batch:
-        """`synthetic_batch_size` pool rows and the rest real rows, uniform with replacement, on the device."""
+        """`synthetic_batch_size` pool rows and the rest real rows, uniform with replacement, on the device,
+        with their next actions (a pool from a checkpoint written before they were kept has none)."""
         step = self.trainer.lightning_module.step
         if self._pool is None or (step % self.regenerate_every == 0 and step != self._pool_step):
             self._refresh(step)
@@ -171,7 +189,8 @@ class PGDDataModule(OfflineDataModule):
         n_syn = self.synthetic_batch_size
         i_syn = torch.randint(len(pool[0]), (n_syn,), device=device, generator=self._generator)
         i_real = torch.randint(len(real[0]), (self.batch_size - n_syn,), device=device, generator=self._generator)
-        return Batch(*(torch.cat([p[i_syn], r[i_real]]) for p, r in zip(pool, real)), idx=None)
+        next_act = torch.cat([pool[5][i_syn], self._next_act[i_real]]) if len(pool) > 5 else None
+        return Batch(*(torch.cat([p[i_syn], r[i_real]]) for p, r in zip(pool[:5], real)), idx=None, next_act=next_act)
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -56,10 +56,23 @@ class TrajectoryModelConfig:
     sigma_data: float = 1.0
     p_mean: float = -1.2
     p_std: float = 1.2
+    clip_actions: bool = False  # actions outside the env's bounds clipped (as fit's --data.clip_actions)
 
     def __post_init__(self) -> None:
         if self.preset not in UNET_PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; choose one of {sorted(UNET_PRESETS)}")
+        for flag, value, low in (("--steps", self.steps, 1), ("--epochs", self.epochs, 1), ("--window", self.window, 2),
+                                 ("--stride", self.stride, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--ema-every", self.ema_every, 1), ("--features", self.features, 0),
+                                 ("--blocks", self.n_blocks, 0)):
+            if value is not None and value < low:
+                raise UserError(f"{flag} must be at least {low}, got {value}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.val_ratio < 1:
+            raise UserError(f"--val-ratio must be in [0, 1), got {self.val_ratio}")
         unet, budget = UNET_PRESETS[self.preset], TRAIN_PRESETS[self.preset]
         self.name = self.name or self.preset
         self.features = self.features or unet["features"]
@@ -75,8 +88,12 @@ class TrajectoryModelConfig:
         return self.epochs * max(1, n_windows // self.batch_size)
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings that change the trained model (a resume or a cache hit must match them)."""
-        return asdict(self)
+        """The settings that change the trained model (a resume or a cache hit must match them);
+        `clip_actions` only when on, so models trained before it existed still match."""
+        settings = asdict(self)
+        if not self.clip_actions:
+            del settings["clip_actions"]
+        return settings
 
 
 class TrajectoryModel(nn.Module):
@@ -103,6 +120,10 @@ class TrajectoryModel(nn.Module):
     def transitions(self, traj: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(obs, act, rew, next_obs, done) of sampled trajectories, raw units."""
         return self.normalizer.to_transitions(traj)
+
+    def next_actions(self, traj: Tensor) -> Tensor:
+        """The action of the row after each transition's (the synthetic a'), raw units, in `transitions`' order."""
+        return self.normalizer.unnormalize(traj)[:, 1:, self.obs_dim: self.obs_dim + self.act_dim].reshape(-1, self.act_dim)
 
 
 def model_dir(dataset: str, name: str, data_dir: str | Path | None = None) -> Path:
@@ -134,9 +155,14 @@ def load_trajectory_model(dataset: str, name: str, t: Transitions, device: torch
             f"(fingerprint {manifest['data_fingerprint']} vs {fingerprint(t)}): retrain it with "
             f"{train_command(dataset, name)} --force"
         )
-    saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    s = saved["shape"]
-    model = TrajectoryModel(s["obs_dim"], s["act_dim"], s["max_action"], s["features"], s["n_blocks"],
-                            s["sigma_data"], s["p_mean"], s["p_std"])
-    model.load_state_dict(saved["state_dict"])
+    try:
+        saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+        s = saved["shape"]
+        model = TrajectoryModel(s["obs_dim"], s["act_dim"], s["max_action"], s["features"], s["n_blocks"],
+                                s["sigma_data"], s["p_mean"], s["p_std"])
+        model.load_state_dict(saved["state_dict"])
+    except Exception as e:  # a damaged file: UnpicklingError, RuntimeError, EOFError, KeyError, a missing file...
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"the PGD trajectory model {directory / 'model.pt'} is unreadable ({reason}): it is missing, "
+                        f"truncated or damaged; retrain it with {train_command(dataset, name)} --force") from e
     return model.to(device).eval().requires_grad_(False), manifest

@@ -29,6 +29,7 @@ import yaml
 
 from offbench.data.catalog import resolve
 from offbench.data.sources import load_transitions
+from offbench.errors import UserError
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.module import OfflineRLModule
 from offbench.nets import CriticEnsemble
@@ -38,15 +39,42 @@ from offbench.pgd.guidance import PolicyGuidance
 from offbench.pgd.model import load_trajectory_model
 
 
-def load_policy(run_dir: Path) -> tuple[OfflineRLModule, torch.Tensor, torch.Tensor]:
-    """The algorithm of a run directory at its last checkpoint, and its observation mean and std."""
+def load_policy(run_dir: Path, env_id: str | None = None, obs_dim: int | None = None, act_dim: int | None = None
+                ) -> tuple[OfflineRLModule, torch.Tensor, torch.Tensor]:
+    """The algorithm of a run directory at its last checkpoint, and its observation mean and std; a
+    UserError when it is not a finished `offbench fit` run of `env_id` with these sizes."""
     import importlib
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    module_name, class_name = config["model"]["class_path"].rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), class_name)
-    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    module = cls(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+    fix = "pass the directory of an `offbench fit` run on this dataset's env (--policy-run)"
+    config_path, ckpt_path = run_dir / "config.yaml", run_dir / "checkpoints/last.ckpt"
+    for path in (config_path, ckpt_path):
+        if not path.is_file():
+            raise UserError(f"--policy-run {run_dir}: no {path}; {fix}")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+        module_name, class_name = config["model"]["class_path"].rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as e:  # noqa: BLE001 - an unreadable config is the user's to fix
+        raise UserError(f"--policy-run {run_dir}: {config_path} names no loadable algorithm ({e}); {fix}") from e
+    data = (config.get("data") or {}).get("init_args") or {}
+    if env_id is not None and data.get("dataset"):
+        try:
+            run_env = resolve(data["dataset"], env_id=data.get("env_id")).env_id
+        except Exception:  # noqa: BLE001 - a dataset this machine cannot resolve: the sizes below still decide
+            run_env = None
+        if run_env is not None and run_env != env_id:
+            raise UserError(f"--policy-run {run_dir} trained on {data['dataset']!r} (env {run_env}), not on this "
+                            f"dataset's env {env_id}: {fix}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        hparams = checkpoint["hyper_parameters"]
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint
+        raise UserError(f"--policy-run {run_dir}: {ckpt_path} is unreadable ({e}); {fix}") from e
+    sizes = (hparams.get("obs_dim"), hparams.get("act_dim"))
+    if obs_dim is not None and sizes != (obs_dim, act_dim):
+        raise UserError(f"--policy-run {run_dir}: its policy takes {sizes[0]}-dim observations and {sizes[1]}-dim "
+                        f"actions, the dataset has {obs_dim} and {act_dim}; {fix}")
+    module = cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
     module.load_state_dict(checkpoint["state_dict"])
     data = next(v for k, v in checkpoint.items() if k.endswith("DataModule"))
     return module.eval(), data["obs_mean"], data["obs_std"]
@@ -95,10 +123,16 @@ def _policy_log_prob(policy, mean, std, obs, act) -> float:
 def report(dataset: str, model_name: str, policy_dir: Path, coeffs: list[float], trajectories: int, length: int,
            sampling_steps: int, ensemble_steps: int, out: Path, seed: int = 0, edm_predictor: bool = False
            ) -> dict[str, Any]:
+    for flag, value, low in (("--trajectories", trajectories, 1), ("--length", length, 1),
+                             ("--sampling-steps", sampling_steps, 2), ("--ensemble-steps", ensemble_steps, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if not coeffs:
+        raise UserError("--coeffs needs at least one guidance coefficient (0: unguided)")
     info = resolve(dataset)
     t = load_transitions(info)
     model, manifest = load_trajectory_model(info.name, model_name, t)
-    policy, mean, std = load_policy(policy_dir)
+    policy, mean, std = load_policy(policy_dir, info.env_id, t.obs_dim, t.act_dim)
     rows: list[dict[str, Any]] = []
     n_tr = trajectories * length
 

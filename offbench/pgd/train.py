@@ -6,13 +6,16 @@ learning rate warming up linearly from 0.1 lr over the first 10% of steps, then 
 (optax.warmup_cosine_decay_schedule); an EMA of the weights (decay 0.995) updated every 10 steps,
 and the EMA weights are what is saved. 5% of the episodes are held out for a validation loss.
 A checkpoint (model, EMA, optimiser, data order, RNG) is written atomically every
-`checkpoint_every` steps; rerunning the same command continues from it.
+`checkpoint_every` steps; rerunning the same command continues from it. The data first pass the
+checks of `offbench fit` (offbench/data/checks.py), with the same way out for actions outside the
+env's bounds (`--clip-actions`, as fit's `--data.clip_actions true`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from typing import Any
 
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 
 from offbench.data.catalog import resolve
+from offbench.data.datamodule import checked
 from offbench.data.identity import fingerprint
 from offbench.data.sources import load_transitions
-from offbench.envs import action_bounds
+from offbench.envs import action_bounds, observation_dim
 from offbench.errors import UserError
 from offbench.files import read_json, write_json_atomic
 from offbench.forge import _Progress, _save_atomic
@@ -53,9 +57,16 @@ def split_windows(t, config: TrajectoryModelConfig) -> tuple[np.ndarray, np.ndar
 def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", checkpoint_every: int = 1000,
                            force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or resume, or find already trained) the model of `config`; returns its manifest."""
+    if checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every must be at least 1 step, got {checkpoint_every}")
     info = resolve(config.dataset)
     t = load_transitions(info)
     low, high = action_bounds(info)
+    try:  # the same checks as `offbench fit` (so the model is trained on the data fit will train on)
+        t = checked(t, info, observation_dim(info), low, high, config.clip_actions)
+    except UserError as e:
+        raise UserError(str(e).replace("--data.clip_actions true", "--clip-actions (and --data.clip_actions true to fit)")
+                        ) from None
     max_action = float(np.max(np.abs(np.concatenate([low, high]))))
     directory = model_dir(info.name, config.name)  # where PGDDataModule looks (its DatasetInfo's name)
     settings = config.result_settings()
@@ -71,6 +82,7 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
             )
         return manifest
 
+    _remove_stale_temporaries(directory)
     train_starts, val_starts = split_windows(t, config)
     total = config.total_steps(len(train_starts))
     if len(train_starts) < config.batch_size:
@@ -90,7 +102,7 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     checkpoint = directory / "checkpoint.pt"
     with _Progress(progress) as bar:
         if checkpoint.exists():
-            saved = torch.load(checkpoint, map_location=device, weights_only=False)
+            saved = _load_checkpoint(checkpoint, device)
             if saved["config"] != settings:
                 raise UserError(f"{checkpoint} (an unfinished training) was written with other settings: rerun with "
                                 "the same settings to continue it, add --force to start again, or --name to keep both")
@@ -124,7 +136,7 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
                 state["seconds"] += time.perf_counter() - start
                 start, window_loss, window_n = time.perf_counter(), 0.0, 0
                 directory.mkdir(parents=True, exist_ok=True)
-                _save_atomic({"config": settings, "model": model.state_dict(), "ema": ema.state_dict(),
+                _save({"config": settings, "model": model.state_dict(), "ema": ema.state_dict(),
                               "opt": opt.state_dict(), "generator": generator.get_state(), "state": state}, checkpoint)
                 bar.update(task, state["step"], f"loss {state['losses'][-1]['loss']:.4f}")
 
@@ -132,7 +144,7 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     model.edm.load_state_dict(ema.state_dict())  # the EMA weights are the model, as the official checkpoint
     shape = {"obs_dim": t.obs_dim, "act_dim": t.act_dim, "max_action": max_action, "features": config.features,
              "n_blocks": config.n_blocks, "sigma_data": config.sigma_data, "p_mean": config.p_mean, "p_std": config.p_std}
-    _save_atomic({"shape": shape, "state_dict": model.cpu().state_dict()}, directory / "model.pt")
+    _save({"shape": shape, "state_dict": model.cpu().state_dict()}, directory / "model.pt")
     manifest = {
         "config": settings, "dataset": info.name, "data_fingerprint": fingerprint(t),
         "transitions": len(t), "episodes": t.n_episodes, "train_windows": len(train_starts),
@@ -144,6 +156,43 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     write_json_atomic(directory / "manifest.json", manifest)
     checkpoint.unlink(missing_ok=True)
     return manifest
+
+
+def _save(obj: Any, path) -> None:
+    """`_save_atomic` (which removes its temporary file when it fails), a failed write as one line."""
+    try:
+        _save_atomic(obj, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows as either, depending on where torch.save fails
+        raise UserError(f"writing {path} failed ({getattr(e, 'strerror', None) or e}): free space or make "
+                        f"{path.parent} writable, then rerun the same command (it resumes from the last checkpoint)"
+                        ) from e
+
+
+def _remove_stale_temporaries(directory) -> None:
+    """Temporary files of writes killed before they could clean up (`<file>.tmp<pid>` of a process that is gone)."""
+    for tmp in directory.glob("*.tmp*") if directory.is_dir() else ():
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # someone else's live process
+
+
+def _load_checkpoint(path, device: str) -> dict[str, Any]:
+    """The resume state at `path` (written by this module: trusted), or a UserError naming it and the fix."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=False)
+        for key in ("config", "model", "ema", "opt", "generator", "state"):
+            saved[key]  # noqa: B018 - a file without them is not a resume checkpoint
+        return saved
+    except Exception as e:  # a damaged file: UnpicklingError, RuntimeError, EOFError, KeyError, TypeError...
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"the resume checkpoint {path} is unreadable ({reason}): it is truncated or damaged; delete it "
+                        "and rerun the same command (training starts again from step 0)") from e
 
 
 @torch.no_grad()
@@ -164,7 +213,7 @@ def train_main(args) -> int:
         dataset=args.dataset, preset=args.preset, name=args.name, features=args.features, n_blocks=args.blocks,
         window=args.window, stride=args.stride, batch_size=args.batch_size, lr=args.lr,
         steps=args.steps, epochs=args.epochs, ema_decay=args.ema_decay, ema_every=args.ema_every,
-        val_ratio=args.val_ratio, seed=args.seed,
+        val_ratio=args.val_ratio, seed=args.seed, clip_actions=args.clip_actions,
     )
     manifest = train_trajectory_model(config, device=args.device, checkpoint_every=args.checkpoint_every,
                                       force=args.force, progress=not args.quiet)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offbench.errors import UserError
+
 # Sizes: the official defaults (--num_features 1024 --num_blocks 3, about 1.6e8 parameters, for GPUs)
 # and a small preset that trains in minutes on a CPU.
 UNET_PRESETS: dict[str, dict[str, int]] = {
@@ -32,7 +34,7 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         self.half = features // 8
         if self.half < 2:
-            raise ValueError(f"the time embedding needs features >= 16, got {features}")
+            raise UserError(f"the time embedding needs features >= 16 (--features), got {features}")
         self.dense1 = nn.Linear(2 * self.half, features)
         self.dense2 = nn.Linear(features, features)
 
@@ -45,7 +47,7 @@ class TimeEmbedding(nn.Module):
 
 def _norm(width: int, groups: int) -> nn.GroupNorm:
     if width % groups:
-        raise ValueError(f"U-Net width {width} is not a multiple of the {groups} GroupNorm groups")
+        raise UserError(f"U-Net width {width} is not a multiple of the {groups} GroupNorm groups: choose another --features")
     return nn.GroupNorm(groups, width, eps=1e-6)  # flax's GroupNorm epsilon
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from offbench.batch import Transitions
+from offbench.errors import UserError
 
 ACTION_CLIP = 0.999  # arctanh(clip(a, -0.999, 0.999)), as the official code
 
@@ -28,16 +29,16 @@ ACTION_CLIP = 0.999  # arctanh(clip(a, -0.999, 0.999)), as the official code
 def trajectory_runs(t: Transitions, name: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
     """(starts, lengths) of the episodes of `t`, checked to be whole trajectories in time order.
 
-    Raises ValueError when rows of one episode do not chain (a row's next_obs is not the next
+    Raises UserError (a ValueError) when rows of one episode do not chain (a row's next_obs is not the next
     row's obs, or the steps are not consecutive): such a dataset has no episode structure."""
     if len(t) == 0:
-        raise ValueError(f"{name} has no transitions")
+        raise UserError(f"{name} has no transitions")
     same = t.episode[1:] == t.episode[:-1]
     consecutive = t.step[1:] == t.step[:-1] + 1
     chained = np.all(t.next_obs[:-1] == t.obs[1:], axis=1)
     broken = same & ~(consecutive & chained)
     if broken.any():
-        raise ValueError(
+        raise UserError(
             f"{name} has no usable episode structure: in {int(broken.sum())} of {int(same.sum())} places, two rows of one "
             "episode do not follow each other (next_obs differs from the next row's obs, or the steps are not "
             "consecutive). PGD trains on trajectory windows, so it needs episodes stored whole and in time order "
@@ -52,7 +53,7 @@ def window_starts(t: Transitions, length: int, stride: int, name: str = "the dat
     """First rows of the training windows: every `stride` rows of each episode, plus the window
     ending on an episode's terminal row; only windows that lie inside one episode."""
     if length < 2 or stride < 1:
-        raise ValueError(f"window length must be >= 2 and stride >= 1, got {length} and {stride}")
+        raise UserError(f"window length must be >= 2 and stride >= 1, got {length} and {stride}")
     starts, lengths = trajectory_runs(t, name)
     out: list[np.ndarray] = []
     for start, n in zip(starts, lengths):
@@ -63,7 +64,7 @@ def window_starts(t: Transitions, length: int, stride: int, name: str = "the dat
             first = np.r_[first, start + n - length]
         out.append(first)
     if not out:
-        raise ValueError(
+        raise UserError(
             f"{name}: no episode has {length} transitions (the longest has {int(lengths.max())}), so no window of "
             f"{length} rows fits; train with a shorter --window"
         )
