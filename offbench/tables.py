@@ -684,7 +684,7 @@ def config_lines(t: Tables) -> list[str]:
             out.append(f"{algorithm} `{next(iter(hashes))}`")
         elif hashes:
             out.append(f"{algorithm} " + ", ".join(f"`{h}` ({', '.join(d)})" for h, d in hashes.items()))
-    return ["", "Configs (the first 12 hex digits of the sha256 of each run's hyperparameters, seed excluded; the runs "
+    return ["", "Configs (the first 12 hex digits of the sha256 of each run's hyperparameters and data settings, seed excluded; the runs "
             "of one cell always share it): " + "; ".join(out) + "."] if out else []
 
 

@@ -259,7 +259,10 @@ def test_interrupted_writing_leaves_no_half_written_dataset(tiny, roots, tmp_pat
         forge(tiny_config(), run, minari_namespace="test/crash", progress=False)
     monkeypatch.setattr(forge_module.writing, "write_minari_dataset", write)
     assert not (run / "manifest.json").exists()
-    assert sorted(p.name for p in run.iterdir()) == ["medium-replay.hdf5", "medium.hdf5", "minari", "random.hdf5", "sac"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "medium-replay.hdf5", "medium.hdf5", "medium.hdf5.fingerprint.json", "minari", "random.hdf5",
+        "random.hdf5.fingerprint.json", "sac",  # a written dataset's fingerprint is cached beside it
+    ]
     assert sorted(p.name for p in (run / "minari/test/crash").iterdir()) == ["medium-v0", "random-v0"]
     assert not Path(f"{run / 'minari'}.staging").exists()
     again = forge(tiny_config(), run, minari_namespace="test/crash", progress=False)
