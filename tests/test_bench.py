@@ -133,7 +133,7 @@ def test_shipped_grids_expand(monkeypatch):
     monkeypatch.chdir(REPO)  # grid paths are relative to the repository root
     quick = load_grid("configs/grids/quick.yaml")
     assert quick.name == "quick" and len(quick.seeds) == 2
-    assert set(quick.datasets) == {"forge/pendulum-medium-replay-v0"}
+    assert set(quick.datasets) == {"shipped/pendulum-medium-replay-v0"}
     configs = {p.stem for p in (REPO / "configs/algorithms").glob("*.yaml")}
     assert configs <= set(quick.algorithms)  # every algorithm of the suite (and variants, e.g. diffcps-approx)
     assert set(quick.algorithms) - configs == {"diffcps-approx"}

@@ -304,14 +304,12 @@ def test_dpm_noise_clipping_keeps_the_implied_action_in_the_bounds():
 
 # --------------------------------------------------------------------------- learning (slow)
 @pytest.mark.slow
-def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monkeypatch):
-    """EDP (td3) and BC trained on the forge's Pendulum medium-replay data (the `small` preset: SAC online,
-    D4RL's recipe; forged into a temporary data root unless $OFFBENCH_DATA_DIR is set, where a forged family
-    is reused) with the same updates and evaluations; EDP must
+def test_edp_td3_beats_behaviour_cloning_on_shipped_pendulum_data():
+    """EDP (td3) and BC trained on the forge's Pendulum medium-replay data as shipped (`small` preset: SAC
+    online, D4RL's recipe; docs/data.md) with the same updates and evaluations; EDP must
     score higher. Test-only settings for a CPU: 2 x 64 networks, K = 100 with DPM-Solver 15, gamma 0.95.
     Measured once (final mean of the last four evaluations): EDP -1022, BC -1400, data mean -1328; 9.4 minutes
     on 2 busy cores."""
-    import os
 
     import numpy as np
 
@@ -319,14 +317,10 @@ def test_edp_td3_beats_behaviour_cloning_on_forged_pendulum_data(tmp_path, monke
     from offbench.data.catalog import resolve
     from offbench.data.datamodule import OfflineDataModule
     from offbench.evaluation import evaluate
-    from offbench.forge import forge, forge_config
 
-    if "OFFBENCH_DATA_DIR" not in os.environ:  # a data root of the user's holding the family is reused
-        monkeypatch.setenv("OFFBENCH_DATA_DIR", str(tmp_path))
-    forge(forge_config("Pendulum-v1", "small"), progress=False)  # returns at once when already forged
-    dm = OfflineDataModule("forge/pendulum-medium-replay-v0", batch_size=256, eval_every=500)
+    dm = OfflineDataModule("shipped/pendulum-medium-replay-v0", batch_size=256, eval_every=500)
     dm.setup("fit")
-    info = resolve("forge/pendulum-medium-replay-v0")
+    info = resolve("shipped/pendulum-medium-replay-v0")
     updates, final_evals, every = 4000, 4, 500
     scores = {}
     for name in ("bc", "edp"):

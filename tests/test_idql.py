@@ -17,7 +17,7 @@ from offbench.batch import Batch
 from offbench.diffusion import DiffusionPolicy, resample
 from offbench.nets import LNResNetBlock
 from tests.test_fit import interrupted_and_resumed
-from tests.test_rebrac import bc_scores, forged_pendulum, train_and_score
+from tests.test_rebrac import bc_scores, train_and_score
 
 OBS, ACT = 3, 2
 SMALL = {"hidden": (16,), "critic_hidden": (16, 16), "n_candidates": 4}
@@ -251,11 +251,11 @@ MARGIN = {"greedy": 5.0, "resample": 0.0}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("selection", ["greedy", "resample"])
-def test_idql_beats_bc_on_forged_pendulum_medium_replay(selection):
-    dataset, updates = "forge/pendulum-medium-replay-v0", 5000
+def test_idql_beats_bc_on_shipped_pendulum_medium_replay(selection):
+    dataset, updates = "shipped/pendulum-medium-replay-v0", 5000
     torch.manual_seed(0)
     module = IDQL(3, 1, 2.0, selection=selection, lr_decay_steps=updates, **IDQL_TEST)
-    ours = train_and_score(module, dataset, forged_pendulum(), updates, 256, False, reward_tuning="iql_locomotion")
+    ours = train_and_score(module, dataset, updates, 256, False, reward_tuning="iql_locomotion")
     bc = bc_scores(dataset, updates)
     print(f"idql ({selection}): final scores {np.round(ours, 1).tolist()} (mean {np.mean(ours):.1f}); "
           f"bc: {np.round(bc, 1).tolist()} (mean {np.mean(bc):.1f})")

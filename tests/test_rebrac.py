@@ -5,9 +5,6 @@ LayerNorm critic ensemble; and a learning test on the forge's Pendulum data agai
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,47 +236,22 @@ def test_sampler_fills_next_act_and_keeps_its_random_stream(tiny_hopper):
     torch.testing.assert_close(batch.next_act[same], torch.as_tensor(dm.transitions.act)[batch.idx[same] + 1])
 
 
-# --------------------------------------------------------------------------- learning on the forge's data (slow)
+# --------------------------------------------------------------------------- learning on the shipped data (slow)
 #
-# The forge's Pendulum-v1 family (`offbench data forge --env Pendulum-v1`, the `small` preset: SAC online,
-# D4RL's recipe), medium-replay: the early replay buffer of the SAC run, poor but informative. Rows of
+# The forge's Pendulum-v1 family as shipped with the suite (`shipped/pendulum-*-v0`, docs/data.md: SAC online,
+# D4RL's recipe, the `small` preset), medium-replay: the early replay buffer of the SAC run, poor but informative. Rows of
 # the quick grid (5000 updates) put BC at a normalized score of about 9 there and IQL at about 38.
 # The test trains BC (configs/algorithms/bc.yaml's settings) and the algorithm on the same data with the
 # same seed and compares the mean normalized score of the last five evaluations (10 episodes each).
 
 
-@functools.cache
-def forged_pendulum() -> Path:
-    """A data root holding the forge's Pendulum-v1 family: $OFFBENCH_DATA_DIR's when it is forged there
-    already, else one forged now (about 2 minutes on a free core) into a temporary folder, once per process."""
-    from offbench.data.catalog import forge_dir
-
-    root = os.environ.get("OFFBENCH_DATA_DIR")
-    if root and (forge_dir("Pendulum-v1", root) / "manifest.json").exists():
-        return Path(root)
-    from offbench.forge import forge, forge_config
-
-    root = Path(tempfile.mkdtemp(prefix="offbench-forge-"))
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
-    try:
-        forge(forge_config("Pendulum-v1"), forge_dir("Pendulum-v1", root / "data"), progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("MINARI_DATASETS_PATH")
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old
-    return root / "data"
-
-
-def train_and_score(module, dataset: str, data_root: Path, updates: int, batch_size: int, normalize: bool,
+def train_and_score(module, dataset: str, updates: int, batch_size: int, normalize: bool,
                     reward_tuning: str = "none", eval_every: int = 500, final: int = 5) -> list[float]:
-    """`updates` updates on the forged `dataset` through the DataModule's sampler; the normalized scores
+    """`updates` updates on the shipped `dataset` through the DataModule's sampler; the normalized scores
     of the last `final` evaluations (every `eval_every` updates, 10 episodes, evaluation seed 100)."""
     from offbench.data.datamodule import OfflineDataModule
     from offbench.evaluation import evaluate
 
-    os.environ["OFFBENCH_DATA_DIR"] = str(data_root)
     dm = OfflineDataModule(dataset, batch_size=batch_size, normalize_obs=normalize, reward_tuning=reward_tuning)
     dm.setup()
     module.configure_optimizers()
@@ -300,7 +272,7 @@ def bc_scores(dataset: str, updates: int) -> list[float]:
     from algorithms.bc import BC
 
     torch.manual_seed(0)
-    return train_and_score(BC(3, 1, 2.0, policy="deterministic", actor_lr=1e-3), dataset, forged_pendulum(), updates, 256, True)
+    return train_and_score(BC(3, 1, 2.0, policy="deterministic", actor_lr=1e-3), dataset, updates, 256, True)
 
 
 # Test-only settings for a CPU budget: 64-unit networks (3 layers, as ReBRAC's), batch 256, 8000 updates;
@@ -312,10 +284,10 @@ REBRAC_TEST = {"hidden": (64, 64, 64), "actor_bc_coef": 0.01, "critic_bc_coef": 
 
 
 @pytest.mark.slow
-def test_rebrac_beats_bc_on_forged_pendulum_medium_replay():
-    dataset, updates = "forge/pendulum-medium-replay-v0", 8000
+def test_rebrac_beats_bc_on_shipped_pendulum_medium_replay():
+    dataset, updates = "shipped/pendulum-medium-replay-v0", 8000
     torch.manual_seed(0)
-    ours = train_and_score(ReBRAC(3, 1, 2.0, **REBRAC_TEST), dataset, forged_pendulum(), updates, 256, False)
+    ours = train_and_score(ReBRAC(3, 1, 2.0, **REBRAC_TEST), dataset, updates, 256, False)
     bc = bc_scores(dataset, updates)
     print(f"rebrac: final scores {np.round(ours, 1).tolist()} (mean {np.mean(ours):.1f}); "
           f"bc: {np.round(bc, 1).tolist()} (mean {np.mean(bc):.1f})")
