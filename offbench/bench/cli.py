@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         help="share of a GPU reserved for each cell, e.g. 0.5: two cells per GPU (default: 1 when the cluster "
         "has GPUs, else 0)",
     )
+    parser.add_argument(
+        "--output", default=None,
+        help="folder of the run directories and tables instead of the grid's (`output`, default results/<name>); "
+        "e.g. a measurement of your own beside the committed one: --output runs/benchmark/quick",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
     parser.add_argument("--no-tables", action="store_true", help="do not write the tables at the end")
     parser.add_argument(
@@ -61,7 +66,7 @@ def main(argv: list[str]) -> int:
     if args.launcher != "ray" and any(value is not None for value in ray_args.values()):
         given = [name for name, value in ray_args.items() if value is not None]
         parser.error(f"{', '.join(given)}: only with --launcher ray")
-    grid = load_grid(args.grid)  # a GridError (a UserError) lists every problem of the grid file
+    grid = load_grid(args.grid, args.output)  # a GridError (a UserError) lists every problem of the grid file
     if args.dry_run:
         states = {c.id: cell_state(c) for c in grid.cells}
         for cell in grid.cells:

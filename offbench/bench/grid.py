@@ -78,9 +78,10 @@ def expand_grid(path: str | os.PathLike) -> list[Cell]:
     return load_grid(path).cells
 
 
-def load_grid(path: str | os.PathLike) -> Grid:
+def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Grid:
     """Read and check a grid file; raises GridError naming every problem (unknown keys, missing
-    config files, unknown datasets, budgets that do not fit) before anything runs."""
+    config files, unknown datasets, budgets that do not fit) before anything runs. `output` replaces the
+    grid's output folder (`offbench bench --output`)."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"no grid file at {path}")
@@ -97,7 +98,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         problems.append(f"`name` must be a plain name (letters, digits, _ . -), got {name!r}")
         name = path.stem
-    output = Path(raw.get("output") or Path("results") / name)
+    output = Path(output or raw.get("output") or Path("results") / name)
     seeds = _seeds(raw.get("seeds"), problems)
 
     datasets = raw.get("datasets")
