@@ -8,8 +8,10 @@ tables refuse to pool runs of different fingerprints in one cell, and `offbench 
 The fingerprint is the first 16 hex digits of a SHA-256 over the dataset's arrays as loaded, before any
 transform (reward tuning, observation normalisation, action clipping): observations, actions, rewards,
 next observations, terminals, episode ids and steps (the last two carry the episode boundaries, so
-timeouts count), each with its name, dtype and shape. The same arrays in an HDF5 file or a Minari dataset
-give the same fingerprint. For a file it is computed once and cached beside it
+timeouts count), each with its name, dtype and shape. It depends on the arrays only, not on the container
+(a file rewritten with other compression or attributes keeps it; the D4RL-layout HDF5 and the Minari copy of one
+dataset differ, since the HDF5 layout drops each truncated episode's last transition). For a file it is computed
+once and cached beside it
 (`<file>.fingerprint.json`, keyed by the file's size and modification time).
 """
 
