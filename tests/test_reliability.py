@@ -606,6 +606,8 @@ def test_progress_off_a_terminal_prints_plain_lines_every_tenth_or_30_seconds(mo
     (["perf", "--accelerator", "tpu"], "offbench: error: --accelerator must be auto, cpu or gpu, got 'tpu'"),
     (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-family", "hopper", "--ref-min", "0"],
      "offbench: error: pass either --ref-family or --ref-min/--ref-max, not both"),
+    (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-min", "0"],
+     "offbench: error: pass both --ref-min and --ref-max (the random and the expert return), or neither"),
     (["data", "forge", "--env", "Pendulum-v1", "--sac-steps", "100", "--start-steps", "10", "--checkpoint-every", "60"],
      "offbench: error: --sac-steps 100 gives fewer than 2 checkpoints every 60 steps (--checkpoint-every)"),
     (["table", "no-such-dir"], "offbench: error: no directory no-such-dir: name a results directory"),
