@@ -685,3 +685,24 @@ def test_a_new_metric_column_rewrites_metrics_csv_atomically(tmp_path, monkeypat
     with pytest.raises(OSError):
         writer.save()
     assert (tmp_path / "metrics.csv").read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+# --------------------------------------------------------------------------- what every run prints
+
+
+def test_gymnasiums_v4_deprecation_note_is_silenced_where_envs_are_made():
+    """Even under `-W always`: gymnasium warns for Hopper-v4 made directly, not once offbench.envs (which
+    evaluates D4RL's datasets in the v4 envs on purpose) is imported; another env's warnings stay."""
+    code = textwrap.dedent("""
+        import gymnasium as gym
+        gym.make("Hopper-v4")
+        from offbench.data.catalog import resolve
+        from offbench.envs import make_env
+        make_env(resolve("hopper-medium-v2")), make_env(resolve("walker2d-medium-v2"))
+        gym.make("Ant-v4")
+    """)
+    done = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", code], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Hopper-v4 is out of date") == 1  # the direct make only
+    assert "Walker2d-v4 is out of date" not in done.stderr and "Ant-v4 is out of date" in done.stderr
