@@ -604,6 +604,8 @@ def test_progress_off_a_terminal_prints_plain_lines_every_tenth_or_30_seconds(mo
     (["toy", "--methods", "no-such-method"], "offbench: error: no toy config "),
     (["toy", "--updates", "0"], "offbench: error: --updates and --samples must be positive, got 0"),
     (["perf", "--accelerator", "tpu"], "offbench: error: --accelerator must be auto, cpu or gpu, got 'tpu'"),
+    (["perf", "--configs"], "offbench: error: --configs names no file: name configs/algorithms/*.yaml files"),
+    (["perf", "--configs", "no-such.yaml"], "offbench: error: --configs: no config file no-such.yaml"),
     (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-family", "hopper", "--ref-min", "0"],
      "offbench: error: pass either --ref-family or --ref-min/--ref-max, not both"),
     (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-min", "0"],
@@ -706,3 +708,13 @@ def test_gymnasiums_v4_deprecation_note_is_silenced_where_envs_are_made():
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("Hopper-v4 is out of date") == 1  # the direct make only
     assert "Walker2d-v4 is out of date" not in done.stderr and "Ant-v4 is out of date" in done.stderr
+
+
+def test_perf_out_naming_a_file_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("report.md").write_text("kept\n")
+    monkeypatch.setattr("offbench.perf.measure_training", lambda *a, **k: pytest.fail("measured before the check"))
+    assert main(["perf", "--configs", str(REPO / "configs/algorithms/bc.yaml"), "--out", "report.md"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "offbench: error: --out report.md is a file: --out names the folder that gets perf.md and perf.json"
+    assert Path("report.md").read_text() == "kept\n"
