@@ -28,10 +28,11 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 import yaml
-from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ModelSummary, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 from offbench.data.datamodule import OfflineDataModule
 from offbench.errors import UserError
@@ -57,14 +58,16 @@ OFFBENCH_DEBUG=1) shows its traceback too.
 
 # Messages every `fit` printed that a user cannot act on, silenced by their exact text (nothing else):
 # LightningCLI's note on `args` (the dispatcher passes argv on purpose), Lightning's pytree deprecation
-# (its own code, torch 2.13), its notes on `weights_only` and on its logging service, and the CSV
-# logger's note on a non-empty run directory (it always holds run.lock; RunCSVLogger keeps the rows).
+# (its own code, torch 2.13), its notes on `weights_only` and on its logging service, the CSV
+# logger's note on a non-empty run directory (it always holds run.lock; RunCSVLogger keeps the rows), and
+# its note that a model summary callback is given (ParameterSummary, on purpose).
 _QUIET_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Experiment logs directory .* exists and is not empty\. Previous log files in this directory will be deleted",
 )
-_QUIET_LOGS = ("`weights_only` was not set, defaulting to", "💡 Tip: For seamless cloud logging")
+_QUIET_LOGS = ("`weights_only` was not set, defaulting to", "💡 Tip: For seamless cloud logging",
+               "Trainer already configured with model summary callbacks")
 
 
 class _QuietLogs(logging.Filter):
@@ -226,7 +229,9 @@ class OffbenchCLI(LightningCLI):
         if self.changes:
             callbacks.append(ApplyNewSettings())
         if trainer_config.get("enable_progress_bar") is not False:
-            callbacks.append(RichProgressBar())
+            callbacks.append(FinalScoreProgressBar())
+        if trainer_config.get("enable_model_summary") is not False:
+            callbacks.append(ParameterSummary())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -287,6 +292,31 @@ class LastCheckpoint(Checkpoint):
                 link.unlink(missing_ok=True)
         os.replace(partial, last)  # a crash mid-write never leaves a broken last.ckpt
         self.keep_previous = True
+
+
+class FinalScoreProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, showing the last evaluation's score when the run ends: the bar reads
+    its metrics in on_train_epoch_end, before Lightning adds that epoch's evaluation (logged on_epoch) to
+    them, so the finished bar showed the evaluation before the last one."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary (layers and parameter counts) without its FLOPs column and "Total FLOPs"
+    line: Lightning counts FLOPs on a module's `example_input_array`, which the algorithms do not define,
+    so it printed 0 on every run."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int, **kwargs: Any) -> None:
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        lines = [line for line in table.splitlines() if not line.endswith("Total Flops")]
+        logging.getLogger("lightning.pytorch.callbacks.model_summary").info("\n" + "\n".join(lines))
 
 
 class ApplyNewSettings(pl.Callback):
@@ -442,7 +472,7 @@ class _MetricsWriter(ExperimentWriter):
 
 class RunCSVLogger(CSVLogger):
     """metrics.csv in the run directory itself, with one counter column, `updates`, in every row (the
-    training rows log it, the evaluation rows' `eval/updates` is written under it; Lightning's `step`
+    training rows log it, the evaluation rows' `eval/updates` is written under it, as an integer; Lightning's `step`
     and `epoch` columns, which count nothing here, are left out). On resume it keeps the rows logged up
     to the checkpoint and drops later ones (they are logged again); Lightning's CSVLogger would delete
     the whole file when its writer starts. A failed write (a full disk) stops the run with one message;
@@ -458,6 +488,8 @@ class RunCSVLogger(CSVLogger):
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         if "eval/updates" in metrics:
             metrics["updates"] = metrics.pop("eval/updates")
+        if "updates" in metrics:  # a count, logged as a float by Lightning: written as 50, not 50.0
+            metrics["updates"] = int(metrics["updates"])
         super().log_metrics(metrics, step)  # the writer drops the `step` column (_MetricsWriter.log_metrics)
 
     def log_hyperparams(self, params: Any = None) -> None:

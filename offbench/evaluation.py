@@ -31,6 +31,7 @@ from torch import Tensor
 import offbench
 from offbench.data.catalog import DatasetInfo
 from offbench.envs import flatten_obs, make_vector_env
+from offbench.errors import UserError
 from offbench.files import write_json_atomic
 from offbench.scores import normalized_score
 
@@ -46,6 +47,8 @@ def evaluate(
     device: str | torch.device = "cpu",
     asynchronous: bool = False,
     envs: VectorEnv | None = None,
+    clip_actions: bool = False,
+    name: str = "the policy",
 ) -> dict[str, Any]:
     """Run exactly `episodes` episodes of `policy` in the dataset's eval env and score them.
 
@@ -53,6 +56,8 @@ def evaluate(
     once per env step for all running episodes together, under `torch.no_grad()`. Episodes run in
     rounds of at most `num_envs`; episode k is reset with seed `seed + k`. Pass `envs` (a vector
     env from `make_vector_env(info, ...)`) to reuse envs across calls; it is left open.
+    An action outside the env's bounds (beyond a round-off tolerance, ACTION_TOLERANCE) is a
+    UserError naming `name`, unless `clip_actions` (a policy defined as clipped): see `_to_actions`.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
@@ -84,7 +89,9 @@ def evaluate(
                 while active.any():
                     flat = flatten_obs(obs, info.obs_keys)
                     actions = filler.copy()
-                    actions[active] = _to_actions(policy(torch.as_tensor(flat[active], device=device)), space)
+                    actions[active] = _to_actions(
+                        policy(torch.as_tensor(flat[active], device=device)), space, clip_actions, name
+                    )
                     obs, reward, terminated, truncated, step_info = envs.step(actions)
                     vector_steps += 1
                     ret += np.where(active, reward, 0.0)
@@ -120,9 +127,15 @@ def evaluate(
     }
 
 
-def _to_actions(actions: Tensor, space: Any) -> np.ndarray:
-    """Policy output -> numpy actions, checked, clipped to the bounds (sampled actions can
-    overshoot by rounding, and MuJoCo envs do not clip)."""
+# Actions may exceed the env's bounds by this much relative to the bound (float round-off, e.g. a
+# float32 `max_action * tanh(x)`) and are then clipped; anything further out is a bug of the policy.
+ACTION_TOLERANCE = 1e-5
+
+
+def _to_actions(actions: Tensor, space: Any, clip: bool = False, name: str = "the policy") -> np.ndarray:
+    """Policy output -> numpy actions, checked, clipped to the bounds (MuJoCo envs do not clip).
+    An action further out than ACTION_TOLERANCE (relative to the bound) is a UserError naming `name`
+    and the action of largest magnitude, unless `clip`: a silent clip would hide an author's bug."""
     array = torch.as_tensor(actions).detach().to("cpu", torch.float64).numpy()
     if array.ndim != 2 or array.shape[1:] != space.shape:
         raise ValueError(
@@ -131,6 +144,16 @@ def _to_actions(actions: Tensor, space: Any) -> np.ndarray:
         )
     if not np.isfinite(array).all():
         raise ValueError("policy returned non-finite actions (NaN/inf): training has likely diverged")
+    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+    slack = ACTION_TOLERANCE * np.maximum(np.abs(low), np.abs(high))
+    outside = (array < low - slack) | (array > high + slack)
+    if outside.any() and not clip:
+        row, dim = np.unravel_index(np.argmax(np.where(outside, np.abs(array), -np.inf)), array.shape)
+        raise UserError(
+            f"{name} returned actions outside the env's action bounds: {array[row, dim]:.6g} in action dimension "
+            f"{dim}, bounds [{low[dim]:.6g}, {high[dim]:.6g}]; bound them in act() (e.g. max_action * tanh(.), or a "
+            "clamp), or pass --eval.clip_actions true if the policy is defined as clipped"
+        )
     return np.clip(array, space.low, space.high).astype(space.dtype)
 
 
@@ -162,6 +185,10 @@ class EvalCallback(Callback):
         asynchronous: one subprocess per env (for slow envs) instead of stepping in-process.
         final_mean_k: the "final_mean" score averages the last K evaluations.
         seed: episode k of every evaluation is reset with `seed + k`; kept apart from training seeds.
+        clip_actions: clip `act`'s actions to the env's bounds, for a policy defined as clipped
+            (`--eval.clip_actions true`). By default an action beyond the bounds (more than a 1e-5
+            relative round-off, ACTION_TOLERANCE) stops the run at its first evaluation with a
+            message naming the algorithm and the action.
     """
 
     def __init__(
@@ -171,6 +198,7 @@ class EvalCallback(Callback):
         asynchronous: bool = False,
         final_mean_k: int = 5,
         seed: int = 10_000,
+        clip_actions: bool = False,
     ) -> None:
         if episodes is not None and episodes < 1:
             raise ValueError(f"episodes must be at least 1 (or None for the dataset default), got {episodes}")
@@ -181,6 +209,7 @@ class EvalCallback(Callback):
         self.asynchronous = asynchronous
         self.final_mean_k = final_mean_k
         self.seed = seed
+        self.clip_actions = clip_actions
         self.history: list[dict[str, float]] = []  # {updates, score, return, score_std, seconds}
         self.train_seconds = 0.0  # training time over all epochs (resumes included), eval excluded
         self._envs: VectorEnv | None = None
@@ -258,7 +287,8 @@ class EvalCallback(Callback):
         pl_module.eval()
         try:
             with isolated_rng(self.seed):
-                return evaluate(policy, info, episodes, self.num_envs, self.seed, pl_module.device, envs=self._envs)
+                return evaluate(policy, info, episodes, self.num_envs, self.seed, pl_module.device, envs=self._envs,
+                                clip_actions=self.clip_actions, name=f"{type(pl_module).__module__}.{type(pl_module).__qualname__}.act")
         finally:
             pl_module.train(was_training)
 

@@ -392,6 +392,18 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     write_text_atomic(out_dir / "perf.md", "\n".join(lines))
 
 
+def _check_configs_and_out(configs: list[Path], out: Path) -> None:
+    """At least one config file, each there, and an output folder that is not a file: UserError otherwise."""
+    if not configs:
+        raise UserError("--configs names no file: name configs/algorithms/*.yaml files, or leave --configs out "
+                        "to measure every algorithm")
+    missing = [str(c) for c in configs if not c.is_file()]
+    if missing:
+        raise UserError(f"--configs: no config file {', '.join(missing)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: --out names the folder that gets perf.md and perf.json")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="offbench perf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")))
@@ -402,7 +414,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation measurement (at least one per env)")
     parser.add_argument("--eval-envs", type=int, nargs="+", default=[10], help="vectorised env counts to time (and always 1)")
     parser.add_argument("--eval-async-envs", type=int, default=0, help="also time this many envs in subprocesses (0: no)")
-    parser.add_argument("--out", type=Path, default=REPO / "results/perf")
+    parser.add_argument("--out", type=Path, default=REPO / "results/perf", help="folder for perf.md and perf.json")
     parser.add_argument(
         "--compile", action="store_true",
         help="also time the compiled update (enable_compile): inductor's default mode, and CUDA graphs on CUDA",
@@ -414,6 +426,7 @@ def main(argv: list[str]) -> int:
     if args.eval_episodes <= 0 or min(args.eval_envs) <= 0:
         parser.error("--eval-episodes and --eval-envs must be positive")
     resolve_accelerator(args.accelerator)  # an unknown or absent accelerator stops here, before any measurement
+    _check_configs_and_out(args.configs, args.out)  # so do these: a run measures for minutes before it writes
     training = []
     for perf_row in perf_rows(args.configs):
         result = measure_training(

@@ -24,7 +24,7 @@ from offbench.data.sources import (
     read_minari,
     transitions_from_d4rl,
 )
-from offbench.data.synthetic import write_random_dataset
+from offbench.data.synthetic import RECIPES, write_random_dataset
 from offbench.envs import make_env
 from offbench.errors import UserError
 from offbench.scores import REF_SCORES, normalized_score
@@ -443,6 +443,35 @@ def test_data_commands(tmp_path, capsys):
     assert "not on this machine" in capsys.readouterr().out
     assert data_main(["info", "list"]) == 0
     assert "D4RL/antmaze/large-diverse-v1" in capsys.readouterr().out
+
+
+def test_data_synth_stores_the_envs_references_or_warns_that_it_cannot(tmp_path, capsys):
+    def synth(env: str, *flags: str) -> Path:
+        out = tmp_path / f"{env}.hdf5"
+        assert data_main(["synth", "--env", env, "--out", str(out), "--episodes", "1", "--max-episode-steps", "3",
+                          *flags]) == 0
+        return out
+
+    # Pendulum: the synthetic recipe's references (the same writer makes synthetic/pendulum-random-v0)
+    info = resolve(str(synth("Pendulum-v1")))
+    assert (info.ref_min, info.ref_max) == (RECIPES["pendulum-random-v0"].ref_min, 0.0) == (-1233.66, 0.0)
+    out, err = capsys.readouterr()
+    assert "reference scores: ref_min -1233.66, ref_max 0 (those of synthetic/pendulum-random-v0" in out and not err
+    # another version of a D4RL env: its family's references
+    info = resolve(str(synth("Hopper-v5")))
+    assert (info.ref_min, info.ref_max) == REF_SCORES["hopper"]
+    assert "(D4RL's hopper references)" in capsys.readouterr().out
+    # flags win over the known references
+    info = resolve(str(synth("Pendulum-v1", "--ref-min", "-100", "--ref-max", "-5")))
+    assert (info.ref_min, info.ref_max) == (-100.0, -5.0)
+    assert "reference scores" not in capsys.readouterr().out
+    # an env the suite has no references for: a warning naming the flags, and the file needs them to be scored
+    path = synth("MountainCarContinuous-v0")
+    err = capsys.readouterr().err
+    assert "warning: no reference scores are known for MountainCarContinuous-v0" in err
+    assert "--ref-min R_RANDOM --ref-max R_EXPERT" in err
+    with pytest.raises(UserError, match="does not say reference scores"):
+        resolve(str(path))
 
 
 # --------------------------------------------------------------------------- dataset identity and shipped data

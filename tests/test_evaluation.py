@@ -15,7 +15,8 @@ from torch import Tensor
 
 from offbench.data.catalog import DatasetInfo, resolve
 from offbench.envs import action_bounds, flatten_obs, make_env, make_vector_env, observation_dim
-from offbench.evaluation import EvalCallback, evaluate, isolated_rng
+from offbench.errors import UserError
+from offbench.evaluation import ACTION_TOLERANCE, EvalCallback, evaluate, isolated_rng
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # the v4 envs are "out of date"
@@ -99,6 +100,34 @@ def test_bad_policy_output_fails_clearly():
         evaluate(zeros(2), PENDULUM, episodes=1, num_envs=1)
     with pytest.raises(ValueError, match="non-finite"):
         evaluate(lambda obs: torch.full((obs.shape[0], 1), float("nan")), PENDULUM, episodes=1, num_envs=1)
+
+
+def constant(value: float):
+    return lambda obs: torch.full((obs.shape[0], 1), value)
+
+
+def test_actions_outside_the_bounds_are_an_error_unless_clipping_is_asked_for():
+    # Pendulum's bounds are [-2, 2]: an act() 10x outside them is an author's bug, not clipped silently.
+    with pytest.raises(UserError, match=r"^my\.Algo\.act returned actions outside .*-20 in action dimension 0, "
+                       r"bounds \[-2, 2\].*--eval\.clip_actions true"):
+        evaluate(constant(-20.0), PENDULUM, episodes=1, num_envs=1, name="my.Algo.act")
+    # round-off within ACTION_TOLERANCE (1e-5 of the bound) passes and is clipped; beyond it does not
+    assert ACTION_TOLERANCE == 1e-5
+    inside = evaluate(constant(2.0 * (1 + 0.5e-5)), PENDULUM, episodes=1, num_envs=1)
+    assert inside["returns"] == evaluate(constant(2.0), PENDULUM, episodes=1, num_envs=1)["returns"]
+    with pytest.raises(UserError, match="2.00004 in action dimension 0"):
+        evaluate(constant(2.0 * (1 + 2e-5)), PENDULUM, episodes=1, num_envs=1)
+    # clip_actions: a policy defined as clipped gets exactly the clipped actions
+    clipped = evaluate(constant(-20.0), PENDULUM, episodes=1, num_envs=1, clip_actions=True)
+    assert clipped["returns"] == evaluate(constant(-2.0), PENDULUM, episodes=1, num_envs=1)["returns"]
+
+
+def test_the_largest_action_outside_the_bounds_is_named():
+    def policy(obs: Tensor) -> Tensor:  # Hopper, bounds [-1, 1]: two dimensions out, -7 the larger
+        return torch.tensor([[0.5, 3.0, -7.0]]).expand(obs.shape[0], 3)
+
+    with pytest.raises(UserError, match=r"-7 in action dimension 2, bounds \[-1, 1\]"):
+        evaluate(policy, HOPPER, episodes=1, num_envs=1)
 
 
 # --- envs --------------------------------------------------------------------------------------
@@ -189,7 +218,7 @@ def test_evaluation_does_not_touch_the_global_torch_stream():
 class TinyModule(pl.LightningModule):
     """A fixed random policy with the offbench contract: manual optimisation, `updates`, `act`."""
 
-    def __init__(self, noise: float = 0.5) -> None:
+    def __init__(self, noise: float = 0.5, scale: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -209,7 +238,7 @@ class TinyModule(pl.LightningModule):
     def act(self, obs: Tensor) -> Tensor:
         self.act_modes.append(self.training)
         noise = self.hparams.noise * torch.randn(obs.shape[0], 1)  # samples from the global RNG
-        return (obs @ self.w + noise).clamp(-2.0, 2.0)
+        return (obs @ self.w + noise).clamp(-2.0, 2.0) * self.hparams.scale
 
     def configure_optimizers(self):
         return None
@@ -227,9 +256,9 @@ class TinyData(pl.LightningDataModule):
         return [3, 3]  # two blocks of 3 updates per epoch, as OfflineDataModule does
 
 
-def _fit(root, max_epochs: int, callbacks: list, ckpt_path: str | None = None) -> TinyModule:
+def _fit(root, max_epochs: int, callbacks: list, ckpt_path: str | None = None, scale: float = 1.0) -> TinyModule:
     pl.seed_everything(7)
-    module = TinyModule()
+    module = TinyModule(scale=scale)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         default_root_dir=root,
@@ -273,7 +302,7 @@ def test_callback_in_a_fit_writes_result_and_resumes(tmp_path):
         assert key in result, key
     assert result["dataset"] == PENDULUM.name and result["env_id"] == "Pendulum-v1"
     assert result["algorithm"] == f"{__name__}.TinyModule"
-    assert result["hyperparameters"] == {"noise": 0.5}
+    assert result["hyperparameters"] == {"noise": 0.5, "scale": 1.0}
     assert result["seed"] == 7 and result["updates"] == 18
     assert result["scores"]["final_mean_k"] == 2 and result["scores"]["last"] == callback.last
     assert result["protocol"]["episodes_per_evaluation"] == 2
@@ -291,6 +320,16 @@ def test_callback_in_a_fit_writes_result_and_resumes(tmp_path):
     _fit(tmp_path / "resumed", 4, [resumed], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert [h["updates"] for h in resumed.history] == [6, 12, 18, 24]
     assert resumed.history[:3] == callback.history
+
+
+def test_a_fit_whose_act_leaves_the_bounds_stops_at_its_first_evaluation(tmp_path):
+    # TinyModule's actions reach +-2 (Pendulum's bounds); scaled 10x they reach +-20
+    with pytest.raises(UserError, match=rf"^{__name__}\.TinyModule\.act returned actions outside .* bounds \[-2, 2\]"):
+        _fit(tmp_path / "a", 2, [callback := EvalCallback(num_envs=2)], scale=10.0)
+    assert callback.history == []  # the first evaluation
+    clipped = EvalCallback(num_envs=2, clip_actions=True)
+    _fit(tmp_path / "b", 1, [clipped], scale=10.0)
+    assert len(clipped.history) == 1
 
 
 def test_evaluation_does_not_change_training_randomness(tmp_path):

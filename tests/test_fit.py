@@ -74,6 +74,32 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     assert not {"step", "epoch", "eval/updates"} & set(metrics.columns) and metrics["updates"].notna().all()
     assert metrics.loc[metrics["eval/score"].notna(), "updates"].tolist() == [100, 200, 300]
     assert metrics.loc[metrics["loss/actor"].notna(), "updates"].tolist() == list(range(50, 301, 50))
+    # the counter is written as an integer (Lightning logs it as a float: 50.0)
+    assert metrics["updates"].dtype.kind == "i"
+    assert [line.rsplit(",", 1)[1] for line in (run / "metrics.csv").read_text().splitlines()[1:3]] == ["50", "100"]
+
+
+class BarAtFitEnd(pl.Callback):
+    """Records what the progress bar shows when the fit has ended."""
+
+    shown: dict = {}
+
+    def on_fit_end(self, trainer, pl_module):
+        BarAtFitEnd.shown = dict(trainer.progress_bar_callback._metric_component._metrics)
+
+
+def test_the_screen_shows_the_last_score_and_the_parameters_without_flops(tiny_hopper, tmp_path, capfd, caplog):
+    args = fit_args(tiny_hopper, tmp_path / "run", "--trainer.callbacks+=tests.test_fit.BarAtFitEnd")
+    for flag in ("--trainer.enable_progress_bar", "--trainer.enable_model_summary"):
+        args[args.index(flag) + 1] = "true"
+    main(args)
+    history = json.loads((tmp_path / "run/result.json").read_text())["history"]
+    assert len({h["score"] for h in history}) == 3  # the last score differs from the one before
+    assert BarAtFitEnd.shown["eval/score"] == pytest.approx(history[-1]["score"], rel=1e-6)  # float32 in the logger
+    shown = "".join(capfd.readouterr()) + caplog.text  # the summary goes through logging
+    assert f"eval/score: {history[-1]['score']:.3f}" in shown
+    assert "Trainable params" in shown and "Total params" in shown  # the parameter summary stays
+    assert "FLOP" not in shown.upper() and "already configured with model summary" not in shown
 
 
 def test_metrics_csv_keeps_every_row_past_lightnings_flush(tiny_hopper, tmp_path):

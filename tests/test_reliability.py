@@ -604,8 +604,12 @@ def test_progress_off_a_terminal_prints_plain_lines_every_tenth_or_30_seconds(mo
     (["toy", "--methods", "no-such-method"], "offbench: error: no toy config "),
     (["toy", "--updates", "0"], "offbench: error: --updates and --samples must be positive, got 0"),
     (["perf", "--accelerator", "tpu"], "offbench: error: --accelerator must be auto, cpu or gpu, got 'tpu'"),
+    (["perf", "--configs"], "offbench: error: --configs names no file: name configs/algorithms/*.yaml files"),
+    (["perf", "--configs", "no-such.yaml"], "offbench: error: --configs: no config file no-such.yaml"),
     (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-family", "hopper", "--ref-min", "0"],
      "offbench: error: pass either --ref-family or --ref-min/--ref-max, not both"),
+    (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-min", "0"],
+     "offbench: error: pass both --ref-min and --ref-max (the random and the expert return), or neither"),
     (["data", "forge", "--env", "Pendulum-v1", "--sac-steps", "100", "--start-steps", "10", "--checkpoint-every", "60"],
      "offbench: error: --sac-steps 100 gives fewer than 2 checkpoints every 60 steps (--checkpoint-every)"),
     (["table", "no-such-dir"], "offbench: error: no directory no-such-dir: name a results directory"),
@@ -683,3 +687,34 @@ def test_a_new_metric_column_rewrites_metrics_csv_atomically(tmp_path, monkeypat
     with pytest.raises(OSError):
         writer.save()
     assert (tmp_path / "metrics.csv").read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+# --------------------------------------------------------------------------- what every run prints
+
+
+def test_gymnasiums_v4_deprecation_note_is_silenced_where_envs_are_made():
+    """Even under `-W always`: gymnasium warns for Hopper-v4 made directly, not once offbench.envs (which
+    evaluates D4RL's datasets in the v4 envs on purpose) is imported; another env's warnings stay."""
+    code = textwrap.dedent("""
+        import gymnasium as gym
+        gym.make("Hopper-v4")
+        from offbench.data.catalog import resolve
+        from offbench.envs import make_env
+        make_env(resolve("hopper-medium-v2")), make_env(resolve("walker2d-medium-v2"))
+        gym.make("Ant-v4")
+    """)
+    done = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", code], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Hopper-v4 is out of date") == 1  # the direct make only
+    assert "Walker2d-v4 is out of date" not in done.stderr and "Ant-v4 is out of date" in done.stderr
+
+
+def test_perf_out_naming_a_file_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("report.md").write_text("kept\n")
+    monkeypatch.setattr("offbench.perf.measure_training", lambda *a, **k: pytest.fail("measured before the check"))
+    assert main(["perf", "--configs", str(REPO / "configs/algorithms/bc.yaml"), "--out", "report.md"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "offbench: error: --out report.md is a file: --out names the folder that gets perf.md and perf.json"
+    assert Path("report.md").read_text() == "kept\n"

@@ -4,16 +4,26 @@ dataset name resolves to."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from offbench.data.catalog import CATALOG, FORGE_ENVS, FORGE_KINDS, forge_dir, forge_name, resolve, shipped_names
+from offbench.data.catalog import (
+    CATALOG,
+    FORGE_ENVS,
+    FORGE_KINDS,
+    LOCOMOTION,
+    forge_dir,
+    forge_name,
+    resolve,
+    shipped_names,
+)
 from offbench.data.checks import check_transitions
 from offbench.data.identity import checked_fingerprint
 from offbench.data.sources import load_transitions, local_path
-from offbench.data.synthetic import minari_datasets_root, write_random_dataset
+from offbench.data.synthetic import RECIPES, minari_datasets_root, write_random_dataset
 from offbench.envs import action_bounds, observation_dim
 from offbench.errors import UserError
 from offbench.pgd.commands import add_pgd_parser
@@ -32,9 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's registered limit")
     synth.add_argument("--minari-id", default=None, help="also write the episodes as this Minari dataset")
-    synth.add_argument("--ref-family", choices=sorted(REF_SCORES), default=None, help="store D4RL reference scores")
-    synth.add_argument("--ref-min", type=float, default=None)
-    synth.add_argument("--ref-max", type=float, default=None)
+    synth.add_argument("--ref-family", choices=sorted(REF_SCORES), default=None, help="store D4RL reference scores "
+                       "(default: the env's references where the suite knows them, see synth_references)")
+    synth.add_argument("--ref-min", type=float, default=None, help="the random policy's return (with --ref-max)")
+    synth.add_argument("--ref-max", type=float, default=None, help="the expert's return (with --ref-min)")
 
     forge = sub.add_parser(
         "forge", help="train SAC online and write D4RL's five datasets (random, medium, medium-replay, expert, "
@@ -95,15 +106,41 @@ def main(argv: list[str]) -> int:
     return _info(args)
 
 
+def synth_references(env_id: str) -> tuple[float, float, str] | None:
+    """(ref_min, ref_max, where they come from) that `data synth` stores for `env_id` when no flag names
+    them, or None. The suite's synthetic recipe of that env first (synthetic/<env>-random-v0 is made by the
+    same writer, so both files score alike: for Pendulum-v1 ref_max 0, the reward's bound, not the shipped
+    family's expert return), else D4RL's references of the env's family (Hopper-v5 -> hopper)."""
+    recipe = next((name for name, r in RECIPES.items() if r.env_id == env_id), None)
+    if recipe is not None:
+        r = RECIPES[recipe]
+        return r.ref_min, r.ref_max, f"those of synthetic/{recipe}" + (f": {r.note}" if r.note else "")
+    family = env_id.split("-v")[0].lower()
+    if family in LOCOMOTION:
+        return (*REF_SCORES[family], f"D4RL's {family} references")
+    return None
+
+
 def _synth(args: argparse.Namespace) -> int:
     if args.ref_family is not None and (args.ref_min is not None or args.ref_max is not None):
         raise UserError("pass either --ref-family or --ref-min/--ref-max, not both")
+    if (args.ref_min is None) != (args.ref_max is None):
+        raise UserError("pass both --ref-min and --ref-max (the random and the expert return), or neither")
     ref_min, ref_max = REF_SCORES[args.ref_family] if args.ref_family else (args.ref_min, args.ref_max)
+    known = synth_references(args.env) if ref_min is None else None
+    if known is not None:
+        ref_min, ref_max, source = known
     steps = write_random_dataset(
         args.env, args.out, args.episodes, args.seed, args.minari_id,
         max_episode_steps=args.max_episode_steps, ref_min=ref_min, ref_max=ref_max,
     )
     print(f"wrote {steps} steps ({args.episodes} episodes of a random policy in {args.env}) to {args.out}")
+    if known is not None:
+        print(f"reference scores: ref_min {ref_min:g}, ref_max {ref_max:g} ({source})")
+    elif ref_min is None:
+        print(f"warning: no reference scores are known for {args.env}, so none were stored and the file cannot be "
+              "scored as it is: write it again with --ref-min R_RANDOM --ref-max R_EXPERT (the returns of a random "
+              "and an expert policy), or pass --data.ref_min/--data.ref_max to offbench fit", file=sys.stderr)
     if args.minari_id:
         print(f"and Minari dataset {args.minari_id}")
     return 0
