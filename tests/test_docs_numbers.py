@@ -15,8 +15,11 @@ Convention (also in docs/benchmarks.md, "Numbers quoted in the docs"):
 - QUERY on a JSON file: a dotted key path; a step `KEY[K=V,K=V]` takes, from the list under KEY, the one
   item whose keys K have the values V (compared as text), e.g. `rows[method=sfbc,T=15].on_data`.
 - A query may end in `*100` (a share quoted as a percentage) or `/60` (seconds quoted as minutes).
+- A FILE with `*` in it (e.g. `results/quick/runs/bc/*/seed*/result.json`) quotes the mean of the query's
+  values over the files it matches (at least one), e.g. a cell's mean wall time over its seeds.
 - A typed count is preceded by `<!-- count: NAME -->` and is the first whole number after it, written
   in digits; NAME is one of COUNTS below, each counted from what it counts.
+- A marker right after a backtick (an example in inline code, as in docs/benchmarks.md) is no marker.
 
 Numbers measured outside any results file are said to be so in the text and carry no marker.
 """
@@ -34,10 +37,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-MARKER = re.compile(r"<!--\s*from\s+(\S+?):\s*(.*?)\s*-->", re.S)
-COUNT_MARKER = re.compile(r"<!--\s*count:\s*([\w-]+)\s*-->")
-DECIMAL = re.compile(r"(?<![\w.])-?\d+\.\d+(?![\w.])")
-INTEGER = re.compile(r"(?<![\w.])\d+(?![\w.])")
+MARKER = re.compile(r"(?<!`)<!--\s*from\s+(\S+?):\s*(.*?)\s*-->", re.S)
+COUNT_MARKER = re.compile(r"(?<!`)<!--\s*count:\s*([\w-]+)\s*-->")
+DECIMAL = re.compile(r"(?<![\w.])-?\d+\.\d+(?!\w|\.\d)")  # a sentence's full stop may follow
+INTEGER = re.compile(r"(?<![\w.])\d+(?!\w|\.\d)")
 
 
 def _cuda_cases() -> int:
@@ -126,6 +129,11 @@ def _json_value(path: Path, query: str) -> float:
 
 def source_value(file: str, query: str) -> float:
     """The value QUERY selects in FILE (see the module docstring), with its scale applied."""
+    if "*" in file:
+        paths = sorted(ROOT.glob(file))
+        assert paths, f"no file matches {file}"
+        values = [source_value(p.relative_to(ROOT).as_posix(), query) for p in paths]
+        return sum(values) / len(values)
     scale = 1.0
     m = re.fullmatch(r"(.*?)\s*([*/])\s*(\d+)", query)
     if m:
@@ -209,5 +217,5 @@ def test_the_checks_catch_a_wrong_quote():
     assert not shown_matches("37.41", source_value(file, q1))  # 37.416...: more decimals, a stricter check
     with pytest.raises(AssertionError):
         quotes(text.replace(" ± 5.2", ""))
-    assert [n for *_, n in quotes("<!-- from f.csv: a@b=c --> TD3+BC on v0: 4.5")] == ["4.5"]
+    assert [n for *_, n in quotes("<!-- from f.csv: a@b=c; d@e=f --> TD3+BC on v0: 4.5, then 1.2.")] == ["4.5", "1.2"]
     assert shown_matches("-0.0", -0.0337) and shown_matches("0.0", -0.0337)
