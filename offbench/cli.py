@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import _format_summ
 
 from offbench.data.datamodule import OfflineDataModule
 from offbench.errors import UserError
-from offbench.evaluation import EvalCallback
+from offbench.evaluation import EVAL_COLUMNS, EvalCallback
 from offbench.files import lock_run_dir
 from offbench.module import OfflineRLModule
 from offbench.wandb_logging import WandbOptions, require_wandb
@@ -540,7 +540,7 @@ class RunCSVLogger(CSVLogger):
                 if self.resumed_evaluation is not None and not evaluated.any():
                     # Lightning logs an evaluation after the checkpoint of its epoch is written: a run
                     # stopped in between (a crash, a full disk) lacks that row; the checkpoint holds it.
-                    row = {f"eval/{k}": v for k, v in self.resumed_evaluation.items() if k != "updates"}
+                    row = {f"eval/{k}": self.resumed_evaluation[k] for k in EVAL_COLUMNS if k in self.resumed_evaluation}
                     kept = pd.concat([kept, pd.DataFrame([{**row, "updates": self.resumed_updates}])], ignore_index=True)
                 kept = kept[sorted(kept.columns)]  # the writer keeps its columns sorted, and appends in that order
                 kept.to_csv(path, index=False)

@@ -127,6 +127,9 @@ def evaluate(
     }
 
 
+# The evaluation's columns of metrics.csv (`eval/<key>`, besides `updates`): the scalars of a history entry.
+EVAL_COLUMNS = ("score", "return", "score_std", "seconds")
+
 # Actions may exceed the env's bounds by this much relative to the bound (float round-off, e.g. a
 # float32 `max_action * tanh(x)`) and are then clipped; anything further out is a bug of the policy.
 ACTION_TOLERANCE = 1e-5
@@ -249,10 +252,13 @@ class EvalCallback(Callback):
             "return": result["return"],
             "score_std": result["score_std"],
             "seconds": result["seconds"],
+            # per episode k (reset with seed + k): what a selection under an evaluation budget resamples afterwards
+            "episode_scores": result["scores"],
+            "episode_returns": result["returns"],
         }
         self.history.append(entry)
         pl_module.log("eval/score", entry["score"], on_step=False, on_epoch=True, prog_bar=True)
-        for key in ("return", "score_std", "seconds", "updates"):
+        for key in (*EVAL_COLUMNS[1:], "updates"):
             pl_module.log(f"eval/{key}", float(entry[key]), on_step=False, on_epoch=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -341,6 +347,8 @@ class EvalCallback(Callback):
                 "best": "highest score over all evaluations (online model selection: optimistic)",
                 "final_mean": f"mean score of the last {k} evaluations",
                 "score_std": "standard deviation (ddof=0) over the episodes of one evaluation, not over training seeds",
+                "history": "each evaluation's updates, mean score and return, score_std, seconds, and its per-episode "
+                "episode_scores and episode_returns (episode k reset with the eval seed + k)",
                 "policy": "pl_module.act on normalised observations, eval mode, torch.no_grad; "
                 "torch/numpy/random seeded from the eval seed, training RNG states restored",
                 "max_episode_steps": info.max_episode_steps,

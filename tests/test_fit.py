@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,6 +65,10 @@ def test_fit_writes_a_complete_run_directory(tiny_hopper, tmp_path):
     assert (data["ref_min"], data["ref_max"]) == REF_SCORES["hopper"]
     assert data["settings"]["init_args"]["dataset"] == str(tiny_hopper) and "batch_size" in data["settings"]["init_args"]
     assert [h["updates"] for h in result["history"]] == [100, 200, 300]
+    for h in result["history"]:  # the per-episode numbers behind each evaluation's mean
+        assert len(h["episode_scores"]) == len(h["episode_returns"]) == result["protocol"]["episodes_per_evaluation"]
+        assert h["score"] == pytest.approx(np.mean(h["episode_scores"]))
+        assert h["return"] == pytest.approx(np.mean(h["episode_returns"]))
     scores = result["scores"]
     assert scores["last"] == result["history"][-1]["score"]
     assert scores["best"] == max(h["score"] for h in result["history"])
