@@ -32,7 +32,6 @@ from lightning.pytorch.callbacks import Checkpoint, ModelSummary, RichProgressBa
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 from offbench.data.datamodule import OfflineDataModule
 from offbench.errors import UserError
@@ -312,6 +311,12 @@ class ParameterSummary(ModelSummary):
     @staticmethod
     def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
                   model_size: float, total_training_modes: dict[str, int], total_flops: int, **kwargs: Any) -> None:
+        try:  # Lightning's own table formatter (private: bounded by pyproject's lightning<2.7; tests/test_fit.py checks it)
+            from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+        except ImportError:  # another Lightning: its summary as it is, FLOPs line included (cosmetic only)
+            ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                   total_training_modes, total_flops, **kwargs)
+            return
         columns = [column for column in summary_data if column[0] != "FLOPs"]
         table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
                                       total_flops, *columns)
