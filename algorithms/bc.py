@@ -32,9 +32,7 @@ class BC(OfflineRLModule):
         hidden: tuple[int, ...] = (256, 256),
         actor_lr: float = 1e-3,
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)
         super().__init__()

@@ -93,9 +93,7 @@ class DiffusionQL(OfflineRLModule):
         n_eval_candidates: int = 50,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.non_negative("eta", eta, " (0: the diffusion loss alone, behaviour cloning)")
         check.learning_rate("actor_lr", actor_lr)
         check.learning_rate("critic_lr", critic_lr)

@@ -137,9 +137,7 @@ class EDP(OfflineRLModule):
         n_eval_candidates: int = 10,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.non_negative("alpha", alpha, " (0: the diffusion loss alone, behaviour cloning)")
         check.positive("crr_beta", crr_beta)
         check.positive("crr_weight_clip", crr_weight_clip)

@@ -143,9 +143,7 @@ class IDQL(OfflineRLModule):
         lr_decay_steps: int | None = None,
         time_dim: int = 128,
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.widths("critic_hidden", critic_hidden)
         check.learning_rate("actor_lr", actor_lr)

@@ -70,9 +70,7 @@ class IQL(OfflineRLModule):
         weight_clip: float = 100.0,
         lr_decay_steps: int | None = None,
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)
         check.learning_rate("critic_lr", critic_lr)

@@ -176,9 +176,7 @@ class QGPO(OfflineRLModule):
         solver_form: SolverForm = "data",
         support_chunk: int = 4096,
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("behavior_steps", behavior_steps, low=0, note=" (0: no behaviour stage, e.g. a model loaded)")
         check.integer("q_steps", q_steps)  # 0 would train f_phi on an untrained Q
         check.learning_rate("behavior_lr", behavior_lr)

@@ -101,9 +101,7 @@ class ReBRAC(OfflineRLModule):
         reward_scale: float = 1.0,
         actor_target_from: Literal["pre_step", "post_step"] = "pre_step",
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)
         check.learning_rate("critic_lr", critic_lr)

@@ -146,9 +146,7 @@ class SfBC(OfflineRLModule):
         reset_critic: bool = True,
         planning_chunk: int = 4096,
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("behavior_steps", behavior_steps, low=0, note=" (0: no behaviour stage, e.g. a model loaded)")
         check.integer("critic_steps", critic_steps)
         check.integer("planning_iterations", planning_iterations, note=" (1: Monte-Carlo returns only)")

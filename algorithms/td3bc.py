@@ -57,9 +57,7 @@ class TD3BC(OfflineRLModule):
         policy_every: int = 2,
         alpha: float = 2.5,
     ) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)
         check.learning_rate("critic_lr", critic_lr)

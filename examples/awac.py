@@ -32,9 +32,7 @@ class AWAC(OfflineRLModule):
     def __init__(self, obs_dim: int, act_dim: int, max_action: float = 1.0, hidden: tuple[int, ...] = (256, 256),
                  actor_lr: float = 3e-4, critic_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005,
                  awac_lambda: float = 1.0, weight_clip: float = 100.0) -> None:
-        check.integer("obs_dim", obs_dim)
-        check.integer("act_dim", act_dim)
-        check.positive("max_action", max_action)
+        check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)
         check.learning_rate("critic_lr", critic_lr)

@@ -15,3 +15,10 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file the user has to provide or make is not there (also a FileNotFoundError)."""
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name: the
+    reason shown inside a one-line UserError about a damaged file."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

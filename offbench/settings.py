@@ -34,6 +34,14 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def env_sizes(obs_dim: Any, act_dim: Any, max_action: Any) -> None:
+    """The three arguments of every algorithm that the CLI fills from the dataset (offbench/module.py's
+    contract): observation and action sizes of at least 1, a positive action bound."""
+    integer("obs_dim", obs_dim)
+    integer("act_dim", act_dim)
+    positive("max_action", max_action)
+
+
 def require(ok: bool, name: str, value: Any, expected: str) -> None:
     """Raise the user error "model.init_args.NAME must be EXPECTED, got VALUE" unless `ok`."""
     if not ok:

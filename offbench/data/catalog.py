@@ -262,15 +262,23 @@ def _forge_info(name: str) -> DatasetInfo:
             f"{name} has not been forged on this machine (no {manifest_path}). Make the family (random, medium, "
             f"medium-replay, expert, medium-expert) with:\n  {forge_command(env_id, directory)}{cost}"
         )
-    manifest = json.loads(manifest_path.read_text())
+    return _manifest_info(name, directory, json.loads(manifest_path.read_text()), kind)
+
+
+def _manifest_info(name: str, directory: Path, manifest: dict[str, Any], kind: str, shipped: bool = False
+                   ) -> DatasetInfo:
+    """Dataset `kind` of a forge's manifest in `directory` (forged on this machine, or shipped with the suite
+    and then pinned to the manifest's fingerprint): its file, env, episode limit and the forge's references."""
     refs = manifest["references"]
+    made = f"forged by offbench data forge (SAC, seed {manifest['config']['seed']})"
+    if shipped:
+        made = f"shipped with offbench: {made} on {manifest['machine']['cpu']}"
     return DatasetInfo(
         name, "hdf5", str(directory / manifest["datasets"][kind]["hdf5"]), manifest["env_id"],
         float(refs["ref_min"]), float(refs["ref_max"]), int(manifest["max_episode_steps"]),
-        note=(
-            f"forged by offbench data forge (SAC, seed {manifest['config']['seed']}); scored with the forge's own "
-            "references (mean returns of the random and the expert policy), not D4RL's"
-        ),
+        note=f"{made}; scored with the forge's own references (mean returns of the random and the expert policy), "
+        "not D4RL's",
+        fingerprint=manifest["fingerprints"][kind] if shipped else None,
     )
 
 
@@ -301,17 +309,7 @@ def _shipped_info(name: str) -> DatasetInfo:
     manifest = json.loads(manifest_path.read_text()) if manifest_path and manifest_path.is_file() else None
     if manifest is None or match["kind"] not in manifest["datasets"]:
         raise UserError(f"unknown shipped dataset {name!r}; the shipped datasets are {', '.join(shipped_names())}")
-    refs, kind = manifest["references"], match["kind"]
-    return DatasetInfo(
-        name, "hdf5", str(manifest_path.parent / manifest["datasets"][kind]["hdf5"]), manifest["env_id"],
-        float(refs["ref_min"]), float(refs["ref_max"]), int(manifest["max_episode_steps"]),
-        note=(
-            f"shipped with offbench: forged by offbench data forge (SAC, seed {manifest['config']['seed']}) on "
-            f"{manifest['machine']['cpu']}; scored with the forge's own references (mean returns of the random and "
-            "the expert policy), not D4RL's"
-        ),
-        fingerprint=manifest["fingerprints"][kind],
-    )
+    return _manifest_info(name, manifest_path.parent, manifest, match["kind"], shipped=True)
 
 
 # --------------------------------------------------------------------------- resolve

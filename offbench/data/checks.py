@@ -33,10 +33,11 @@ class DataCheck:
 
 
 def check_transitions(
-    t: Transitions, where: str, env_id: str, env_obs_dim: int, low: np.ndarray, high: np.ndarray
+    t: Transitions, where: str, env_id: str, env_obs_dim: int, low: np.ndarray, high: np.ndarray,
+    clip_flag: str = "--data.clip_actions true",
 ) -> DataCheck:
     """Check `t` (read from `where`) against the evaluation env `env_id`: its observation size and its
-    Box action bounds `low`, `high`."""
+    Box action bounds `low`, `high`. `clip_flag` is the calling command's way to clip actions to the bounds."""
     check = DataCheck(env_low=low, env_high=high)
     if len(t) == 0:
         check.problems.append(f"{where}: no transitions (an empty dataset)")
@@ -65,7 +66,7 @@ def check_transitions(
             check.problems.append(
                 f"{where}: 'actions' of {check.outside_rows} of {len(t)} transitions are outside the action bounds of "
                 f"{env_id} ({ranges}): the policy could never take them. Check --data.env_id, or pass "
-                "--data.clip_actions true to clip them to the bounds"
+                f"{clip_flag} to clip them to the bounds"
             )
     for name, array in (("observations", t.obs), ("actions", t.act), ("rewards", t.rew[:, None])):
         peak = np.abs(array).max(axis=0)

@@ -51,17 +51,19 @@ def tune_rewards(t: Transitions, tuning: RewardTuning) -> Transitions:
 
 
 def checked(
-    t: Transitions, info: DatasetInfo, env_obs_dim: int, low: np.ndarray, high: np.ndarray, clip_actions: bool
+    t: Transitions, info: DatasetInfo, env_obs_dim: int, low: np.ndarray, high: np.ndarray, clip_actions: bool,
+    clip_flag: str = "--data.clip_actions true",
 ) -> Transitions:
     """`t` after the checks of offbench/data/checks.py: a UserError listing the problems, warnings on
-    stderr, and with `clip_actions` the actions outside the bounds clipped (said on stderr)."""
+    stderr, and with `clip_actions` the actions outside the bounds clipped (said on stderr). `clip_flag`:
+    how the calling command asks for that clipping (named in the messages)."""
     where = str(local_path(info) or info.name)
-    check = check_transitions(t, where, info.env_id, env_obs_dim, low, high)
+    check = check_transitions(t, where, info.env_id, env_obs_dim, low, high, clip_flag)
     problems = check.problems
     if clip_actions and check.outside_rows:
         problems = [p for p in problems if "outside the action bounds" not in p]
         print(f"offbench: clipped the actions of {check.outside_rows} transitions of {where} to the bounds of "
-              f"{info.env_id} (--data.clip_actions)", file=sys.stderr)
+              f"{info.env_id} ({clip_flag})", file=sys.stderr)
         t = replace(t, act=np.clip(t.act, low, high).astype(np.float32))
     if problems:
         raise UserError(problems[0] if len(problems) == 1 else "the data cannot be trained on:\n  - " + "\n  - ".join(problems))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from offbench.batch import Transitions
 from offbench.data.identity import fingerprint
 from offbench.data.synthetic import data_root
-from offbench.errors import MissingFileError, UserError
+from offbench.errors import MissingFileError, UserError, first_line
 from offbench.files import read_json
 from offbench.pgd.edm import EDM, Guide, SamplerSettings
 from offbench.pgd.unet import UNET_PRESETS, TemporalUNet
@@ -162,7 +162,6 @@ def load_trajectory_model(dataset: str, name: str, t: Transitions, device: torch
                                 s["sigma_data"], s["p_mean"], s["p_std"])
         model.load_state_dict(saved["state_dict"])
     except Exception as e:  # a damaged file: UnpicklingError, RuntimeError, EOFError, KeyError, a missing file...
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"the PGD trajectory model {directory / 'model.pt'} is unreadable ({reason}): it is missing, "
+        raise UserError(f"the PGD trajectory model {directory / 'model.pt'} is unreadable ({first_line(e)}): it is missing, "
                         f"truncated or damaged; retrain it with {train_command(dataset, name)} --force") from e
     return model.to(device).eval().requires_grad_(False), manifest

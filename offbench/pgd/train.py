@@ -27,7 +27,7 @@ from offbench.data.datamodule import checked
 from offbench.data.identity import fingerprint
 from offbench.data.sources import load_transitions
 from offbench.envs import action_bounds, observation_dim
-from offbench.errors import UserError
+from offbench.errors import UserError, first_line
 from offbench.files import read_json, write_json_atomic
 from offbench.forge import _Progress, _save_atomic
 from offbench.pgd.model import TrajectoryModel, TrajectoryModelConfig, model_dir
@@ -62,11 +62,9 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     info = resolve(config.dataset)
     t = load_transitions(info)
     low, high = action_bounds(info)
-    try:  # the same checks as `offbench fit` (so the model is trained on the data fit will train on)
-        t = checked(t, info, observation_dim(info), low, high, config.clip_actions)
-    except UserError as e:
-        raise UserError(str(e).replace("--data.clip_actions true", "--clip-actions (and --data.clip_actions true to fit)")
-                        ) from None
+    # the same checks as `offbench fit` (so the model is trained on the data fit will train on)
+    t = checked(t, info, observation_dim(info), low, high, config.clip_actions,
+                clip_flag="--clip-actions (and --data.clip_actions true to fit)")
     max_action = float(np.max(np.abs(np.concatenate([low, high]))))
     directory = model_dir(info.name, config.name)  # where PGDDataModule looks (its DatasetInfo's name)
     settings = config.result_settings()
@@ -190,8 +188,7 @@ def _load_checkpoint(path, device: str) -> dict[str, Any]:
             saved[key]  # noqa: B018 - a file without them is not a resume checkpoint
         return saved
     except Exception as e:  # a damaged file: UnpicklingError, RuntimeError, EOFError, KeyError, TypeError...
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"the resume checkpoint {path} is unreadable ({reason}): it is truncated or damaged; delete it "
+        raise UserError(f"the resume checkpoint {path} is unreadable ({first_line(e)}): it is truncated or damaged; delete it "
                         "and rerun the same command (training starts again from step 0)") from e
 
 
