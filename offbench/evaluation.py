@@ -213,7 +213,7 @@ class EvalCallback(Callback):
         self.final_mean_k = final_mean_k
         self.seed = seed
         self.clip_actions = clip_actions
-        self.history: list[dict[str, float]] = []  # {updates, score, return, score_std, seconds}
+        self.history: list[dict[str, Any]] = []  # {updates, score, return, score_std, seconds, episode_scores, ...}
         self.train_seconds = 0.0  # training time over all epochs (resumes included), eval excluded
         self._envs: VectorEnv | None = None
         self._epoch_start: float | None = None
