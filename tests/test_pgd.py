@@ -17,8 +17,8 @@ from offbench.cli import main
 from offbench.module import OfflineRLModule
 from offbench.pgd.edm import EDM, SamplerSettings, churn_schedule, sigma_schedule
 from offbench.pgd.guidance import PolicyGuidance, guidance_schedule
-from offbench.pgd.unet import TemporalUNet
-from offbench.pgd.windows import TrajectoryNormalizer, window_starts, windows
+from offbench.trajectory.unet import TemporalUNet
+from offbench.trajectory.windows import TrajectoryNormalizer, window_starts, windows
 from tests.test_fit import interrupted_and_resumed
 
 

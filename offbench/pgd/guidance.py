@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from offbench.pgd.edm import EDM
-from offbench.pgd.windows import TrajectoryNormalizer
+from offbench.trajectory.windows import TrajectoryNormalizer
 
 
 def guidance_schedule(steps: int, coeff: float, cos_coeff: float = 0.3, delay: int = 0) -> list[float]:

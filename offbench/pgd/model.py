@@ -22,8 +22,8 @@ from offbench.data.synthetic import data_root
 from offbench.errors import MissingFileError, UserError, first_line
 from offbench.files import read_json
 from offbench.pgd.edm import EDM, Guide, SamplerSettings
-from offbench.pgd.unet import UNET_PRESETS, TemporalUNet
-from offbench.pgd.windows import TrajectoryNormalizer
+from offbench.trajectory.unet import UNET_PRESETS, TemporalUNet
+from offbench.trajectory.windows import TrajectoryNormalizer
 
 # Training budgets of the presets: the official 10,000 epochs over the windows (batch 32), or a
 # fixed number of steps that a CPU does in minutes for the small U-Net.

@@ -31,7 +31,7 @@ from offbench.errors import UserError, first_line
 from offbench.files import read_json, write_json_atomic
 from offbench.forge import _Progress, _save_atomic
 from offbench.pgd.model import TrajectoryModel, TrajectoryModelConfig, model_dir
-from offbench.pgd.windows import window_starts, windows
+from offbench.trajectory.windows import window_starts, windows
 
 
 def learning_rate(step: int, total: int, lr: float, warmup: float) -> float:

@@ -1,4 +1,4 @@
-"""Trajectory windows of a dataset for the PGD trajectory model, and their normalisation.
+"""Trajectory windows of a dataset (for PGD's trajectory model and the trajectory planners), and their normalisation.
 
 A window is `length` consecutive rows [s_t, a_t, r_t, done_t] of one episode (obs_dim + act_dim + 2
 channels); L rows give L - 1 transitions, the next state of row t being the state of row t + 1.
