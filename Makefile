@@ -56,7 +56,7 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
 benchmark: $(STAMP)  ## run configs/grids/$(GRID).yaml into runs/benchmark/$(GRID) (GRID=quick|table1, WORKERS=N); re-run to resume
-	$(BIN)/offbench bench configs/grids/$(GRID).yaml --workers $(WORKERS) --output $(BENCH_OUT)
+	$(BIN)/offbench bench configs/grids/$(GRID).yaml --workers $(WORKERS) --out $(BENCH_OUT)
 
 table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX); without runs: exit 2, nothing written
 	$(BIN)/offbench table results/$(GRID) --latex

@@ -17,7 +17,7 @@ that fails, hangs or is cut short still leaves the others' results; it states ea
 target. The suite trains one seed per process (there is no batched-seed update), so every figure is
 per seed.
 
-`--cpu` runs the same orchestration without CUDA (CUDA tests skipped, measurements on the CPU, a few
+`--device cpu` runs the same orchestration without CUDA (CUDA tests skipped, measurements on the CPU, a few
 updates), which is how the driver itself is tested away from a GPU.
 """
 
@@ -39,7 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offbench.errors import UserError
 from offbench.files import write_json_atomic, write_text_atomic
+from offbench.grammar import DEVICE_HELP, DEVICES, Parser
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "synthetic/hopper-random-v0"
@@ -96,21 +98,11 @@ def _version(name: str) -> str | None:
         return None
 
 
-def gpu_driver() -> str | None:
-    """The NVIDIA driver's version as nvidia-smi reports it (None without nvidia-smi)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def machine_info() -> dict[str, Any]:
     """GPU, driver, CUDA and library versions; only torch is imported (the rest may be missing)."""
     import torch
+
+    from offbench.perf import gpu_driver
 
     cuda = torch.cuda.is_available()
     return {
@@ -257,7 +249,7 @@ def write_report(check: Check, out_dir: Path) -> None:
         f"{m.get('driver') or 'n/a'}, CUDA {m.get('cuda') or 'n/a'}, torch {m['torch']}, Lightning {m.get('lightning') or 'n/a'}, "
         f"Python {m['python']}, {m['cpu_count']} CPUs. Budget {s['budget']:.0f} s, used {check.seconds:.0f} s; "
         f"{s['updates']} updates per timing window, dataset `{s['dataset']}`."
-        + (" **CPU rehearsal (--cpu): no CUDA part ran.**" if s.get("cpu") else ""),
+        + (" **CPU rehearsal (--device cpu): no CUDA part ran.**" if s.get("cpu") else ""),
         "",
     ]
     if m.get("missing_modules"):
@@ -319,7 +311,7 @@ def ordered_configs(configs: list[Path]) -> list[Path]:
 
 
 def _perf_args(args: argparse.Namespace) -> list[str]:
-    return ["--dataset", args.dataset, "--accelerator", "cpu" if args.cpu else "gpu"]
+    return ["--dataset", args.dataset, "--device", "cpu" if args.cpu else "cuda"]
 
 
 PARTS = ("environment", "data", "tests", "evaluation", "perf")
@@ -447,16 +439,16 @@ def _status(code: int | None, ok: tuple[int, ...] = (0,)) -> str:
 
 # --- the workers (one process each) ---------------------------------------------------------------
 def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="offbench gpu-check --worker")
-    parser.add_argument("kind", choices=["data", "train", "eval"])
-    parser.add_argument("--dataset", default=DATASET)
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--updates", type=int, default=1000)
-    parser.add_argument("--accelerator", default="gpu")
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--envs", type=int, nargs="+", default=[100])
-    parser.add_argument("--async-envs", type=int, default=0)
-    parser.add_argument("--out", type=Path)
+    parser = Parser(prog="offbench gpu-check --worker", description="one measurement of gpu-check, in its own process")
+    parser.add_argument("kind", choices=["data", "train", "eval"], help="load the dataset, time training or time evaluation")
+    parser.add_argument("--dataset", default=DATASET, help="the dataset (default: %(default)s)")
+    parser.add_argument("--config", type=Path, help="the algorithm config timed (train)")
+    parser.add_argument("--updates", type=int, default=1000, help="updates per timing window (train)")
+    parser.add_argument("--device", choices=DEVICES, default="cuda", help=DEVICE_HELP)
+    parser.add_argument("--episodes", type=int, default=100, help="episodes per evaluation (eval)")
+    parser.add_argument("--envs", type=int, nargs="+", default=[100], help="vectorised env counts (eval)")
+    parser.add_argument("--async-envs", type=int, default=0, help="envs in subprocesses (eval; 0: none)")
+    parser.add_argument("--out", type=Path, help="the JSON file of the result, rewritten after each measurement")
     args = parser.parse_args(argv)
     if args.kind == "data":
         from offbench.data.datamodule import OfflineDataModule
@@ -470,42 +462,57 @@ def worker_main(argv: list[str]) -> int:
     save = lambda result: write_json_atomic(args.out, result)
     if args.kind == "train":
         result = measure_training(
-            args.config, args.dataset, args.updates, args.updates, args.accelerator, True, lightning=False, progress=save
+            args.config, args.dataset, args.updates, args.updates, args.device, True, lightning=False, progress=save
         )
     else:
-        result = measure_evaluation(args.dataset, args.episodes, args.envs, args.accelerator, args.async_envs, progress=save)
+        result = measure_evaluation(args.dataset, args.episodes, args.envs, args.device, args.async_envs, progress=save)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"gpu-check: no GPU here (torch {torch.__version__} sees no CUDA device); run it on a machine with "
+                        "CUDA and a CUDA build of torch, or rehearse it here with --device cpu (report in runs/, not results/)")
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="offbench gpu-check", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="offbench gpu-check", description=__doc__.split("\n\n")[0], renamed={"--cpu": ["--device", "cpu"]})
     parser.add_argument(
         "--out", type=Path, default=None,
-        help="where perf-cuda.md and .json go (default results/perf; with --cpu runs/gpu-check-rehearsal, kept out of results)",
+        help="where perf-cuda.md and .json go (default results/perf; with --device cpu runs/gpu-check-rehearsal, kept out "
+        "of results)",
     )
     parser.add_argument("--logs", type=Path, default=None, help="each part's log (default: a new temporary directory)")
     parser.add_argument("--budget", type=float, default=440.0, help="seconds for all parts together")
-    parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")))
-    parser.add_argument("--dataset", default=DATASET)
+    parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")),
+                        help="algorithm configs timed by the perf part (default: every file of configs/algorithms/)")
+    parser.add_argument("--dataset", default=DATASET, help="the dataset of the data, perf and evaluation parts (default: %(default)s)")
     parser.add_argument("--updates", type=int, default=1000, help="updates per timing window")
-    parser.add_argument("--eval-envs", type=int, nargs="+", default=[10, 50, 100])
-    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--eval-envs", type=int, nargs="+", default=[10, 50, 100], help="vectorised env counts timed by the evaluation part")
+    parser.add_argument("--eval-episodes", type=int, default=100, help="episodes per evaluation measurement")
     parser.add_argument("--eval-async-envs", type=int, default=min(os.cpu_count() or 1, 32), help="envs in subprocesses (0: none)")
-    parser.add_argument("--data-timeout", type=float, default=60.0)
-    parser.add_argument("--tests-timeout", type=float, default=210.0)
-    parser.add_argument("--eval-timeout", type=float, default=45.0)
+    parser.add_argument("--data-timeout", type=float, default=60.0, help="seconds of the data part")
+    parser.add_argument("--tests-timeout", type=float, default=210.0, help="seconds of the CUDA tests part")
+    parser.add_argument("--eval-timeout", type=float, default=45.0, help="seconds of the evaluation part")
     parser.add_argument("--perf-timeout", type=float, default=90.0, help="seconds per algorithm")
     parser.add_argument("--min-perf-seconds", type=float, default=20.0, help="start no algorithm with less time left")
     parser.add_argument("--test-workers", type=int, default=6, help="pytest-xdist workers (when installed)")
     parser.add_argument("--warm-workers", type=int, default=3, help="processes filling the compile caches during the tests")
     parser.add_argument("--warm-grace", type=float, default=60.0, help="seconds those may go on compiling after the tests")
     parser.add_argument("--compile-threads", type=int, default=2, help="inductor compile threads per process while parts run side by side")
-    parser.add_argument("--no-warm-caches", dest="warm_caches", action="store_false")
-    parser.add_argument("--cpu", action="store_true", help="rehearse without CUDA: CUDA tests skip, measurements on the CPU")
+    parser.add_argument("--no-warm-caches", dest="warm_caches", action="store_false",
+                        help="do not fill the compile caches while the tests run (the perf part compiles then)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (the check); cpu: rehearse without CUDA (CUDA tests skip, measurements on the CPU)")
     args = parser.parse_args(argv)
+    args.cpu = args.device == "cpu"
+    if not args.cpu:
+        _require_cuda()  # before anything is written: a machine without a GPU gets one line, no report
     if args.budget <= 0 or args.updates <= 0:
         parser.error("--budget and --updates must be positive")
     missing = [str(c) for c in args.configs if not c.exists()]

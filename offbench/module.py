@@ -76,11 +76,43 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.core.optimizer import _MockOptimizer
+from lightning.pytorch.utilities.parsing import AttributeDict
 from torch import Tensor, nn
 
 from offbench.batch import Batch
+from offbench.errors import UserError
+from offbench.settings import RENAMED as RENAMED_HPARAMS
 
 Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+class ContractError(UserError, TypeError):
+    """An algorithm that breaks a rule of this contract (its author's mistake): one line naming the rule."""
+
+
+class Hyperparameters(AttributeDict):
+    """`self.hparams`: a name the module did not save is one line naming the rule (call
+    `self.save_hyperparameters()` first in __init__) or the setting's new name, not a bare AttributeError."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            owner = self.__dict__.get("owner", "the module")
+            new = RENAMED_HPARAMS.get(key)
+            if new and new in self:
+                raise HyperparameterError(f"{owner}: `{key}` (in self.hparams) is now called `{new}`: use "
+                                          f"self.hparams.{new}") from None
+            if not self:
+                raise HyperparameterError(f"{owner} reads self.hparams.{key}, but its __init__ did not call "
+                                          "self.save_hyperparameters() (the contract in offbench/module.py)") from None
+            raise HyperparameterError(f"{owner}: self.hparams has no `{key}` (its hyperparameters: "
+                                      f"{', '.join(sorted(self))})") from None
+
+
+class HyperparameterError(ContractError, AttributeError):
+    """A hyperparameter read that cannot work (also an AttributeError, so hasattr() keeps its meaning)."""
 
 
 def compilable(method: Method) -> Method:
@@ -200,11 +232,26 @@ class OfflineRLModule(pl.LightningModule):
         return metrics
 
     # --- the Lightning side -----------------------------------------------------------------
+    @property
+    def hparams(self) -> Hyperparameters:  # type: ignore[override]
+        """Lightning's hyperparameters, whose missing names say what to do (Hyperparameters)."""
+        hparams = super().hparams
+        if not isinstance(hparams, Hyperparameters):
+            hparams = self._hparams = Hyperparameters(hparams)
+            hparams.__dict__["owner"] = type(self).__name__
+        return hparams
+
     def on_train_start(self) -> None:
         self.step = int(self.updates)  # one host read per fit: picks up the count after a resume
         found, returned = self._raw_optimizers(), self.trainer.optimizers
+        if any(isinstance(o, _MockOptimizer) for o in returned):  # Lightning's stand-in when it got None
+            raise ContractError(
+                f"{type(self).__name__}.configure_optimizers returned None: it creates the optimisers, keeps each as an "
+                "attribute and returns them all, e.g. `return [self.actor_opt, self.critic_opt]` (the contract in "
+                "offbench/module.py)."
+            )
         if {id(o) for o in found} != {id(o) for o in returned}:
-            raise TypeError(
+            raise ContractError(
                 f"{type(self).__name__}.configure_optimizers returned other optimisers ({len(returned)}) than the module "
                 f"keeps as attributes ({len(found)}): keep each returned optimiser as an attribute and return them all "
                 "(the contract in offbench/module.py)."
@@ -225,7 +272,7 @@ class OfflineRLModule(pl.LightningModule):
             metrics = self.run_update(sample())
             for name, value in metrics.items():
                 if not isinstance(value, Tensor):
-                    raise TypeError(
+                    raise ContractError(
                         f"{type(self).__name__}.update() returned {name}={value!r} ({type(value).__name__}): update() returns "
                         "a dict of scalar tensors, without .item() or float() (the contract in offbench/module.py)."
                     )

@@ -27,10 +27,10 @@ Results go to results/perf/perf.json and perf.md with the machine they were meas
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +50,7 @@ from offbench.diffusion import NoiseMLP
 from offbench.errors import UserError
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
-from offbench.gpu_check import gpu_driver
+from offbench.grammar import DEVICE_HELP, DEVICES, Parser
 from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor
 
@@ -128,6 +128,18 @@ def load_algorithm_config(path: Path) -> tuple[type[OfflineRLModule], dict[str, 
     return cls, dict(config["model"].get("init_args") or {}), dict(config.get("data") or {}), int(config.get("updates") or 0)
 
 
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it (None without nvidia-smi)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
 def describe(error: BaseException) -> str:
     """The exception's type and message on one line, without torch's hints on how to get more logs."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -141,11 +153,11 @@ def resolve_accelerator(accelerator: str) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--accelerator {accelerator}, but torch {torch.__version__} sees no CUDA device: use --accelerator cpu "
+            raise UserError(f"--device {accelerator}, but torch {torch.__version__} sees no CUDA device: use --device cpu "
                             "(or auto), or run on a machine with CUDA and a CUDA build of torch")
         return "gpu"
     if accelerator != "cpu":
-        raise UserError(f"--accelerator must be auto, cpu or gpu, got {accelerator!r}")
+        raise UserError(f"--device must be auto, cpu or cuda, got {accelerator!r}")
     return "cpu"
 
 
@@ -405,12 +417,13 @@ def _check_configs_and_out(configs: list[Path], out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="offbench perf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")))
-    parser.add_argument("--dataset", default="synthetic/hopper-random-v0")
+    parser = Parser(prog="offbench perf", description=__doc__.split("\n\n")[0], renamed={"--accelerator": ["--device"]})
+    parser.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")),
+                        help="algorithm configs to time (default: every file of configs/algorithms/)")
+    parser.add_argument("--dataset", default="synthetic/hopper-random-v0", help="the dataset trained and evaluated on (default: %(default)s)")
     parser.add_argument("--updates", type=int, default=500, help="updates timed per measurement")
     parser.add_argument("--block-size", type=int, default=250, help="updates per Lightning training_step")
-    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation measurement (at least one per env)")
     parser.add_argument("--eval-envs", type=int, nargs="+", default=[10], help="vectorised env counts to time (and always 1)")
     parser.add_argument("--eval-async-envs", type=int, default=0, help="also time this many envs in subprocesses (0: no)")
@@ -425,17 +438,17 @@ def main(argv: list[str]) -> int:
         parser.error("--updates and --block-size must be positive")
     if args.eval_episodes <= 0 or min(args.eval_envs) <= 0:
         parser.error("--eval-episodes and --eval-envs must be positive")
-    resolve_accelerator(args.accelerator)  # an unknown or absent accelerator stops here, before any measurement
+    resolve_accelerator(args.device)  # an unknown or absent accelerator stops here, before any measurement
     _check_configs_and_out(args.configs, args.out)  # so do these: a run measures for minutes before it writes
     training = []
     for perf_row in perf_rows(args.configs):
         result = measure_training(
-            perf_row.config, args.dataset, args.updates, args.block_size, args.accelerator, args.compile,
+            perf_row.config, args.dataset, args.updates, args.block_size, args.device, args.compile,
             not args.no_lightning, extra_init_args=perf_row.init_args, label=perf_row.label,
         )
         compiled = "".join(
             f", {name} {_rate(result[f'{name}_updates_per_s'])} upd/s (compile {_rate(result[_seconds_key(name)])} s)"
-            for name in compile_modes(resolve_accelerator(args.accelerator)) if args.compile
+            for name in compile_modes(resolve_accelerator(args.device)) if args.compile
         )
         print(
             f"{result['label']} ({result['algorithm']}): Lightning {_rate(result['lightning_updates_per_s'])} upd/s, plain "
@@ -445,7 +458,7 @@ def main(argv: list[str]) -> int:
         for mode, error in result["errors"].items():
             print(f"{result['algorithm']}: {mode} failed: {error}", file=sys.stderr, flush=True)
         training.append(result)
-    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator, args.eval_async_envs)
+    evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.device, args.eval_async_envs)
     report = {"machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation}
     write_report(report, args.out)
     print(f"wrote {args.out / 'perf.md'} and perf.json")

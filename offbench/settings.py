@@ -25,6 +25,10 @@ from typing import Any
 
 from offbench.errors import UserError
 
+# Settings renamed for one naming scheme: old name -> new. A config key, a command-line flag, a subclass's
+# keyword or its `self.hparams.lr` under the old name all get the same one-line message.
+RENAMED = {"lr": "actor_lr", "policy_freq": "policy_every"}
+
 PREFIX = "model.init_args."  # the settings' place in a config (`--model.init_args.NAME` on the command line)
 
 

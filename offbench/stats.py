@@ -197,9 +197,16 @@ def plot_profiles(panels: Mapping[str, Mapping[str, Matrix]], path: Path, titles
 
 def save_figure(fig: Any, path: Path) -> Path:
     """A matplotlib figure as PNG, written beside its place and renamed (no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    # No "Software" entry (matplotlib's version): the same records give the same bytes on any install.
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No "Software" entry (matplotlib's version): the same records give the same bytes on any install.
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: no partial file left, the figure as it was stays
+        from offbench.errors import UserError
+
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"writing {path} failed ({e.strerror or e}): free space or make its folder writable, then run "
+                        "again (the file as it was before is unchanged)") from e
     return path

@@ -26,7 +26,6 @@ interval; without a complete record nothing is written. The same records give th
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -47,6 +46,7 @@ import yaml
 from offbench import stats
 from offbench.errors import MissingFileError, UserError
 from offbench.files import write_text_atomic
+from offbench.grammar import Parser
 
 KINDS = ("last", "best", "final_mean")
 DIFF_KINDS = ("best", "last", "final_mean")  # the paper's numbers are best-style: that comparison first
@@ -950,7 +950,7 @@ def _slug(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="offbench table", description="Tables and learning curves of a results directory.")
+    parser = Parser(prog="offbench table", description="Tables and learning curves of a results directory.")
     parser.add_argument("results_dir", help="e.g. results/quick (every result.json below it is read)")
     parser.add_argument("--latex", action="store_true", help="also write table.tex")
     parser.add_argument("--references", default=None, help="paper references YAML (default: the grid's, from grid.json)")

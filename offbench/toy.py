@@ -10,7 +10,6 @@ writes a figure like the paper's Figure 1 and a table of scores to results/toy/.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
@@ -31,6 +30,7 @@ from torch import Tensor
 from offbench.batch import Transitions
 from offbench.data.datamodule import OfflineDataModule
 from offbench.errors import MissingFileError, UserError
+from offbench.grammar import DEVICE_HELP, DEVICES, Parser, require_device
 from offbench.module import OfflineRLModule
 
 NOISE = 0.05  # std of the Gaussian noise on each coordinate of the ring's points (the paper's N(0, 0.05))
@@ -168,6 +168,9 @@ class ToyMethod:
 
 def find_methods(names: list[str], config_dir: Path) -> list[ToyMethod]:
     """Toy configs by name (configs/toy/<name>.yaml) or by path."""
+    if not config_dir.is_dir() and not all(name.endswith((".yaml", ".yml")) for name in names):
+        raise MissingFileError(f"no folder of toy configs at {config_dir}: pass --configs with the repository's "
+                               "configs/toy (or name config files with --methods FILE.yaml)")
     methods = []
     for name in names:
         path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
@@ -347,18 +350,20 @@ def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float
 
 
 # --------------------------------------------------------------------------- the command
+CONFIGS = Path(__file__).resolve().parents[1] / "configs/toy"  # the repository's, found from any working directory
 DEFAULT_METHODS = ["awr", "bc", "iql", "td3bc", "rebrac", "diffusion_ql", "sfbc", "idql", "diffcps", "diffcps-approx", "edp", "qgpo"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="offbench toy",
+def _parser() -> Parser:
+    p = Parser(
+        prog="offbench toy", renamed={"--accelerator": ["--device"]},
         description="The DiffCPS toy bandit (paper section 3.1): train each method on a noisy ring of actions, "
         "sample actions with its act() rule, write toy.png, table.md and table.json.",
     )
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                    help="config names in --configs (or paths to toy configs); default: %(default)s")
-    p.add_argument("--configs", type=Path, default=Path("configs/toy"), help="directory of toy configs")
+    p.add_argument("--configs", type=Path, default=CONFIGS,
+                   help="directory of toy configs (default: the repository's configs/toy, wherever it is run from)")
     p.add_argument("--updates", type=int, default=20_000, help="gradient updates per model (paper: 20000)")
     p.add_argument("--samples", type=int, default=1000, help="actions sampled per row")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 15, 20], help="diffusion steps T of the diffusion methods")
@@ -373,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("runs/toy"),
                    help="finished models' samples, so an interrupted run resumes; --fresh ignores it")
     p.add_argument("--fresh", action="store_true", help="retrain everything")
-    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + " (default: cpu)")
     return p
 
 
@@ -381,6 +386,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.updates <= 0 or args.samples <= 0:
         raise UserError(f"--updates and --samples must be positive, got {args.updates} and {args.samples}")
+    require_device(args.device)
     threshold = args.threshold if args.threshold is not None else args.noise / 2
     methods = find_methods(args.methods, args.configs)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -391,7 +397,7 @@ def main(argv: list[str]) -> int:
     protocol = {
         "n_data": args.n_data, "noise": args.noise, "data_seed": args.data_seed, "updates": args.updates,
         "samples": args.samples, "seed": args.seed, "batch_size": args.batch_size, "threshold": threshold,
-        "steps": args.steps, "accelerator": args.accelerator,
+        "steps": args.steps, "accelerator": args.device,
     }
     rows, panels, scores, model_seconds = [], [], [], []
     fresh = torch.as_tensor(ring_bandit(args.samples, args.noise, args.data_seed + 1).act)
@@ -418,7 +424,7 @@ def main(argv: list[str]) -> int:
             if got is None:
                 print(f"offbench toy: training {what} for {args.updates} updates ...", flush=True)
                 got = train_and_sample(method, steps, sample_steps, args.updates, args.samples, args.seed,
-                                       args.n_data, args.noise, args.data_seed, args.batch_size, args.accelerator)
+                                       args.n_data, args.noise, args.data_seed, args.batch_size, args.device)
                 _store(cell, hashlib.sha256(key.encode()).hexdigest(), got)
             else:
                 print(f"offbench toy: {what}: reusing {cell}", flush=True)
@@ -430,7 +436,7 @@ def main(argv: list[str]) -> int:
                 scores.append(s)
                 print(f"  {panel.title}: on data {100 * s['on_data']:.1f}%, mean |a| {s['radius']:.3f}", flush=True)
 
-    protocol["device"] = _device(args.accelerator)
+    protocol["device"] = _device(args.device)
     protocol["models"] = len(model_seconds)
     protocol["train_seconds_total"] = sum(model_seconds)
     protocol["wall_seconds"] = time.perf_counter() - start  # of this invocation (shorter when models were cached)
@@ -449,7 +455,9 @@ def _device(accelerator: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
-if __name__ == "__main__":
-    from offbench.cli import main as offbench_main  # one message and status 2 for a user's mistake
-
-    sys.exit(offbench_main(["toy", *sys.argv[1:]]))
+if __name__ == "__main__":  # `python -m offbench.toy`: a user's mistake is one message and status 2, as in `offbench toy`
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"offbench: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -184,8 +184,8 @@ def test_dry_run_launches_nothing(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "[fresh   ] bc/synthetic-pendulum-random-v0/seed1" in out and "--seed_everything 1" in out
     assert "2 to start" in out and not (tmp_path / "out").exists()
-    # --output: the same grid into another folder (a measurement of one's own beside the committed one)
-    assert bench.main([str(grid), "--dry-run", "--output", str(tmp_path / "mine")]) == 0
+    # --out: the same grid into another folder (a measurement of one's own beside the committed one)
+    assert bench.main([str(grid), "--dry-run", "--out", str(tmp_path / "mine")]) == 0
     out = capsys.readouterr().out
     assert f"--trainer.default_root_dir {tmp_path / 'mine'}/runs/bc/synthetic-pendulum-random-v0/seed0" in out
     assert f"output {tmp_path / 'mine'}" in out

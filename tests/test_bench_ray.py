@@ -40,13 +40,13 @@ def local_ray():
 @pytest.fixture(scope="module")
 def grid_runs(local_ray, tiny_hopper, tmp_path_factory):
     """Two runs of one grid (BC and a diverging BC on the tiny Hopper data, one seed) through
-    `offbench bench --launcher ray --devices cpu` on the test's Ray instance:
+    `offbench bench --launcher ray --device cpu` on the test's Ray instance:
     1. BC finishes, the diverging BC fails with a NaN loss;
     2. the learning rate fixed: BC is skipped, the failed cell is tried again and finishes."""
     root = tmp_path_factory.mktemp("bench_ray")
     path = root / "grid.yaml"
     spec = dict(name="t", output=str(root / "out"), datasets=[str(tiny_hopper)], seeds=[0], **TINY)
-    argv = [str(path), "--launcher", "ray", "--devices", "cpu"]
+    argv = [str(path), "--launcher", "ray", "--device", "cpu"]
     runs = {}
     for name, lr in [("first", DIVERGING), ("second", [])]:
         write_grid(path, **spec, algorithms=[{"name": "bc", "config": BC}, {"name": "bc-diverging", "config": BC, "args": lr}])
@@ -118,7 +118,7 @@ def test_an_interrupted_run_stops_its_cells_before_it_ends(tiny_hopper, tmp_path
     try:
         driver = subprocess.Popen(
             [sys.executable, "-m", "offbench.cli", "bench", str(grid.path), "--launcher", "ray", "--address", "local",
-             "--devices", "cpu"],
+             "--device", "cpu"],
             cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
     finally:
@@ -147,9 +147,8 @@ def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch):
 def test_ray_options_need_the_ray_launcher(tmp_path, capsys):
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml.safe_dump({"name": "g"}))
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--gpus-per-cell: only with --launcher ray"):
         bench.main([str(grid), "--gpus-per-cell", "0.5"])
-    assert "--gpus-per-cell: only with --launcher ray" in capsys.readouterr().err
 
 
 def _read(path: Path) -> str:

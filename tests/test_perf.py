@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_perf_writes_a_report_with_both_rates_and_the_machine(tiny_hopper, tmp_path):
     main([
         "perf", "--configs", str(REPO / "configs/algorithms/bc.yaml"), "--dataset", str(tiny_hopper),
-        "--updates", "20", "--block-size", "10", "--accelerator", "cpu", "--eval-episodes", "2",
+        "--updates", "20", "--block-size", "10", "--device", "cpu", "--eval-episodes", "2",
         "--eval-envs", "2", "--out", str(tmp_path),
     ])
     report = json.loads((tmp_path / "perf.json").read_text())

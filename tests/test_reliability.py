@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from offbench.cli import main, settings_changes
+from offbench.cli import main
 from offbench.errors import UserError
 from offbench.files import lock_run_dir, read_json, run_dir_holder
+from offbench.run.resume import settings_changes
 from tests.test_fit import fit_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,7 +395,7 @@ def test_a_runner_killed_with_sigterm_or_sigkill_leaves_no_cell_running_and_a_re
     )
     runs = [tmp_path / "out/runs/bc/hopper-random-tiny" / f"seed{s}" for s in (0, 1)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OFFBENCH_TEST_SLOW="1")
-    command = [sys.executable, "-m", "offbench.cli", "bench", str(grid_file), "--workers", "2", "--devices", "cpu"]
+    command = [sys.executable, "-m", "offbench.cli", "bench", str(grid_file), "--workers", "2", "--device", "cpu"]
     cells: list[int | None] = []
     for signum in (signal.SIGTERM, signal.SIGKILL):
         runner = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -603,7 +604,7 @@ def test_progress_off_a_terminal_prints_plain_lines_every_tenth_or_30_seconds(mo
 @pytest.mark.parametrize(("argv", "message"), [
     (["toy", "--methods", "no-such-method"], "offbench: error: no toy config "),
     (["toy", "--updates", "0"], "offbench: error: --updates and --samples must be positive, got 0"),
-    (["perf", "--accelerator", "tpu"], "offbench: error: --accelerator must be auto, cpu or gpu, got 'tpu'"),
+    (["perf", "--device", "tpu"], "offbench: error: offbench perf: argument --device: invalid choice: 'tpu'"),
     (["perf", "--configs"], "offbench: error: --configs names no file: name configs/algorithms/*.yaml files"),
     (["perf", "--configs", "no-such.yaml"], "offbench: error: --configs: no config file no-such.yaml"),
     (["data", "synth", "--env", "Pendulum-v1", "--out", "x.hdf5", "--ref-family", "hopper", "--ref-min", "0"],
@@ -670,7 +671,7 @@ def test_a_new_metric_column_rewrites_metrics_csv_atomically(tmp_path, monkeypat
     mid-rewrite lost every row. Now the old file stays whole, and no partial file is left."""
     import csv
 
-    from offbench.cli import _MetricsWriter
+    from offbench.run.metrics import MetricsWriter as _MetricsWriter
 
     writer = _MetricsWriter(str(tmp_path))
     writer.log_metrics({"loss": 1.0, "updates": 50})

@@ -92,10 +92,12 @@ def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str
 def start_cell(cell: Cell, command: list[str], env: dict[str, str], die_with_parent: bool = True) -> subprocess.Popen:
     """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`. With `die_with_parent`
     (Linux), the cell is killed when this process dies, however it dies: no cell outlives its runner.
-    (Leftover partial files of a crash are removed by the cell's `fit` itself, under its run lock.)"""
+    (Leftover partial files of a crash are removed by the cell's `fit` itself, under its run lock.)
+    The cell starts with SIGINT and SIGTERM at their defaults whatever this process inherited (a runner
+    started in the background by a script has SIGINT ignored): the runner's stop reaches it at once."""
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)}, default=str)
-    preexec = _die_with_parent(os.getpid()) if die_with_parent and _LIBC is not None else None
+    preexec = _die_with_parent(os.getpid()) if die_with_parent and _LIBC is not None else _default_signals
     with open(cell.run_dir / "bench.log", "a") as log:
         log.write(f"\n### offbench bench {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
         log.flush()
@@ -120,11 +122,20 @@ _LIBC = _load_libc()
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def _default_signals() -> None:
+    """A Popen preexec_fn: SIGINT and SIGTERM at their defaults in the child (an ignored SIGINT is
+    inherited through exec; Python then never turns it into KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _die_with_parent(parent: int) -> Any:
     """A Popen preexec_fn: the child gets SIGKILL when `parent` dies (prctl PR_SET_PDEATHSIG), and exits
-    at once if it already has. Its last checkpoint stays (checkpoints are written atomically)."""
+    at once if it already has; its signals at their defaults (_default_signals). Its last checkpoint stays
+    (checkpoints are written atomically)."""
 
     def preexec() -> None:
+        _default_signals()
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the runner died between fork and prctl
             os._exit(1)

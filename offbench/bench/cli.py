@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
 
 from offbench.bench.cells import cell_command, cell_state
 from offbench.bench.grid import load_grid
 from offbench.bench.ray import RayOptions
 from offbench.bench.runner import run_grid
+from offbench.grammar import DEVICES, Parser
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="offbench bench",
+def _parser() -> Parser:
+    parser = Parser(
+        prog="offbench bench", renamed={"--devices": ["--device"], "--output": ["--out"]},
         description="Run a grid of (algorithm x dataset x seed) cells, one `offbench fit` subprocess each; "
         "finished cells are skipped, interrupted ones resumed from their last checkpoint; tables at the end.",
     )
@@ -23,8 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         help="cells run at the same time (default: 1 locally; with Ray, as many as the cluster's resources allow)",
     )
     parser.add_argument(
-        "--devices", choices=("auto", "cpu", "cuda"), default="auto",
-        help="auto: CUDA when available (cells spread over the visible GPUs, several per GPU allowed), else CPU",
+        "--device", choices=DEVICES, default="auto",
+        help="where the cells run: auto (CUDA when available: cells spread over the visible GPUs, several per GPU "
+        "allowed; else CPU), cpu or cuda",
     )
     parser.add_argument(
         "--launcher", choices=("local", "ray"), default="local",
@@ -45,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         "has GPUs, else 0)",
     )
     parser.add_argument(
-        "--output", default=None,
+        "--out", default=None,
         help="folder of the run directories and tables instead of the grid's (`output`, default results/<name>); "
-        "e.g. a measurement of your own beside the committed one: --output runs/benchmark/quick",
+        "e.g. a measurement of your own beside the committed one: --out runs/benchmark/quick",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their state and commands; run nothing")
     parser.add_argument("--no-tables", action="store_true", help="do not write the tables at the end")
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         "--rerun-stale", action="store_true",
         help="run again the cells whose runs were made with other arguments than the grid file's now (their run "
         "directories are moved to <output>.stale/); without it they are reported and left alone",
+    )
+    parser.add_argument(
+        "--restart-damaged", action="store_true",
+        help="a cell whose last checkpoint is unreadable continues from the checkpoint before it (the damaged one "
+        "kept as last.ckpt.damaged), or starts again when there is none (its run directory moved to <output>.stale/)",
     )
     return parser
 
@@ -66,7 +72,7 @@ def main(argv: list[str]) -> int:
     if args.launcher != "ray" and any(value is not None for value in ray_args.values()):
         given = [name for name, value in ray_args.items() if value is not None]
         parser.error(f"{', '.join(given)}: only with --launcher ray")
-    grid = load_grid(args.grid, args.output)  # a GridError (a UserError) lists every problem of the grid file
+    grid = load_grid(args.grid, args.out)  # a GridError (a UserError) lists every problem of the grid file
     if args.dry_run:
         states = {c.id: cell_state(c) for c in grid.cells}
         for cell in grid.cells:
@@ -81,7 +87,8 @@ def main(argv: list[str]) -> int:
         cpus = 1.0 if args.cpus_per_cell is None else args.cpus_per_cell
         ray_options = RayOptions(args.address, cpus, args.gpus_per_cell)
     report = run_grid(
-        grid, args.workers, args.devices, tables=not args.no_tables, ray_options=ray_options, rerun_stale=args.rerun_stale
+        grid, args.workers, args.device, tables=not args.no_tables, ray_options=ray_options, rerun_stale=args.rerun_stale,
+        restart_damaged=args.restart_damaged,
     )
     if report.interrupted:
         return 130

@@ -81,7 +81,7 @@ def expand_grid(path: str | os.PathLike) -> list[Cell]:
 def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Grid:
     """Read and check a grid file; raises GridError naming every problem (unknown keys, missing
     config files, unknown datasets, budgets that do not fit) before anything runs. `output` replaces the
-    grid's output folder (`offbench bench --output`)."""
+    grid's output folder (`offbench bench --out`)."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"no grid file at {path}")
@@ -307,3 +307,12 @@ def _check_config(config: Any, where: str, problems: list[str]) -> None:
             return
         if not isinstance(loaded, dict):
             problems.append(f"{where}: config {config} is not a YAML mapping of `offbench fit` settings")
+            return
+        from offbench.run.arguments import class_path_problem  # reads the modules' source, imports none of them
+
+        for section in ("model", "data"):
+            body = loaded.get(section)
+            class_path = body.get("class_path") if isinstance(body, dict) else body if isinstance(body, str) else None
+            problem = class_path_problem(class_path) if class_path is not None else None
+            if problem:
+                problems.append(f"{where}: config {config}: {section}.class_path: {problem}")

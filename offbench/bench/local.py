@@ -17,7 +17,7 @@ def _gpu_count(devices: str) -> int:
 
     count = torch.cuda.device_count()
     if devices == "cuda" and count == 0:
-        raise UserError("--devices cuda, but no CUDA device is visible")
+        raise UserError("--device cuda, but no CUDA device is visible: use --device cpu (or auto)")
     return count
 
 

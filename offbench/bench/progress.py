@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from offbench.bench.cells import Running, _updates_done
 from offbench.bench.grid import Grid
 
-if TYPE_CHECKING:
-    from offbench.bench.runner import GridReport
+
+@dataclass
+class GridReport:
+    """What became of a grid's cells in one run_grid call (shown live by _render, returned at the end)."""
+
+    finished: list[str] = field(default_factory=list)  # cells that finished in this run
+    skipped: list[str] = field(default_factory=list)  # cells already finished before this run
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    launched: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    busy: dict[str, int] = field(default_factory=dict)  # cells another process runs (its PID; 0: unknown)
+    stale: dict[str, str] = field(default_factory=dict)  # cells run with other arguments: how they differ
+
 
 
 def _poll_progress(r: Running) -> None:

@@ -26,7 +26,7 @@ RAY_FORWARD_ENV = ("OFFBENCH_", "MINARI_", "OMP_NUM_THREADS")
 
 class RayOptions:
     """`--launcher ray`: the cluster and each cell's task resources (gpus_per_cell None: one GPU when
-    the cluster has GPUs and --devices allows them, else none)."""
+    the cluster has GPUs and --device allows them, else none)."""
 
     address: str | None = None
     cpus_per_cell: float = 1.0
@@ -67,7 +67,7 @@ def _check_ray_options(options: RayOptions, devices: str) -> None:
             f"got {options.gpus_per_cell:g}"
         )
     if devices == "cpu" and options.gpus_per_cell:
-        raise UserError("--gpus-per-cell asks for GPUs, but --devices cpu runs the cells on CPUs")
+        raise UserError("--gpus-per-cell asks for GPUs, but --device cpu runs the cells on CPUs")
 
 
 def _ray_connect(options: RayOptions, devices: str) -> RayCluster:
@@ -82,7 +82,7 @@ def _ray_connect(options: RayOptions, devices: str) -> RayCluster:
     if devices == "cuda" and not cluster_gpus:
         if disconnect:
             ray.shutdown()
-        raise UserError("--devices cuda, but the Ray cluster has no GPU")
+        raise UserError("--device cuda, but the Ray cluster has no GPU")
     gpus = options.gpus_per_cell
     if gpus is None:
         gpus = 1.0 if devices != "cpu" and cluster_gpus else 0.0

@@ -8,14 +8,13 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from offbench.bench.cells import Cell, CellState, Running, _unreadable_result, cell_state, set_aside, stale_arguments
 from offbench.bench.grid import Grid
 from offbench.bench.local import _gpu_count, _poll_local, _start_local, _stop
-from offbench.bench.progress import _hms, _poll_progress, _render
+from offbench.bench.progress import GridReport, _hms, _poll_progress, _render
 from offbench.bench.ray import (
     RayOptions,
     _check_ray_options,
@@ -27,19 +26,6 @@ from offbench.bench.ray import (
 )
 from offbench.errors import UserError
 from offbench.files import LockBusy, read_json, run_dir_holder, take_lock, write_json_atomic
-
-
-@dataclass
-
-
-class GridReport:
-    finished: list[str] = field(default_factory=list)  # cells that finished in this run
-    skipped: list[str] = field(default_factory=list)  # cells already finished before this run
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    launched: list[str] = field(default_factory=list)
-    interrupted: bool = False
-    busy: dict[str, int] = field(default_factory=dict)  # cells another process runs (its PID; 0: unknown)
-    stale: dict[str, str] = field(default_factory=dict)  # cells run with other arguments: how they differ
 
 
 def _prepare_datasets(datasets: list[str]) -> None:
@@ -76,6 +62,7 @@ def run_grid(
     tables: bool = True,
     ray_options: RayOptions | None = None,
     rerun_stale: bool = False,
+    restart_damaged: bool = False,
 ) -> GridReport:
     """Run every unfinished cell of `grid`, then write the tables. A cell whose run another process holds
     is skipped; a stale cell (run with other arguments than the grid file's now) is reported and left
@@ -83,7 +70,8 @@ def run_grid(
     stop the grid as Ctrl+C does (the running cells are stopped; a rerun resumes them). Locally (no `ray_options`): subprocesses,
     at most `workers` (None: 1) at a time; GPUs (when used) go to the least-loaded device, so cells
     spread round-robin and several cells may share one GPU. On Ray: one Ray task per cell, at most
-    `workers` at a time (None: as many as the cluster's resources allow)."""
+    `workers` at a time (None: as many as the cluster's resources allow). `restart_damaged`: a cell whose
+    last checkpoint is unreadable continues from the one before it, or starts again (restart_damaged_cell)."""
     from rich.console import Console
 
     console = console or Console()
@@ -96,7 +84,7 @@ def run_grid(
     lock = _lock(grid.output)
     previous = _interrupt_on_termination()
     try:
-        return _run(grid, workers, devices, gpus, ray_options, console, tables, rerun_stale)
+        return _run(grid, workers, devices, gpus, ray_options, console, tables, rerun_stale, restart_damaged)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -136,7 +124,7 @@ def _lock(output: Path) -> int:
 
 def _run(
     grid: Grid, workers: int, devices: str, gpus: int, ray_options: RayOptions | None, console: Any, tables: bool,
-    rerun_stale: bool = False,
+    rerun_stale: bool = False, restart_damaged: bool = False,
 ) -> GridReport:
     from rich.live import Live
 
@@ -148,6 +136,9 @@ def _run(
 
     report = GridReport()
     pending = _sort_cells(grid, report, failures, console, rerun_stale)
+    if restart_damaged:
+        pending = deque((cell, restart_damaged_cell(cell, grid.output, console) if state == "resume" else state)
+                        for cell, state in pending)
     write_json_atomic(failures_path, failures, default=str)
     if pending:
         _prepare_datasets(sorted({c.dataset for c, _ in pending}))
@@ -200,6 +191,10 @@ def _run(
                         console.print(
                             f"[red]failed[/red] {r.cell.id} ({_exit_text(code)}{on}); log: {r.cell.run_dir / 'bench.log'}"
                         )
+                        if DAMAGED in log_tail:  # fit's way out (--ckpt_path) is not the runner's
+                            failures[r.cell.id]["fix"] = fix = f"offbench bench {grid.path} --restart-damaged"
+                            console.print(f"       its checkpoint is damaged: {fix} continues it from the checkpoint "
+                                          "before, or from the start")
                     write_json_atomic(failures_path, failures, default=str)
                 live.update(render())
                 if running:
@@ -269,6 +264,34 @@ def _sort_cells(
         else:
             pending.append((cell, state))
     return pending
+
+
+DAMAGED = "it is probably truncated or damaged"  # in fit's message of an unreadable checkpoint (read_checkpoint)
+
+
+def restart_damaged_cell(cell: Cell, output: Path, console: Any) -> CellState:
+    """A cell to resume whose `last.ckpt` is unreadable: continues from `previous.ckpt` when that reads
+    (the damaged file kept as `last.ckpt.damaged`), else its run directory is set aside (to
+    `<output>.stale/`) and the cell starts again. Returns its state now ("resume" or "fresh")."""
+    from offbench.errors import UserError
+    from offbench.run.checkpoints import read_checkpoint
+
+    checkpoints = cell.run_dir / "checkpoints"
+    try:
+        read_checkpoint(checkpoints / "last.ckpt")
+        return "resume"
+    except UserError:
+        pass
+    try:
+        read_checkpoint(checkpoints / "previous.ckpt")
+    except UserError:
+        console.print(f"damaged {cell.id}: no readable checkpoint; its run moved to {set_aside(cell, output)}, "
+                      "starting it again")
+        return "fresh"
+    os.replace(checkpoints / "last.ckpt", checkpoints / "last.ckpt.damaged")
+    os.replace(checkpoints / "previous.ckpt", checkpoints / "last.ckpt")
+    console.print(f"damaged {cell.id}: last.ckpt unreadable (kept as last.ckpt.damaged); continuing from previous.ckpt")
+    return "resume"
 
 
 def _write_tables(grid: Grid, report: GridReport, console: Any) -> None:

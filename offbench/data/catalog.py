@@ -184,9 +184,9 @@ FORGE_ENVS: dict[str, ForgeEnv] = {
     "invertedpendulum": ForgeEnv(
         "InvertedPendulum-v5", "small", "about 5 minutes on a free CPU core (10 on a busy 2-core machine)"
     ),
-    "hopper": ForgeEnv("Hopper-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; see the README)"),
-    "halfcheetah": ForgeEnv("HalfCheetah-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; see the README)"),
-    "walker2d": ForgeEnv("Walker2d-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; see the README)"),
+    "hopper": ForgeEnv("Hopper-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; estimated in docs/data.md)"),
+    "halfcheetah": ForgeEnv("HalfCheetah-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; estimated in docs/data.md)"),
+    "walker2d": ForgeEnv("Walker2d-v4", "d4rl", "about 5 hours on a CPU core (1M SAC updates; estimated in docs/data.md)"),
 }
 _FORGE_NAME = re.compile(
     r"forge/(?P<slug>[\w.-]+?)-(?P<kind>random|medium-replay|medium-expert|medium|expert)-v(?P<version>\d+)"

@@ -15,6 +15,7 @@ from offbench.data.catalog import (
     FORGE_ENVS,
     FORGE_KINDS,
     LOCOMOTION,
+    check_env_id,
     forge_dir,
     forge_name,
     resolve,
@@ -26,20 +27,26 @@ from offbench.data.sources import load_transitions, local_path
 from offbench.data.synthetic import RECIPES, minari_datasets_root, write_random_dataset
 from offbench.envs import action_bounds, observation_dim
 from offbench.errors import UserError
+from offbench.grammar import Parser, plain_flags
 from offbench.pgd.commands import add_pgd_parser
 from offbench.pgd.commands import main as pgd_main
 from offbench.scores import REF_SCORES, normalized_score
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offbench data", description="Datasets: make synthetic ones, inspect any.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="offbench data", description="Datasets: make synthetic ones, forge D4RL-style ones, inspect any, "
+                    "train a dataset's PGD trajectory model.")
+    sub = parser.add_subparsers(dest="command", required=True, help="offbench data COMMAND --help for each")
 
-    synth = sub.add_parser("synth", help="random-policy rollouts in a gymnasium env, as a D4RL-layout HDF5 file")
+    synth = sub.add_parser(
+        "synth", help="random-policy rollouts in a gymnasium env, as a D4RL-layout HDF5 file",
+        description="Random-policy rollouts in a gymnasium env, written as a D4RL-layout HDF5 file (and, with "
+        "--minari-id, as a Minari dataset), with the env's reference scores where the suite knows them.",
+    )
     synth.add_argument("--env", required=True, help="gymnasium env id, e.g. Hopper-v4")
     synth.add_argument("--out", required=True, help="output .hdf5 path")
-    synth.add_argument("--episodes", type=int, default=100)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--episodes", type=int, default=100, help="episodes of the random policy (default 100)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the env and the policy (default 0)")
     synth.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's registered limit")
     synth.add_argument("--minari-id", default=None, help="also write the episodes as this Minari dataset")
     synth.add_argument("--ref-family", choices=sorted(REF_SCORES), default=None, help="store D4RL reference scores "
@@ -84,13 +91,18 @@ def _parser() -> argparse.ArgumentParser:
 
     add_pgd_parser(sub)
 
-    info = sub.add_parser("info", help="what a dataset name resolves to, and its statistics if it is on this machine")
-    info.add_argument("name", help="catalog name or .hdf5 path; `offbench data info list` lists the catalog")
-    info.add_argument("--env-id", default=None)
-    info.add_argument("--ref-family", default=None)
-    info.add_argument("--ref-min", type=float, default=None)
-    info.add_argument("--ref-max", type=float, default=None)
-    info.add_argument("--max-episode-steps", type=int, default=None)
+    info = sub.add_parser("info", help="what a dataset name resolves to, and its statistics if it is on this machine",
+                          description="What a dataset name resolves to (source, env, references, episode limit) and, "
+                          "when its data is on this machine, its statistics and checks. The flags are fit's --data.* "
+                          "settings, for files that do not carry them.", renamed={"--env-id": ["--env"]})
+    info.add_argument("name", metavar="DATASET", help="catalog name or .hdf5 path; `offbench data info list` lists the catalog")
+    info.add_argument("--env", default=None, help="the gymnasium env the data was collected in (fit: --data.env_id)")
+    info.add_argument("--ref-family", choices=sorted(REF_SCORES), default=None,
+                      help="D4RL's reference scores of this family (fit: --data.ref_family)")
+    info.add_argument("--ref-min", type=float, default=None, help="the random policy's return, with --ref-max (fit: --data.ref_min)")
+    info.add_argument("--ref-max", type=float, default=None, help="the expert's return, with --ref-min (fit: --data.ref_max)")
+    info.add_argument("--max-episode-steps", type=int, default=None,
+                      help="episode limit of the evaluation env (default: the env's registered one; fit: --data.max_episode_steps)")
     return parser
 
 
@@ -126,6 +138,7 @@ def _synth(args: argparse.Namespace) -> int:
         raise UserError("pass either --ref-family or --ref-min/--ref-max, not both")
     if (args.ref_min is None) != (args.ref_max is None):
         raise UserError("pass both --ref-min and --ref-max (the random and the expert return), or neither")
+    check_env_id(args.env, "--env")
     ref_min, ref_max = REF_SCORES[args.ref_family] if args.ref_family else (args.ref_min, args.ref_max)
     known = synth_references(args.env) if ref_min is None else None
     if known is not None:
@@ -149,6 +162,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _forge(args: argparse.Namespace) -> int:
     from offbench.forge import forge, forge_config
 
+    check_env_id(args.env, "--env")
     config = forge_config(
         args.env, args.preset, seed=args.seed, sac_steps=args.sac_steps, start_steps=args.start_steps,
         checkpoint_every=args.checkpoint_every, eval_episodes=args.eval_episodes, dataset_steps=args.dataset_steps,
@@ -190,9 +204,17 @@ def _info(args: argparse.Namespace) -> int:
             for kind in FORGE_KINDS:
                 print(f"{forge_name(entry.env_id, kind):42s} {'forge':9s} {entry.env_id} ({made})")
         return 0
+    try:
+        return _info_of(args)
+    except UserError as e:  # the data checks name fit's flags: here they are this command's
+        e.args = (plain_flags(str(e)),)
+        raise
+
+
+def _info_of(args: argparse.Namespace) -> int:
     info = resolve(  # a forged family that is not there yet: a MissingFileError saying how to make it
-        args.name, env_id=args.env_id, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
-        max_episode_steps=args.max_episode_steps, env_id_flag="--env-id",
+        args.name, env_id=args.env, ref_family=args.ref_family, ref_min=args.ref_min, ref_max=args.ref_max,
+        max_episode_steps=args.max_episode_steps, env_id_flag="--env",
     )
     for f in fields(info):
         if f.name != "fingerprint":  # printed below, computed from the data

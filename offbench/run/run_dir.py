@@ -1,0 +1,62 @@
+"""The run directory: one per run (runs/<algo>/<dataset>/seed<N> by default), one process at a time,
+never overwritten; partial files of a crashed write removed under its lock."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from offbench.errors import UserError
+
+HELD_LOCKS: list[int] = []  # run-directory locks of this process's fits (files.lock_run_dir), released by fit_main
+
+
+def slug(text: str) -> str:
+    """`text` as one path component (a dataset name such as d4rl/hopper/medium-v2 -> d4rl-hopper-medium-v2)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def remove_partial_files(root: Path) -> None:
+    """Partial files of a crashed write (a checkpoint's `*.part`, an atomic write's `*.tmp<pid>`) hold
+    nothing usable; they are removed under the run directory's lock."""
+    for path in [*(root / "checkpoints").glob("*.part"), *root.glob("*.tmp[0-9]*")]:
+        path.unlink(missing_ok=True)
+
+
+def last_checkpoint(root: Path) -> Path:
+    path = root / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        raise UserError(
+            f"--ckpt_path last, but {path} does not exist: nothing to resume in {root}. "
+            "Check --trainer.default_root_dir and --seed_everything (they name the run directory)."
+        )
+    return path
+
+
+def check_run_dir(root: Path) -> None:
+    """Refuse to start a fresh run on top of an earlier one: nothing of a run is ever overwritten."""
+    if (root / "result.json").exists():
+        raise UserError(
+            f"{root} already holds a finished run (result.json). Choose another "
+            "--trainer.default_root_dir or --seed_everything, or delete that directory to run it again."
+        )
+    if (root / "checkpoints").exists() and any((root / "checkpoints").iterdir()):
+        raise UserError(
+            f"{root} holds an interrupted run. Continue it with --ckpt_path last, or delete the directory "
+            "to start over."
+        )
+
+
+
+
+def check_writable(folder: Path) -> None:
+    """A UserError naming `folder` when a file cannot be made in it (read-only, not a folder, a full disk):
+    found before training, not when the first checkpoint is due."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}): make it a writable folder (or free space), or "
+                        "choose another run directory with --trainer.default_root_dir") from e
