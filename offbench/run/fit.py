@@ -142,20 +142,18 @@ class OffbenchCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ValueError as e:  # the model and data are subclass types: show the class's own error, not the wrapper
+        except (TypeError, ValueError) as e:  # the model and data are subclass types: show the class's own error
             cause: BaseException = e
             while str(cause).startswith("Does not validate against any of the Union subtypes") and cause.__cause__:
                 cause = cause.__cause__
+            old = re.search(r"got an unexpected keyword argument '(\w+)'", str(cause))
+            new = RENAMED_HPARAMS.get(old.group(1)) if old else None
+            if old and new:  # a subclass passing a setting under its old name to a built-in algorithm
+                owner = self.config[self.subcommand].model.class_path
+                raise UserError(renamed_message(owner, old.group(1), new, "its call of a built-in algorithm's __init__")) from e
             if cause is e:
                 raise
             raise cause from None
-        except TypeError as e:  # a subclass passing a setting under its old name to a built-in algorithm
-            old = re.search(r"got an unexpected keyword argument '(\w+)'", str(e))
-            new = RENAMED_HPARAMS.get(old.group(1)) if old else None
-            if old is None or new is None:
-                raise
-            owner = self.config[self.subcommand].model.class_path
-            raise UserError(renamed_message(owner, old.group(1), new, "its call of a built-in algorithm's __init__")) from e
 
     def before_fit(self) -> None:
         self.model.compile_update = bool(self._get(self.config_init, "compile", default=False))
