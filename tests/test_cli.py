@@ -227,3 +227,18 @@ def test_a_grid_naming_a_class_that_does_not_exist_fails_before_any_cell(tmp_pat
         load_grid(grid)
     assert "model.class_path: algorithms.bc has no class BCC: did you mean `BC`?" in str(error.value)
     assert "data.class_path: offbench.pgd has no class PGDDataModul: did you mean `PGDDataModule`?" in str(error.value)
+
+
+def test_docs_cli_md_names_every_flag_of_every_plain_command_and_every_deprecated_one(monkeypatch):
+    text = (REPO / "docs/cli.md").read_text()
+    for command in PLAIN[:-1]:  # gpu-check --worker is internal
+        for each in _all_parsers(parser_of(command, monkeypatch)):
+            if all(a.dest == "help" or a.nargs == "A..." for a in each._actions):
+                continue  # `offbench data`, `offbench data pgd`: subcommands only
+            section = text.split(f"### `{each.prog}`", 1)
+            assert len(section) == 2, f"docs/cli.md has no section for {each.prog}"
+            body = section[1].split("\n### ", 1)[0]
+            flags = [o for a in each._actions for o in a.option_strings if o.startswith("--") and a.dest != "help"]
+            assert not [f for f in flags if f"`{f}" not in body], f"docs/cli.md, {each.prog}: flags missing"
+    for _command, old, new in DEPRECATED:
+        assert f"`{old[0].partition('=')[0]}" in text and f"`{new[0]}" in text

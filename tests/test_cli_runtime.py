@@ -212,3 +212,20 @@ def test_a_cell_of_a_runner_that_ignores_sigint_still_stops_on_the_runners_stop(
     _stop([child], grace=20.0)
     assert child.returncode != -signal.SIGKILL, "the cell ignored SIGINT and had to be killed"
     assert "KeyboardInterrupt" in (cell.run_dir / "bench.log").read_text()
+
+
+# ---------------------------------------------------------------- one name for an algorithm
+def test_a_loose_fit_names_its_run_directory_as_the_grids_do(tmp_path, monkeypatch, capsys):
+    from offbench.run.run_dir import algorithm_name, default_run_dir
+
+    assert algorithm_name("algorithms.diffusion_ql.DiffusionQL") == "diffusion_ql"  # was diffusionql
+    assert [algorithm_name(c) for c in ("algorithms.td3bc.TD3BC", "algorithms.bc.BC", "my_algo.MeanAction")] == [
+        "td3bc", "bc", "meanaction"]
+    monkeypatch.chdir(tmp_path)
+    new = Path("runs/diffusion_ql/synthetic-hopper-random-v0/seed0")
+    assert default_run_dir("algorithms.diffusion_ql.DiffusionQL", "synthetic/hopper-random-v0", 0) == new
+    old = Path("runs/diffusionql/synthetic-hopper-random-v0/seed0")
+    old.mkdir(parents=True)  # a run begun under the old name is still found, with one line
+    assert default_run_dir("algorithms.diffusion_ql.DiffusionQL", "synthetic/hopper-random-v0", 0) == old
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: {old} has the old name of {new}") and "\n" not in err

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     forge.add_argument("--batch-size", type=int, default=None, help="SAC minibatch (default 256)")
     forge.add_argument("--max-episode-steps", type=int, default=None, help="default: the env's registered limit")
     forge.add_argument("--num-envs", type=int, default=None, help="parallel envs in evaluations and rollouts (default 10)")
-    forge.add_argument("--device", default=None, help="cpu (default; deterministic) or cuda")
+    forge.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where SAC trains: cpu (default; deterministic) or cuda")
     forge.add_argument("--minari-namespace", default=None, help="Minari ids <namespace>/<kind>-v0 (default offbench/<env>)")
     forge.add_argument("--force", action="store_true", help="delete this folder's forge files and start again")
     forge.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -92,8 +92,13 @@ class OfflineDataModule(pl.LightningDataModule):
             statistics are saved with the checkpoint and applied to observations at evaluation.
         reward_tuning: "none", "cql_antmaze" ((r-0.5)*4), "iql_antmaze" (r-1),
             "iql_locomotion" (r*1000/return range).
-        env_id, ref_family, ref_min, ref_max, max_episode_steps: for bring-your-own HDF5 files:
-            the evaluation env and the reference scores of the normalized score.
+        env_id: the gymnasium env the data was collected in and is evaluated in (for an HDF5 file
+            that does not name it).
+        ref_family: D4RL's reference scores of this family (hopper, halfcheetah, ...), for a file
+            without references.
+        ref_min: the random policy's return of the normalized score (with ref_max).
+        ref_max: the expert's return of the normalized score (with ref_min).
+        max_episode_steps: episode limit of the evaluation env (default: the env's registered one).
         clip_actions: clip actions outside the evaluation env's bounds to them (without it, such
             actions are an error: see offbench/data/checks.py for every check made before training).
     """

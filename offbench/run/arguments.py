@@ -192,7 +192,7 @@ def check_settings(argv: list[str]) -> None:
         if dotted in LINKED:
             raise UserError(f"--{key} (in {where}) is not set by hand: {LINKED[dotted]}")
         if parts[0] in ("model", "data"):
-            if parts[1] in ("class_path", "dict_kwargs") or (parts[1] == "init_args" and len(parts) == 2):
+            if parts[1] in ("class_path", "dict_kwargs", "help") or (parts[1] == "init_args" and len(parts) == 2):
                 continue
             name = parts[2] if parts[1] == "init_args" and len(parts) > 2 else parts[1]
         else:

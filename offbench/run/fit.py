@@ -27,7 +27,15 @@ from offbench.run.arguments import algorithms_help, fit_argv, renamed_message
 from offbench.run.checkpoints import LastCheckpoint, check_networks_fit, last_evaluation, read_checkpoint
 from offbench.run.metrics import RunCSVLogger
 from offbench.run.resume import ApplyNewSettings, settings_changes
-from offbench.run.run_dir import HELD_LOCKS, check_run_dir, check_writable, last_checkpoint, remove_partial_files, slug
+from offbench.run.run_dir import (
+    HELD_LOCKS,
+    algorithm_name,
+    check_run_dir,
+    check_writable,
+    default_run_dir,
+    last_checkpoint,
+    remove_partial_files,
+)
 from offbench.run.screen import FinalScoreProgressBar, ParameterSummary, quiet_lightning
 from offbench.settings import RENAMED as RENAMED_HPARAMS
 from offbench.wandb_logging import WandbOptions, require_wandb
@@ -92,9 +100,8 @@ class OffbenchCLI(LightningCLI):
         require_device(str(config.trainer.accelerator), "--trainer.accelerator")  # Lightning's own message is a traceback
         trainer = config.trainer
         if trainer.default_root_dir is None:
-            algo = config.model.class_path.rsplit(".", 1)[-1].lower()
             dataset = config.data.init_args.dataset  # data in subclass mode: --data.class_path picks the DataModule
-            trainer.default_root_dir = str(Path("runs") / algo / slug(dataset) / f"seed{config.seed_everything}")
+            trainer.default_root_dir = str(default_run_dir(config.model.class_path, dataset, config.seed_everything))
         root = Path(trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
             last_checkpoint(root)  # before the lock makes the directory: a mistyped one stays unmade
@@ -201,7 +208,7 @@ def _check_logger(config: Any) -> None:
 def _wandb_logger(config: Any, root: str, resumed: bool) -> Logger:
     from offbench.wandb_logging import RunWandbLogger
 
-    algo = config.model.class_path.rsplit(".", 1)[-1].lower()
+    algo = algorithm_name(config.model.class_path)
     name = f"{algo}/{config.data.init_args.dataset}/seed{config.seed_everything}"
     resolved = json.loads(json.dumps(config.as_dict(), default=str))  # the whole resolved config, JSON-safe
     return RunWandbLogger(root, WandbOptions(**config.wandb.as_dict()), name, resolved, resumed)

@@ -4,6 +4,7 @@ never overwritten; partial files of a crashed write removed under its lock."""
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,26 @@ HELD_LOCKS: list[int] = []  # run-directory locks of this process's fits (files.
 def slug(text: str) -> str:
     """`text` as one path component (a dataset name such as d4rl/hopper/medium-v2 -> d4rl-hopper-medium-v2)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def algorithm_name(class_path: str) -> str:
+    """An algorithm's name in run directories: its module's name where that is its class's name (as the
+    grids name it: algorithms.diffusion_ql.DiffusionQL -> diffusion_ql), else the class's name in lower case."""
+    module, _, name = class_path.rpartition(".")
+    module = module.rpartition(".")[2]
+    return module if module.replace("_", "") == name.lower() else name.lower()
+
+
+def default_run_dir(class_path: str, dataset: str, seed: int) -> Path:
+    """runs/<algorithm>/<dataset>/seed<N>. A run begun under the name used before (the class's name in
+    lower case: runs/diffusionql/) is still found there, with a one-line warning, until it is moved."""
+    run_dir = Path("runs") / algorithm_name(class_path) / slug(dataset) / f"seed{seed}"
+    old = Path("runs") / class_path.rpartition(".")[2].lower() / slug(dataset) / f"seed{seed}"
+    if old != run_dir and old.is_dir() and not run_dir.exists():
+        print(f"warning: {old} has the old name of {run_dir}: using it; move it there (mv {old} {run_dir}), the old "
+              "name is not looked up after the next release", file=sys.stderr)
+        return old
+    return run_dir
 
 
 def remove_partial_files(root: Path) -> None:
