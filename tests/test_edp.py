@@ -353,7 +353,7 @@ def test_perf_counts_the_noise_model_passes_of_edp_rows(tiny_hopper, tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "configs/algorithms/edp.yaml"
     main(["perf", "--configs", str(config), "--dataset", str(tiny_hopper), "--updates", "4", "--block-size", "2",
-          "--accelerator", "cpu", "--eval-episodes", "1", "--eval-envs", "1", "--out", str(tmp_path)])
+          "--device", "cpu", "--eval-episodes", "1", "--eval-envs", "1", "--out", str(tmp_path)])
     rows = {r["label"]: r for r in json.loads((tmp_path / "perf.json").read_text())["training"]}
     assert rows["edp"]["noise_model_calls_per_update"] == 16  # 1 policy pass + 15 DPM-Solver calls for a'
     assert rows["edp-iql"]["noise_model_calls_per_update"] == 1 and rows["edp-iql"]["extra_init_args"] == {"rule": "iql"}

@@ -505,7 +505,7 @@ def test_data_info_shows_the_action_range_and_the_checks(tmp_path, capsys):
     from offbench.data.commands import main as data_main
 
     path = pendulum_file(tmp_path / "wide.hdf5", actions=np.linspace(-3, 3, 20, dtype=np.float32)[:, None])
-    assert data_main(["info", str(path), "--env-id", "Pendulum-v1", "--ref-min", "-1500", "--ref-max", "0"]) == 0
+    assert data_main(["info", str(path), "--env", "Pendulum-v1", "--ref-min", "-1500", "--ref-max", "0"]) == 0
     out = capsys.readouterr().out
     assert "env action range   [-2, 2]" in out and "data action range  [-3, 2.684]" in out
     assert "check              error:" in out and "outside the action bounds" in out
