@@ -248,7 +248,7 @@ class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 def one_line(message: str) -> str:
     """A jsonargparse error in one line: the innermost key and its complaint (a class's own, where it is
-    wrapped in a Union's), e.g. `--model.init_args.actor_lr (algorithms.bc.BC): expected a float, got abc`."""
+    wrapped in a Union's), e.g. `--model.init_args.actor_lr (algorithms.bc.BC): expected type float, got abc`."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     keys, owner = [], ""
     for line in lines:

@@ -75,8 +75,9 @@ def check_writable(folder: Path) -> None:
     """A UserError naming `folder` when a file cannot be made in it (read-only, not a folder, a full disk):
     found before training, not when the first checkpoint is due."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=folder if folder.exists() else folder.parent):  # made at the first checkpoint
             pass
     except OSError as e:
         raise UserError(f"cannot write in {folder} ({e.strerror or e}): make it a writable folder (or free space), or "
