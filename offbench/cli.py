@@ -11,6 +11,7 @@ message and exit status 2.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import traceback
@@ -28,8 +29,9 @@ commands:
   toy     the DiffCPS toy bandit: train, sample, figure and score table (offbench toy --help)
   gpu-check  CUDA tests and measurements in one go, report in results/perf/perf-cuda.md (offbench gpu-check --help)
 
-A user error (bad argument, data or file) prints one message and exits with status 2; --debug (or
-OFFBENCH_DEBUG=1) shows its traceback too.
+The same flag names the same idea in every command (--dataset, --env, --device, --workers, --out,
+--compile, --seed; hyphens or underscores): docs/cli.md. A user error (bad argument, data or file)
+prints one message and exits with status 2; --debug (or OFFBENCH_DEBUG=1) shows its traceback too.
 """
 
 
@@ -84,7 +86,10 @@ def _dispatch(argv: list[str]) -> int:
         from offbench.toy import main as toy_main
 
         return toy_main(rest)
-    print(f"offbench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    commands = ("fit", "data", "perf", "bench", "table", "gpu-check", "toy")
+    close = difflib.get_close_matches(command, commands, n=1)
+    print(f"offbench: error: unknown command {command!r}{f': did you mean {close[0]}?' if close else ''} "
+          f"(commands: {', '.join(commands)})", file=sys.stderr)
     return 2
 
 

@@ -179,8 +179,10 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 class EvalCallback(Callback):
-    """Evaluate `pl_module.act` at the end of every training epoch (one evaluation interval),
-    log `eval/*`, keep the history (saved in checkpoints) and write `result.json` at fit end.
+    """The evaluation (--eval.*): the policy's act() rolled out after every evaluation interval.
+
+    Evaluates `pl_module.act` at the end of every training epoch (one evaluation interval), logs
+    `eval/*`, keeps the history (saved in checkpoints) and writes `result.json` at fit end.
 
     Args:
         episodes: episodes per evaluation; None takes the dataset's protocol (`info.eval_episodes`).

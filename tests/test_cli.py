@@ -242,3 +242,9 @@ def test_docs_cli_md_names_every_flag_of_every_plain_command_and_every_deprecate
             assert not [f for f in flags if f"`{f}" not in body], f"docs/cli.md, {each.prog}: flags missing"
     for _command, old, new in DEPRECATED:
         assert f"`{old[0].partition('=')[0]}" in text and f"`{new[0]}" in text
+
+
+def test_an_unknown_command_is_one_line_with_the_closest(capsys):
+    assert main(["bnech"]) == 2
+    assert capsys.readouterr().err.strip() == ("offbench: error: unknown command 'bnech': did you mean bench? "
+                                               "(commands: fit, data, perf, bench, table, gpu-check, toy)")

@@ -81,5 +81,5 @@ def test_cli_is_a_dispatcher():
     tree = ast.parse((REPO / "offbench/cli.py").read_text())
     top = {alias.name if isinstance(node, ast.Import) else node.module
            for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-    assert top <= {"__future__", "os", "sys", "traceback", "offbench.errors"}, top
+    assert top <= {"__future__", "difflib", "os", "sys", "traceback", "offbench.errors"}, top
     assert len((REPO / "offbench/cli.py").read_text().splitlines()) < 120

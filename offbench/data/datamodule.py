@@ -79,8 +79,10 @@ def _positive(name: str, value: int) -> int:
 
 
 class OfflineDataModule(pl.LightningDataModule):
-    """The dataset named by `dataset` (a catalog name, a Minari id, or an HDF5 path), transformed
-    and sampled on the device.
+    """The data (--data.*): a dataset by name, transformed and sampled on the training device.
+
+    The dataset named by `dataset` (a catalog name, a Minari id, or an HDF5 path), transformed and
+    sampled on the device.
 
     Args:
         dataset: catalog name (`hopper-medium-v2`, `D4RL/antmaze/umaze-v1`, `synthetic/hopper-random-v0`)
