@@ -541,5 +541,9 @@ def main(argv: list[str]) -> int:
     return 0 if all(p.status == "passed" for p in check.parts) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # `python -m offbench.gpu_check` (make gpu-check): a user's mistake is one line, status 2
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"offbench: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -79,6 +79,17 @@ def test_gpu_check_without_cuda_says_so_and_writes_nothing(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_python_m_offbench_gpu_check_without_cuda_is_one_line_too(tmp_path):
+    """`make gpu-check` runs `python -m offbench.gpu_check`, not `offbench gpu-check`."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "offbench.gpu_check", "--out", str(tmp_path / "report")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("offbench: error: gpu-check: no GPU here"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "report").exists()
+
+
 def test_toy_finds_its_configs_from_any_working_directory(tmp_path, monkeypatch):
     from offbench import toy
 
