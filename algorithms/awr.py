@@ -96,6 +96,30 @@ class AWR(OfflineRLModule):
         actor_steps: int = 1000,
         bound_loss_weight: float = 10.0,
     ) -> None:
+        """AWR: advantage-weighted regression on a static dataset (equations, settings: algorithms/awr.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            hidden: hidden widths of the policy mean and of the value net (ReLU MLPs; official 128-64).
+            actor_lr: SGD learning rate of the policy (official 5e-5 on HalfCheetah, 1e-4 Hopper, 2.5e-5 Walker2d).
+            critic_lr: SGD learning rate of the value net (official 1e-2).
+            momentum: SGD momentum of both optimisers (official 0.9; 0: plain SGD).
+            action_std: fixed std of the Gaussian policy, in units of max_action (official 0.4; 0.2 on Ant/Humanoid).
+            gamma: discount gamma of the TD(lambda) returns G_t; V is learned in units of 1 / (1 - gamma)
+                (official 0.99).
+            td_lambda: lambda of the TD(lambda) returns G_t (official 0.95; 0: one-step TD, 1: Monte-Carlo).
+            temperature: temperature beta of the weights w_t = min(exp(A_t / beta), weight_clip), A standardised
+                (official 1.0).
+            weight_clip: upper clip of the weights w_t (official 20).
+            critic_steps: value updates per iteration; every row's returns are recomputed at their start
+                (official 200).
+            actor_steps: policy updates per iteration; every row's weights are recomputed at their start
+                (official 1000).
+            bound_loss_weight: weight c_b of the bound loss that keeps the policy mean inside the action bounds
+                (official 10; 0: no bound loss).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)

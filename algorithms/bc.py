@@ -32,6 +32,16 @@ class BC(OfflineRLModule):
         hidden: tuple[int, ...] = (256, 256),
         actor_lr: float = 1e-3,
     ) -> None:
+        """BC: behaviour cloning of the dataset's actions (equations, settings: algorithms/bc.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            policy: "deterministic", loss ||pi(s) - a||^2, or "gaussian", maximum likelihood (evaluated with its mean).
+            hidden: hidden widths of the actor (ReLU MLP; 2 x 256 as the TD3+BC paper's BC baseline).
+            actor_lr: Adam learning rate of the actor (1e-3, as the TD3+BC paper's BC baseline).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)

@@ -76,6 +76,30 @@ class CQL(OfflineRLModule):
         bc_steps: int = 40_000,
         backup_entropy: bool = False,
     ) -> None:
+        """CQL: conservative Q-learning, CQL(H) on a SAC backbone (equations, settings: algorithms/cql.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            hidden: hidden widths of the tanh-Gaussian policy and of the twin critics (ReLU MLPs; official 3 x 256).
+            actor_lr: Adam learning rate of the policy and of the entropy temperature alpha (official 1e-4, the
+                README's D4RL setting; the paper's appendix quotes 3e-5 for Gym).
+            critic_lr: Adam learning rate of the twin critics, and of alpha' with `with_lagrange` (official 3e-4).
+            gamma: discount gamma of the TD target y (official 0.99).
+            tau: Polyak rate tau of the critic targets (official 0.005).
+            cql_alpha: weight alpha_cql of the conservative gap gap_k (official 5; 0: no penalty, plain SAC).
+            num_random: actions per source of A(s) (uniform, pi(.|s), pi(.|s')), 3 x num_random in the
+                logsumexp (official 10).
+            cql_temperature: temperature of the gap's logsumexp (official 1).
+            with_lagrange: learn alpha' by dual ascent so that gap_k stays near `target_action_gap` (official:
+                AntMaze only).
+            target_action_gap: target tau_gap of the gap, with `with_lagrange` (official 5 on AntMaze).
+            bc_steps: updates of the behaviour-cloning warm-up, the actor's Q term replaced by log pi(a|s)
+                (official 40k; 0: no warm-up).
+            backup_entropy: subtract alpha log pi(a'|s') in the TD target (SAC's soft backup; official false,
+                a deterministic backup).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)

@@ -91,6 +91,46 @@ class DiffCPS(DiffusionQL):
         n_eval_candidates: int = 50,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
+        """DiffCPS: Diffusion-QL with a dual variable lambda for eta (equations, settings: algorithms/diffcps.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            kappa: bound kappa on L_c in the dual loss lambda (kappa - L_c) (per task: configs/tasks/diffcps/).
+            lambda_init: initial Lagrange multiplier lambda (per task).
+            lambda_clip: lower clamp of lambda in the actor loss (per task).
+            lambda_max: upper clamp of lambda in the actor loss (paper 100).
+            policy_every: the actor and lambda update every `policy_every` updates (per task).
+            actor_lr: Adam learning rate of the diffusion actor (paper 3e-4; 1e-3 on antmaze-medium-play).
+            critic_lr: Adam learning rate of the twin critics (paper 3e-4).
+            lambda_lr: Adam learning rate of lambda (paper 3e-5).
+            max_grad_norm: gradient-norm clip of the critic, actor and lambda steps (per task); null: no clipping.
+            gamma: discount gamma of the TD target y (paper 0.99).
+            tau: Polyak rate tau of the critic target, every update (paper 0.005).
+            max_q_backup: max-Q backup, max over `n_backup_actions` a' per head, then min (per task).
+            n_backup_actions: next actions a' per state with `max_q_backup`.
+            n_timesteps: diffusion steps T (paper 5).
+            beta_schedule: noise schedule of the diffusion chain (paper "vp", beta_min 0.1, beta_max 10).
+            ema_decay: decay of the EMA actor mu_ema.
+            ema_start: update from which the EMA actor moves.
+            ema_every: the EMA actor moves every `ema_every` updates.
+            ema_warmup: the EMA actor before `ema_start`: "hold" keeps its initial weights (official code),
+                "copy" copies the actor every update.
+            target_actor: the policy of the TD target's a': "ema" (official code) or "online" (the paper's
+                Algorithm 1: mu_theta).
+            sampling_variance: reverse-step variance: "posterior", the DDPM posterior variance with a_0 clipped
+                (official code), or "beta": beta_i (the paper's reverse-sampling equation).
+            q_normalizer: the Q term's denominator |Q_j|: the other "online" head (official code) or the "target"
+                net (paper).
+            lc_reduction: L_c averaged over batch and action dims, "mean" (official code, the scale kappa is tuned
+                on), or "sum" over action dims (inflates L_c by act_dim).
+            action_approximation: EDP's action approximation: the Q term at the one-step reconstruction a0_hat of
+                L_c's noised action (false: the paper's chain).
+            n_eval_candidates: candidate actions of the online actor at evaluation, one drawn with probabilities
+                softmax(min_j Q'_j) (official 50).
+            hidden: hidden widths of the noise model eps_theta and of the twin critics (Mish MLPs; paper 3 x 256).
+        """
         # Its own settings; those it shares with Diffusion-QL are checked there (super().__init__ below).
         check.positive("kappa", kappa, " (the bound on L_c >= 0: 0 could never be met)")
         check.non_negative("lambda_init", lambda_init, " (a Lagrange multiplier of an inequality constraint)")

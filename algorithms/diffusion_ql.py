@@ -93,6 +93,38 @@ class DiffusionQL(OfflineRLModule):
         n_eval_candidates: int = 50,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
+        """Diffusion-QL: a diffusion actor with a Q term (equations, settings: algorithms/diffusion_ql.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            eta: weight eta of the Q term in L_mu (official 1.0 on locomotion, 0.5 to 4.5 per AntMaze task;
+                0: the diffusion loss alone, behaviour cloning).
+            actor_lr: Adam learning rate of the diffusion actor (official 3e-4; 1e-3 on antmaze-medium-play).
+            critic_lr: Adam learning rate of the twin critics (official 3e-4 on every task).
+            max_grad_norm: gradient-norm clip of the critic and actor steps (official: per task, e.g. 9/9/1 on
+                halfcheetah/hopper/walker2d medium); null: no clipping.
+            gamma: discount gamma of the TD target y (official 0.99).
+            tau: Polyak rate tau of the critic target, every update (official 0.005).
+            max_q_backup: max-Q backup, max over `n_backup_actions` a' per head, then min (official: AntMaze
+                except umaze).
+            n_backup_actions: next actions a' per state with `max_q_backup` (official 10).
+            n_timesteps: diffusion steps T (official 5).
+            beta_schedule: noise schedule of the diffusion chain (official "vp").
+            sampling_variance: reverse-step variance: "posterior", the DDPM posterior variance (official code),
+                or "beta": beta_i.
+            ema_decay: decay of the EMA actor mu_ema (official 0.995).
+            ema_start: update from which the EMA actor moves (official 1000).
+            ema_every: the EMA actor moves every `ema_every` updates (official 5).
+            ema_warmup: the EMA actor before `ema_start`: "hold" keeps its initial weights (official code),
+                "copy" copies the actor every update.
+            action_approximation: EDP's action approximation: the Q term at the one-step reconstruction a0_hat
+                instead of the reverse chain's sample (false: the paper's chain).
+            n_eval_candidates: candidate actions of the online actor at evaluation, one drawn with probabilities
+                softmax(min_j Q'_j) (official 50).
+            hidden: hidden widths of the noise model eps_theta and of the twin critics (Mish MLPs; official 3 x 256).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.non_negative("eta", eta, " (0: the diffusion loss alone, behaviour cloning)")
         check.learning_rate("actor_lr", actor_lr)

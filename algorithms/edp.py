@@ -137,6 +137,46 @@ class EDP(OfflineRLModule):
         n_eval_candidates: int = 10,
         hidden: tuple[int, ...] = (256, 256, 256),
     ) -> None:
+        """EDP: a diffusion policy trained through its a0_hat (equations, settings: algorithms/edp.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            rule: policy-improvement rule: "td3" (the code's on locomotion), "crr" or "iql" (the code's on AntMaze).
+            alpha: td3: alpha in the guide term alpha / sg(E|Q_j|) E Q_j(s, a0_hat) (official 2 on every task;
+                0: the diffusion loss alone, behaviour cloning).
+            surrogate: crr and iql: log pi(a|s) as "gaussian", log N(a; a0_hat, I) (the code's default), or
+                "elbo", the DDPM ELBO surrogate.
+            crr_beta: crr: temperature beta of the weights exp(A / beta).
+            crr_weight: crr: "exp" weights min(exp(A / beta), crr_weight_clip) or "binary" weights 1[A > 0].
+            crr_weight_clip: crr: upper clip of the "exp" weights.
+            crr_samples: crr: actions a'_m ~ N(a0_hat, I), m = 1..crr_samples, whose mean Q is the baseline of A.
+            expectile: iql: expectile tau of the value loss L2_tau.
+            awr_temperature: iql: inverse temperature of the weights exp(awr_temperature (min_k Q'_k - V))
+                (0: behaviour cloning).
+            awr_weight_clip: iql: upper clip of those weights.
+            actor_lr: Adam learning rate of the noise model (official 3e-4).
+            critic_lr: Adam learning rate of the twin critics (official 3e-4).
+            value_lr: iql: Adam learning rate of V (official 3e-4).
+            max_grad_norm: global-norm gradient clip of every optimiser, each Q-network on its own (official: the
+                task's `gn`, hps.py); null: no clipping.
+            gamma: discount gamma of the TD target y (official 0.99).
+            tau: Polyak rate of the critic targets, every update (official 0.005).
+            max_q_backup: td3 and crr: max-Q backup, max over `n_backup_actions` a' per head, then min.
+            n_backup_actions: next actions a' per state with `max_q_backup`.
+            n_timesteps: diffusion steps K (paper 1000; the code's default 100).
+            beta_schedule: noise schedule (paper and code: "linear_scaled", DDPM's linear betas times 1000 / K).
+            sampler: sampler of acting and of the TD target's a': "dpm", DPM-Solver (paper), or "ddpm", the
+                K-step reverse chain (the code's default).
+            dpm_steps: DPM-Solver model calls per sample, with sampler "dpm" (paper 15).
+            ema_decay: decay of the EMA policy (official rate 0.005, i.e. decay 0.995).
+            ema_start: the EMA policy moves after this many updates (official 1000).
+            ema_every: the EMA policy moves every `ema_every` updates (official 5).
+            n_eval_candidates: EAS candidates at evaluation, one drawn with probabilities softmax(min_k Q_k)
+                (paper 10, code 50).
+            hidden: hidden widths of the noise model, the twin Qs and V (Mish MLPs; official 3 x 256).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.non_negative("alpha", alpha, " (0: the diffusion loss alone, behaviour cloning)")
         check.positive("crr_beta", crr_beta)

@@ -143,6 +143,33 @@ class IDQL(OfflineRLModule):
         lr_decay_steps: int | None = None,
         time_dim: int = 128,
     ) -> None:
+        """IDQL: IQL critic, diffusion behaviour model, N candidates (equations, settings: algorithms/idql.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            hidden: widths of the noise network's LN-ResNet, one residual block per entry (official 3 x 256).
+            critic_hidden: hidden widths of the twin critics and of the value net (ReLU MLPs; official 2 x 256).
+            actor_lr: AdamW learning rate of the behaviour model, cosine-decayed to 0 (official 3e-4).
+            actor_weight_decay: AdamW weight decay of the behaviour model (official 1e-4, optax's default; 0: none).
+            critic_lr: Adam learning rate of the twin critics Q_k (official 3e-4).
+            value_lr: Adam learning rate of the value net V (official 3e-4).
+            gamma: discount gamma of the critic's target (official 0.99).
+            tau: Polyak rate of the critic target (official 0.005).
+            expectile: expectile tau of the value loss L2_tau and of the "resample" weights (official 0.7 on
+                locomotion, 0.9 on AntMaze).
+            n_timesteps: diffusion steps T (official 5).
+            beta_schedule: noise schedule of the diffusion chain (official "vp").
+            actor_dropout: dropout of the noise network's residual blocks, in training only (official 0.1).
+            ema_decay: decay of the EMA behaviour model, stepped every update (official 0.999).
+            n_candidates: N behaviour candidates per state at evaluation (official 64).
+            selection: "greedy", the candidate of highest min_k Q_targ_k (the official evaluation), or
+                "resample", drawn with the expectile weights w_j.
+            lr_decay_steps: horizon of the behaviour model's cosine decay; null: the run's total updates
+                (official 3M, its run length).
+            time_dim: size of the learnable Fourier features of the step index, even (official 128).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.widths("critic_hidden", critic_hidden)

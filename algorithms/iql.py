@@ -70,6 +70,25 @@ class IQL(OfflineRLModule):
         weight_clip: float = 100.0,
         lr_decay_steps: int | None = None,
     ) -> None:
+        """IQL: expectile V, Q onto V, an advantage-weighted actor (equations, settings: algorithms/iql.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            hidden: hidden widths of the actor, the twin critics and the value net (ReLU MLPs; official 2 x 256).
+            actor_lr: Adam learning rate of the Gaussian actor, cosine-decayed to 0 over the run (official 3e-4).
+            critic_lr: Adam learning rate of the twin critics Q_k (official 3e-4).
+            value_lr: Adam learning rate of the value net V (official 3e-4).
+            gamma: discount gamma of the critic's target (official 0.99).
+            tau: Polyak rate tau_polyak of the critic target (official 0.005).
+            expectile: expectile tau of the value loss L2_tau (official 0.7 on locomotion, 0.9 on AntMaze).
+            temperature: inverse temperature beta of the actor's weights exp(beta (Q_targ - V)) (official 3 on
+                locomotion, 10 on AntMaze; 0: behaviour cloning).
+            weight_clip: upper clip of the actor's advantage weights (official 100).
+            lr_decay_steps: horizon of the actor's cosine decay; null: the run's total updates (the official code
+                decays over its max_steps).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)

@@ -176,6 +176,38 @@ class QGPO(OfflineRLModule):
         solver_form: SolverForm = "data",
         support_chunk: int = 4096,
     ) -> None:
+        """QGPO: diffusion sampling guided by an energy (CEP) (equations, settings: algorithms/qgpo.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            behavior_steps: updates of stage 1, the behaviour model (official 600k; 0: no behaviour stage, e.g. a
+                model loaded).
+            q_steps: the first updates of the critic stage that also train Q (official 500k; f_phi trains on
+                every update of the stage).
+            behavior_lr: Adam learning rate of the behaviour model (official 1e-4).
+            critic_lr: Adam learning rate of the twin Qs (official 3e-4).
+            energy_lr: Adam learning rate of the energy model f_phi (official 3e-4).
+            critic_batch_size: rows of each critic-stage update, the first of the batch (official 256).
+            critic_hidden: hidden widths of the twin Qs (ReLU MLPs; official 3 x 256).
+            energy_hidden: hidden widths of the energy model f_phi (SiLU MLP; official 4 x 256).
+            gamma: discount gamma of the Q target y (official 0.99).
+            tau: Polyak rate of the Q targets (official 0.005).
+            beta: beta in pi ~ mu exp(beta Q) and CEP's labels softmax(beta Q') (official `--alpha` 3; 0: uniform
+                labels, the unguided behaviour policy).
+            beta_q: beta_Q of the in-support softmax Q-learning target (official 1 as the README's command
+                passes; the code's default is beta_Q = beta).
+            n_support: M support actions per dataset state and next state (official 16 on locomotion, 32 on
+                AntMaze; at least 2).
+            guidance_scale: scale of grad_a f_phi in the guided noise (1.0: the code's value between its sweeps;
+                0: the behaviour model unguided).
+            solver_steps: DPM-Solver steps of the support actions and of acting (official 15).
+            solver_order: DPM-Solver order, 1, 2 or 3 (official 2).
+            solver_form: "data": DPM-Solver++ in data-prediction form (official code); "noise": DPM-Solver in
+                noise-prediction form.
+            support_chunk: states per chunk when the support actions are drawn (bounds memory).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("behavior_steps", behavior_steps, low=0, note=" (0: no behaviour stage, e.g. a model loaded)")
         check.integer("q_steps", q_steps)  # 0 would train f_phi on an untrained Q

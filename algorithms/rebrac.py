@@ -101,6 +101,30 @@ class ReBRAC(OfflineRLModule):
         reward_scale: float = 1.0,
         actor_target_from: Literal["pre_step", "post_step"] = "pre_step",
     ) -> None:
+        """ReBRAC: TD3+BC with behaviour penalties in actor and critic (equations, settings: algorithms/rebrac.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            hidden: hidden widths of the actor and of the twin critics (ReLU MLPs; official 3 x 256).
+            actor_lr: Adam learning rate of the actor (official 1e-3 on locomotion, 3e-4 on AntMaze).
+            critic_lr: Adam learning rate of the twin critics (official 1e-3 on locomotion, 5e-5 on AntMaze).
+            gamma: discount gamma of the TD target y (official 0.99; 0.999 on AntMaze).
+            tau: Polyak rate of both targets, moved on actor updates (official 0.005).
+            policy_noise: std sigma of the target policy smoothing noise eps, times max_action (official 0.2).
+            noise_clip: clip c of that noise, times max_action (official 0.5).
+            policy_every: the actor and the targets update when step % policy_every == 0 (official 2).
+            actor_bc_coef: beta_1, weight of the actor's penalty ||pi(s) - a||^2 (official: per task,
+                configs/tasks/rebrac/; 0: no actor penalty).
+            critic_bc_coef: beta_2, weight of the critic's next-action penalty ||a' - a'_D||^2 (official: per task;
+                0: no critic penalty).
+            normalize_q: lambda = 1 / mean|min_k Q_k(s, pi(s))| in the actor loss; false: lambda = 1 (official true).
+            critic_layer_norm: LayerNorm after each hidden activation of the critics (official true).
+            reward_scale: factor on r in the TD target y (official 1 on locomotion, 100 on AntMaze).
+            actor_target_from: "pre_step": the actor target moves towards the actor before its step (the official
+                code); "post_step": after it (the TD3 / TD3+BC order).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)

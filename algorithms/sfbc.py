@@ -146,6 +146,35 @@ class SfBC(OfflineRLModule):
         reset_critic: bool = True,
         planning_chunk: int = 4096,
     ) -> None:
+        """SfBC: behaviour candidates resampled by Q (equations, settings: algorithms/sfbc.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            behavior_steps: updates of stage 1, the behaviour model (official about 586k; 0: no behaviour
+                stage, e.g. a model loaded).
+            critic_steps: updates per planning round of the critic (official about 24.4k, 48.8k on AntMaze).
+            planning_iterations: K, the number of planning rounds (official 2; 1: Monte-Carlo returns only).
+            behavior_lr: Adam learning rate of the behaviour model (official 1e-4).
+            critic_lr: Adam learning rate of the critic Q (official 1e-3).
+            critic_hidden: hidden widths of the critic Q (SiLU MLP; official 2 x 256, 512-256-256 on antmaze-large).
+            gamma: discount gamma of the returns R_t (official 0.99).
+            solver_steps: DPM-Solver model evaluations per behaviour sample (official 15).
+            solver_order: DPM-Solver order, 1, 2 or 3 (official 3).
+            n_planning_candidates: N behaviour candidates a_m per state for V (official 16).
+            planning_alpha: alpha_V of V's softmax weights (official 20; 0: V is the candidates' mean Q).
+            planning: the return recursion of rounds k >= 1: "paper", max(R_{t+1}, V(s_{t+1})), or "code",
+                max(r_t + gamma R_{t+1}, V(s_t)).
+            n_eval_candidates: M behaviour candidates per state at evaluation (official 32).
+            eval_alpha: alpha of the evaluation's probabilities softmax(alpha Q) (official 100; 0: uniform choice).
+            n_select: k candidates drawn without replacement whose mean is the action (official 4 on locomotion,
+                1 on AntMaze).
+            normalize_returns: z-score the returns for the critic's regression, std floored at 0.1 (official true).
+            reset_critic: reset the critic to its initial weights (and clear Adam's state) before each new round;
+                false: the next round starts from the last round's critic.
+            planning_chunk: states per chunk when V is computed over the dataset (bounds memory).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("behavior_steps", behavior_steps, low=0, note=" (0: no behaviour stage, e.g. a model loaded)")
         check.integer("critic_steps", critic_steps)

@@ -57,6 +57,22 @@ class TD3BC(OfflineRLModule):
         policy_every: int = 2,
         alpha: float = 2.5,
     ) -> None:
+        """TD3+BC: TD3 with a behaviour-cloning term in the actor loss (equations, settings: algorithms/td3bc.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, actions lie in [-max_action, max_action]; `offbench fit` takes it from the data.
+            hidden: hidden widths of the actor and of both critics (ReLU MLPs; official 2 x 256).
+            actor_lr: Adam learning rate of the actor (official 3e-4).
+            critic_lr: Adam learning rate of the twin critics (official 3e-4).
+            gamma: discount gamma of the TD target y (official 0.99).
+            tau: Polyak rate of both targets, moved after each actor update (official 0.005).
+            policy_noise: std sigma of the target policy smoothing noise eps, times max_action (official 0.2).
+            noise_clip: clip c of that noise, times max_action (official 0.5).
+            policy_every: the actor and the targets update every `policy_every` updates (official 2).
+            alpha: alpha in lambda = alpha / mean|Q_1(s, pi(s))|, the Q term's weight (official 2.5; 0: pure BC).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.widths("hidden", hidden)
         check.learning_rate("actor_lr", actor_lr)
