@@ -69,13 +69,13 @@ def main() -> None:
         policy_idx = gen.permutation(scores.shape[0])
         values, arms, episodes = [], [], []
 
-        def argmax(rng, v):  # noqa: ANN001, ANN202
+        def argmax(rng, v, values=values, arms=arms):  # noqa: ANN001, ANN202
             arm = original_argmax(rng, v)
             values.append(np.asarray(v))
             arms.append(int(arm))
             return arm
 
-        def randint(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        def randint(*a, episodes=episodes, **k):  # noqa: ANN002, ANN003, ANN202
             index = original_randint(*a, **k)
             episodes.append(int(index))
             return index
