@@ -15,8 +15,8 @@ The algorithm, as the official code runs it (one trial):
 - Pull t = 1, 2, ...: arm values `ucb_i = m_i + sqrt(alpha * ln(t) / (n_i + 1e-9))` with `n_i` the
   arm's pulls so far, `m_i` the mean of its rewards (0 before its first pull) and alpha = 2.0; the arm
   is drawn uniformly among the arms of maximal value (at t = 1, ln 1 = 0 and every arm ties, from then
-  on an unpulled arm's bonus is ~1e4 sqrt(ln t), so every arm is pulled once, in random order, before
-  any second pull). Its reward is the normalized score of one of its pool's episodes, drawn uniformly
+  on an unpulled arm's bonus is about 4.5e4 sqrt(ln t), so every arm is pulled once, in random order,
+  before any second pull). Its reward is the normalized score of one of its pool's episodes, drawn uniformly
   WITH replacement (a pull is a fresh episode of that policy; the pool stands for its distribution).
 - After the pull, the selected candidate is the arm of highest `m_i`, the first in the trial's
   (random) order on a tie. Its true score is the mean of its whole pool.
@@ -33,7 +33,14 @@ negative (normalized scores below the random policy's). Deviations: randomness c
 PCG64 (`numpy.random.default_rng(seed)`) instead of JAX's keys, so a seed gives other draws than the
 official code (the same algorithm; tests/test_selection.py replays the official draws recorded in
 tests/data/golden/selection.npz and compares the curves of both generators within their Monte Carlo
-error); all arithmetic is float64 (the official code runs JAX's default float32).
+error); all arithmetic is float64 (the official code runs JAX's default float32); the bootstrap resamples
+the trials once for all budgets (the official code draws other resamples for each pull: each budget's
+interval is the same statistic, the budgets' intervals are just not independent), and only at the
+reported budgets.
+
+API: `budget_curve(pools, max_budget, seed=17)` -> `BudgetCurve` (budgets, expected, ci_low, ci_high,
+oracle); `naive_score({setting: [each run's best evaluation]})`; `ucb_trials` and `random_draws` (the
+trials themselves, with the caller's random choices); `sweep_parts` (a grid sweep's column name).
 
 Beside the curve (`BudgetCurve`): the oracle, the best candidate's true score (what selection with
 unlimited episodes converges to), and the naive score, `naive_score`: the best setting's mean over
