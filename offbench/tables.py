@@ -994,15 +994,15 @@ def selection_rows(t: Tables) -> list[SelectionRow]:
     final evaluation (result.json history[-1].episode_scores, at the run's last update); all rows are
     simulated up to one budget, the largest number of episodes of a row's pools (candidates x episodes).
     A UserError when a candidate's record lacks episode scores or the candidates differ in protocol."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)  # every sweep column (the grid's), with runs or not
     for column in t.algorithms:
         parts = selection.sweep_parts(column)
         if parts is not None:
             for dataset in t.datasets:
-                if _cell_runs(t, dataset, column):
-                    groups[(parts[0], dataset)].append(column)
+                groups[(parts[0], dataset)].append(column)
     candidates = {key: [r for c in columns for r in sorted(_cell_runs(t, key[1], c), key=_seed_order)]
                   for key, columns in groups.items()}
+    candidates = {key: runs for key, runs in candidates.items() if runs}
     lacking = [r.name for runs in candidates.values() for r in runs if not _final_pool(r)]
     if lacking:
         raise UserError(
@@ -1021,7 +1021,7 @@ def selection_rows(t: Tables) -> list[SelectionRow]:
             curve = selection.budget_curve([_final_pool(r) for r in runs], max_budget)
         except ValueError as e:
             raise UserError(f"budget curves not written: {algorithm} on {dataset}: {e}") from e
-        best = {c: [r.score("best") for r in runs if r.algorithm == c] for c in groups[(algorithm, dataset)]}
+        best = {c: v for c in groups[(algorithm, dataset)] if (v := [r.score("best") for r in runs if r.algorithm == c])}
         rows.append(SelectionRow(algorithm, dataset, groups[(algorithm, dataset)], runs, curve,
                                  selection.naive_score(best), protocols[0]))
     return rows
@@ -1060,8 +1060,16 @@ def render_selection_markdown(t: Tables, rows: list[SelectionRow]) -> str:
             continue
         out += [f"## {dataset}", ""]
         for r in here:
-            out.append(f"- **{r.algorithm}**: {len(r.settings)} settings ({', '.join(r.settings)}) x seeds = "
-                       f"{r.curve.candidates} candidates of {r.curve.episodes} episodes each; runs: {r.protocol}.")
+            expected = len(r.settings) * t.expected_seeds
+            missing = f" **incomplete: {len(r.runs)} of the {expected} runs**" if len(r.runs) < expected else ""
+            pools = np.array([_final_pool(run) for run in r.runs])
+            means = pools.mean(axis=1)
+            out.append(
+                f"- **{r.algorithm}**: {len(r.settings)} setting{'s' if len(r.settings) != 1 else ''} "
+                f"({', '.join(r.settings)}) x seeds = {r.curve.candidates} candidates{missing} of {r.curve.episodes} "
+                f"episodes each; their true scores from {means.min():.1f} to {means.max():.1f}, per-episode std "
+                f"{pools.std(axis=1).mean():.1f} (mean over candidates); runs: {r.protocol}."
+            )
         out += ["", "| budget (episodes) | " + " | ".join(r.algorithm for r in here) + " |",
                 "|---|" + "---|" * len(here)]
         for i, b in enumerate(here[0].curve.budgets):
