@@ -1103,7 +1103,7 @@ def plot_selection(t: Tables, rows: list[SelectionRow], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     datasets = [d for d in t.datasets if any(r.dataset == d for r in rows)]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(8.5 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for r in (r for r in rows if r.dataset == dataset):
             c = r.curve
@@ -1112,10 +1112,13 @@ def plot_selection(t: Tables, rows: list[SelectionRow], path: Path) -> Path:
             ax.axhline(c.oracle, color=line.get_color(), linestyle="--", linewidth=1, label=f"{r.algorithm}: oracle")
             ax.axhline(r.naive, color=line.get_color(), linestyle=":", linewidth=1.5, label=f"{r.algorithm}: naive")
         ax.set_xscale("log", base=2)
-        ax.set(title=f"{dataset}\nscore of the UCB-selected policy", xlabel="evaluation episodes (budget)",
-               ylabel="normalized score")
+        budgets = rows[0].curve.budgets  # one list for every row (selection_rows)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set(title=f"{dataset}\nscore of the UCB-selected policy (band: {rows[0].curve.confidence:.0%} interval)",
+               xlabel="evaluation episodes (budget)", ylabel="normalized score")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     written = stats.save_figure(fig, path)
     plt.close(fig)

@@ -261,3 +261,17 @@ def test_an_unfinished_sweep_is_marked(tmp_path):
     t = tables.build(tmp_path)
     md = tables.render_selection_markdown(t, tables.selection_rows(t))
     assert "x seeds = 3 candidates **incomplete: 3 of the 4 runs** of 4 episodes each" in md
+
+
+def test_the_committed_sweep_curves_regenerate_from_the_records():
+    """results/sweep (configs/grids/sweep.yaml): selection.md and selection.csv rewritten from the shipped run records,
+    byte for byte (the figure is rewritten by `offbench table results/sweep` with them)."""
+    committed = REPO / "results/sweep"
+    records = sorted((committed / "runs").rglob("result.json"))
+    assert len(records) == len(json.loads((committed / "grid.json").read_text())["cells"]) == 30
+    t = tables.build(committed)
+    t.title = "results/sweep"  # as `offbench table results/sweep` names it from the repository root
+    rows = tables.selection_rows(t)
+    assert [r.algorithm for r in rows] == ["td3bc", "iql", "rebrac"]
+    assert tables.render_selection_csv(rows) == (committed / "selection.csv").read_text()
+    assert tables.render_selection_markdown(t, rows) == (committed / "selection.md").read_text()
