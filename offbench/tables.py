@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from offbench import stats
+from offbench import selection, stats
 from offbench.errors import MissingFileError, UserError
 from offbench.files import write_text_atomic
 from offbench.grammar import Parser
@@ -925,12 +925,16 @@ def plot_curves(t: Tables, out_dir: Path) -> list[Path]:
 def write_tables(
     results_dir: str | os.PathLike, latex: bool = False, references: str | os.PathLike | None = None
 ) -> list[Path]:
-    """Write table.md, table.csv (table.tex with `latex`), curves/*.png and profiles.png into `results_dir`."""
+    """Write table.md, table.csv (table.tex with `latex`), curves/*.png and profiles.png into `results_dir`;
+    for results holding grid sweeps, also the budget curves selection.md, selection.csv and selection.png."""
     results_dir = Path(results_dir)
     t = build(results_dir, references)
+    rows = selection_rows(t)  # budget curves of grid sweeps
     files = {"table.md": render_markdown(t), "table.csv": render_csv(t)}  # all checked before anything is written
     if latex:
         files["table.tex"] = render_latex(t)
+    if rows:
+        files |= {"selection.md": render_selection_markdown(t, rows), "selection.csv": render_selection_csv(rows)}
     written = []
     for name, text in files.items():
         path = results_dir / name
@@ -940,6 +944,8 @@ def write_tables(
     panels = {kind: m for kind, m in statistics(t).matrices.items() if m}
     if panels:
         written.append(stats.plot_profiles(panels, results_dir / "profiles.png", PROFILE_TITLES))
+    if rows:
+        written.append(plot_selection(t, rows, results_dir / "selection.png"))
     return written
 
 
@@ -963,3 +969,157 @@ def main(argv: list[str]) -> int:
         raise UserError(str(e)) from e
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+# --------------------------------------------------------------------------- selection under a budget (grid sweeps)
+
+
+@dataclass(frozen=True)
+class SelectionRow:
+    """One algorithm's sweep on one dataset: its candidates (settings x seeds) and its budget curve."""
+
+    algorithm: str
+    dataset: str
+    settings: list[str]  # the sweep columns
+    runs: list[Run]  # the candidates, in column then seed order
+    curve: selection.BudgetCurve
+    naive: float
+    protocol: str  # the candidates' training and evaluation protocol (one for all of them)
+
+
+def selection_rows(t: Tables) -> list[SelectionRow]:
+    """The budget curves of every algorithm with sweep columns (`name@key=value,...`, see
+    offbench/bench/grid.py) on every dataset; [] when the results hold no sweep. The candidates are the
+    runs of the algorithm's sweep columns on the dataset, each one's pool the per-episode scores of its
+    final evaluation (result.json history[-1].episode_scores, at the run's last update); all rows are
+    simulated up to one budget, the largest number of episodes of a row's pools (candidates x episodes).
+    A UserError when a candidate's record lacks episode scores or the candidates differ in protocol."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)  # every sweep column (the grid's), with runs or not
+    for column in t.algorithms:
+        parts = selection.sweep_parts(column)
+        if parts is not None:
+            for dataset in t.datasets:
+                groups[(parts[0], dataset)].append(column)
+    candidates = {key: [r for c in columns for r in sorted(_cell_runs(t, key[1], c), key=_seed_order)]
+                  for key, columns in groups.items()}
+    candidates = {key: runs for key, runs in candidates.items() if runs}
+    lacking = [r.name for runs in candidates.values() for r in runs if not _final_pool(r)]
+    if lacking:
+        raise UserError(
+            f"budget curves not written: {len(lacking)} run(s) of a sweep lack the per-episode scores of their final "
+            f"evaluation (result.json history[-1].episode_scores, recorded since issue 28): {', '.join(lacking[:3])}"
+            f"{' ...' if len(lacking) > 3 else ''}; rerun them (delete their run directories, then `offbench bench`)"
+        )
+    max_budget = max((len(runs) * len(_final_pool(runs[0])) for runs in candidates.values()), default=0)
+    rows = []
+    for (algorithm, dataset), runs in candidates.items():
+        protocols = sorted({_run_protocol(r) for r in runs})
+        if len(protocols) > 1:
+            raise UserError(f"budget curves not written: the sweep of {algorithm} on {dataset} mixes protocols "
+                            f"({' | '.join(protocols)}); candidates must share their training and evaluation")
+        try:
+            curve = selection.budget_curve([_final_pool(r) for r in runs], max_budget)
+        except ValueError as e:
+            raise UserError(f"budget curves not written: {algorithm} on {dataset}: {e}") from e
+        best = {c: v for c in groups[(algorithm, dataset)] if (v := [r.score("best") for r in runs if r.algorithm == c])}
+        rows.append(SelectionRow(algorithm, dataset, groups[(algorithm, dataset)], runs, curve,
+                                 selection.naive_score(best), protocols[0]))
+    return rows
+
+
+def _final_pool(run: Run) -> list[float]:
+    """The run's final evaluation's per-episode normalized scores ([] when not recorded)."""
+    history = run.result.get("history") or [{}]
+    last = history[-1]
+    scores = last.get("episode_scores")
+    if last.get("updates") != run.result.get("updates") or not isinstance(scores, list):
+        return []
+    return [float(s) for s in scores]
+
+
+def render_selection_markdown(t: Tables, rows: list[SelectionRow]) -> str:
+    c = rows[0].curve
+    out = [
+        f"# Policy selection under an evaluation budget: {t.title}", "",
+        "Protocol (Jackson et al., arXiv:2504.11453, official code EmptyJackson/unifloral `evaluation.py`; "
+        "offbench/selection.py, docs/statistics.md \"Budget curves\"): the candidates of a row are the runs of the "
+        "algorithm's sweep (hyperparameter settings x training seeds) on the dataset; a candidate's pool is the "
+        "normalized scores of the episodes of its final evaluation. A UCB bandit (alpha "
+        f"{c.alpha:g}, ties broken at random, up to {selection.SUBSAMPLE} candidates per trial) pulls one episode per "
+        "evaluation, drawn with replacement from the pulled candidate's pool, and after b pulls selects the candidate "
+        "of highest mean observed score. **UCB(b)**: the mean over "
+        f"{c.repeats} trials of the selected candidate's true score (its pool's mean), with the {c.confidence:.0%} "
+        f"percentile-bootstrap interval of that mean over trials ({selection.BOOTSTRAPS} resamples; seed {c.seed}): "
+        "the randomness of the selection, not of training. **oracle**: the best candidate's true score (UCB's "
+        "limit). **naive**: the best setting's mean over seeds of each run's best evaluation during training "
+        "(checkpoint and setting picked on the evaluations reported; no budget counted: optimistic).", "",
+    ]
+    for dataset in t.datasets:
+        here = [r for r in rows if r.dataset == dataset]
+        if not here:
+            continue
+        out += [f"## {dataset}", ""]
+        for r in here:
+            expected = len(r.settings) * t.expected_seeds
+            missing = f" **incomplete: {len(r.runs)} of the {expected} runs**" if len(r.runs) < expected else ""
+            pools = np.array([_final_pool(run) for run in r.runs])
+            means = pools.mean(axis=1)
+            out.append(
+                f"- **{r.algorithm}**: {len(r.settings)} setting{'s' if len(r.settings) != 1 else ''} "
+                f"({', '.join(r.settings)}) x seeds = {r.curve.candidates} candidates{missing} of {r.curve.episodes} "
+                f"episodes each; their true scores from {means.min():.1f} to {means.max():.1f}, per-episode std "
+                f"{pools.std(axis=1).mean():.1f} (mean over candidates); runs: {r.protocol}."
+            )
+        out += ["", "| budget (episodes) | " + " | ".join(r.algorithm for r in here) + " |",
+                "|---|" + "---|" * len(here)]
+        for i, b in enumerate(here[0].curve.budgets):
+            cells = [f"{r.curve.expected[i]:.1f} [{r.curve.ci_low[i]:.1f}, {r.curve.ci_high[i]:.1f}]" for r in here]
+            out.append(f"| UCB({b}) | " + " | ".join(cells) + " |")
+        out.append("| **oracle** | " + " | ".join(f"{r.curve.oracle:.1f}" for r in here) + " |")
+        out.append("| **naive** | " + " | ".join(f"{r.naive:.1f}" for r in here) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_selection_csv(rows: list[SelectionRow]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["dataset", "algorithm", "budget", "ucb_expected", "ci_low", "ci_high", "oracle", "naive",
+                     "candidates", "episodes", "settings"])
+    for r in rows:
+        c = r.curve
+        for i, b in enumerate(c.budgets):
+            writer.writerow([r.dataset, r.algorithm, int(b), *(f"{v:.4f}" for v in (c.expected[i], c.ci_low[i],
+                             c.ci_high[i], c.oracle, r.naive)), c.candidates, c.episodes, " ".join(r.settings)])
+    return buffer.getvalue()
+
+
+def plot_selection(t: Tables, rows: list[SelectionRow], path: Path) -> Path:
+    """Budget curves: one panel per dataset; UCB's expected score with its interval as a band, the oracle
+    dashed and the naive score dotted, in the algorithm's colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = [d for d in t.datasets if any(r.dataset == d for r in rows)]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(8.5 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for r in (r for r in rows if r.dataset == dataset):
+            c = r.curve
+            line, = ax.plot(c.budgets, c.expected, marker="o", markersize=3, label=f"{r.algorithm}: UCB")
+            ax.fill_between(c.budgets, c.ci_low, c.ci_high, alpha=0.2, color=line.get_color())
+            ax.axhline(c.oracle, color=line.get_color(), linestyle="--", linewidth=1, label=f"{r.algorithm}: oracle")
+            ax.axhline(r.naive, color=line.get_color(), linestyle=":", linewidth=1.5, label=f"{r.algorithm}: naive")
+        ax.set_xscale("log", base=2)
+        budgets = rows[0].curve.budgets  # one list for every row (selection_rows)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set(title=f"{dataset}\nscore of the UCB-selected policy (band: {rows[0].curve.confidence:.0%} interval)",
+               xlabel="evaluation episodes (budget)", ylabel="normalized score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    written = stats.save_figure(fig, path)
+    plt.close(fig)
+    return written

@@ -24,12 +24,23 @@ A grid file (YAML; relative paths are relative to the working directory):
         config: configs/algorithms/diffcps.yaml
         overrides:
           hopper-medium-v2: {config: configs/tasks/diffcps/hopper-medium-v2.yaml}
+      - name: td3bc                    # `sweep`: one column per combination of values (product over
+        config: configs/algorithms/td3bc.yaml  # keys), named by them: td3bc@alpha=1, td3bc@alpha=2.5
+        sweep: {model.init_args.alpha: [1, 2.5]}   # (key's last part; passed as --model.init_args.alpha
+                                                   #   after all `args`); tables: budget curves, see below
     datasets: [synthetic/hopper-random-v0, hopper-medium-v2]
     overrides:
       hopper-medium-v2: {updates: 2000000}
     references: configs/references/table1.yaml   # optional paper numbers for the tables
     wandb: {project: offbench, mode: offline}    # optional: every cell also logs to W&B (`true` for the
                                                  #   defaults; pip install 'offbench[wandb]'), see below
+
+Sweeps. An algorithm entry's `sweep:` maps setting keys (dotted `offbench fit` names) to lists of values
+(numbers, booleans, plain words); the entry becomes one column per combination, `<name>@<key>=<value>,...`
+with each key's last part (`rebrac@actor_bc_coef=0.1,critic_bc_coef=0.01`: a directory name too), each with
+the grid's seeds. `offbench table` then also writes the budget curves of each swept algorithm: the expected
+score of the policy a UCB bandit selects among its settings x seeds after 1, 2, 4, ... evaluation episodes
+(selection.md, selection.csv, selection.png; docs/statistics.md, "Budget curves"; configs/grids/sweep.yaml).
 
 The fit arguments of a cell are, in order: the algorithm config, the extra configs (top level,
 top-level dataset override, the algorithm's dataset override), dataset, seed, budget, evaluation

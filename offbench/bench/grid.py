@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -18,12 +19,13 @@ from typing import Any
 import yaml
 
 from offbench.errors import UserError
+from offbench.selection import SWEEP_MARK  # a sweep column's name: `<algorithm>@<key>=<value>,...`
 
 SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
              *SETTING_KEYS)
 WANDB_KEYS = ("project", "entity", "tags", "mode")  # a grid's `wandb:` options; group and run names come from the grid
-ALGORITHM_KEYS = ("name", "overrides", *SETTING_KEYS)
+ALGORITHM_KEYS = ("name", "overrides", "sweep", *SETTING_KEYS)
 
 
 class GridError(UserError):
@@ -130,26 +132,19 @@ def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) 
         if not isinstance(algo, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", algo):
             problems.append(f"{where}: `name` must be a plain name (letters, digits, _ . -)")
             continue
-        if algo in names:
-            problems.append(f"{where}: the name {algo!r} appears twice (it names the results column and directory)")
-        names.append(algo)
         if not entry.get("config"):
             problems.append(f"{where}: `config` (the algorithm's YAML, e.g. configs/algorithms/bc.yaml) is required")
             continue
         algo_overrides = _overrides(entry.get("overrides"), datasets, f"{where} `overrides`", problems)
-        for dataset in datasets:
-            # The most specific level wins for scalars; configs and args accumulate in this order.
-            levels = [raw, overrides.get(dataset, {}), entry, algo_overrides.get(dataset, {})]
-            settings = _merge(levels, where, problems)
-            # The algorithm's config first, then the extra configs from general to specific.
-            extra_levels = (raw, overrides.get(dataset, {}), algo_overrides.get(dataset, {}))
-            configs = [*_list(entry.get("config"))] + [c for level in extra_levels for c in _list(level.get("config"))]
-            for config in configs:
-                _check_config(config, where, problems)
-            for seed in seeds:
-                run_dir = output / "runs" / algo / dataset_slug(dataset) / f"seed{seed}"
-                run_name = [] if wandb is None else [*wandb, "--wandb.name", f"{algo}/{dataset}/seed{seed}"]
-                cells.append(_cell(algo, dataset, seed, run_dir, configs, settings, run_name))
+        for column, sweep_args in _sweep(entry.get("sweep"), algo, where, problems):
+            if column in names:
+                problems.append(
+                    f"{where}: the name {column!r} appears twice (it names the results column and directory)"
+                )
+            names.append(column)
+            cells += _algorithm_cells(
+                raw, entry, column, sweep_args, datasets, seeds, overrides, algo_overrides, output, wandb, where, problems
+            )
     if problems:
         # Many identical messages come from one bad setting repeated over datasets: report each once.
         unique = list(dict.fromkeys(problems))
@@ -158,6 +153,82 @@ def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) 
         name, path, output, seeds, names, list(datasets), cells,
         Path(references) if references else None, str(raw.get("description") or ""),
     )
+
+
+def _algorithm_cells(
+    raw: dict[str, Any], entry: dict[str, Any], algo: str, sweep_args: list[str], datasets: list[str],
+    seeds: list[int], overrides: dict[str, dict[str, Any]], algo_overrides: dict[str, dict[str, Any]],
+    output: Path, wandb: list[str] | None, where: str, problems: list[str],
+) -> list[Cell]:
+    """The cells of one column (an algorithm entry, or one setting of its sweep): datasets x seeds."""
+    cells = []
+    for dataset in datasets:
+        # The most specific level wins for scalars; configs and args accumulate in this order.
+        levels = [raw, overrides.get(dataset, {}), entry, algo_overrides.get(dataset, {})]
+        settings = _merge(levels, where, problems)
+        settings["args"] += sweep_args  # after every level's `args`: a sweep value wins
+        # The algorithm's config first, then the extra configs from general to specific.
+        extra_levels = (raw, overrides.get(dataset, {}), algo_overrides.get(dataset, {}))
+        configs = [*_list(entry.get("config"))] + [c for level in extra_levels for c in _list(level.get("config"))]
+        for config in configs:
+            _check_config(config, where, problems)
+        for seed in seeds:
+            run_dir = output / "runs" / algo / dataset_slug(dataset) / f"seed{seed}"
+            run_name = [] if wandb is None else [*wandb, "--wandb.name", f"{algo}/{dataset}/seed{seed}"]
+            cells.append(_cell(algo, dataset, seed, run_dir, configs, settings, run_name))
+    return cells
+
+
+def _sweep(value: Any, algo: str, where: str, problems: list[str]) -> list[tuple[str, list[str]]]:
+    """The columns of an algorithm entry: [(name, extra `offbench fit` arguments)]. Without `sweep`, the
+    entry itself; with `sweep: {dotted.key: [values], ...}`, one column per combination of values (the
+    product over keys, in the file's order), named `<name>@<key>=<value>,...` with each key's last part
+    (`td3bc@alpha=2.5`: letters, digits and `_ . - @ = ,` only, safe as a directory name), its arguments
+    `--<dotted.key> <value>` after the entry's `args` (so they win)."""
+    if value is None:
+        return [(algo, [])]
+    if not isinstance(value, dict) or not value:
+        problems.append(f"{where}: `sweep` must map setting keys to lists of values, e.g. "
+                        "{model.init_args.alpha: [1, 2.5, 5]}, got " + repr(value))
+        return []
+    short: dict[str, str] = {}
+    lists: list[list[str]] = []
+    for key, values in value.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            problems.append(f"{where}: `sweep` key {key!r} must be a dotted setting name, e.g. model.init_args.alpha")
+            return []
+        last = key.rsplit(".", 1)[-1]
+        if last in short.values():
+            problems.append(f"{where}: `sweep` keys {key!r} and {next(k for k, v in short.items() if v == last)!r} "
+                            f"end in the same name {last!r}, which names the columns: sweep one of them")
+            return []
+        short[key] = last
+        texts = [_sweep_value(v) for v in values] if isinstance(values, list) and values else [None]
+        if None in texts:
+            problems.append(f"{where}: `sweep` {key!r} must list numbers, booleans or plain words "
+                            f"(letters, digits, _ . -), got {values!r}")
+            return []
+        if len(set(texts)) != len(texts):
+            problems.append(f"{where}: `sweep` {key!r} lists a value twice: {values!r}")
+            return []
+        lists.append(texts)
+    columns = []
+    for combination in itertools.product(*lists):
+        name = algo + SWEEP_MARK + ",".join(f"{short[k]}={v}" for k, v in zip(value, combination, strict=True))
+        args = [a for k, v in zip(value, combination, strict=True) for a in (f"--{k}", v)]
+        columns.append((name, args))
+    return columns
+
+
+def _sweep_value(value: Any) -> str | None:
+    """A sweep value as its command-line text (and column-name part); None for one a name cannot hold."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        return value
+    return None
 
 
 def _cell(
