@@ -48,7 +48,8 @@ Deviations: the suite's datasets drop the timeout row of each truncated episode 
 executed action is clipped to the env's bounds (the contract of `act`; the official code passes the
 unclipped action to MuJoCo, whose actuators clamp it, while the control cost of the reward is computed
 on the unclipped action); `max_path_length` defaults to the dataset's episode limit (1000 on D4RL, the
-official value). AntMaze is refused: the official code cannot load it (its d4rl.py calls functions that
+official value); the logged `loss/a0` is the first action's unweighted squared error (the official `a0_loss`
+info divides it by action_weight). AntMaze is refused: the official code cannot load it (its d4rl.py calls functions that
 are not defined) and neither the paper nor DiffCPS reports it.
 
 Verified against the official code: tests/test_golden_diffuser.py (float64, official weights and
