@@ -157,7 +157,9 @@ def test_diffuser_on_shipped_pendulum_medium_replay_against_bc():
     normalized score of Diffuser's last two evaluations (2000, 2500 updates) and BC's last five, 10 episodes each,
     evaluation seed 100. It does NOT beat BC at this CPU scale. Measured (2026-12-07, seed 0): Diffuser -21.9 and
     -15.5 (mean -18.7), BC mean -12.1 (-16.0 .. -8.7); the quick grid's one measured cell (1000 updates, 5 episodes,
-    another evaluation seed) scored -6.4 and 24.3. What is checked: both networks learn (the diffusion loss falls
+    another evaluation seed) scored -6.4 and 24.3. Losses (mean of the first / last 100 updates): diffusion 0.97 / 0.23,
+value 4.5e5 / 7.2e4 (raw discounted returns as targets, as the official code). 11 minutes on the loaded 2 cores.
+What is checked: both networks learn (the diffusion loss falls
     below half of its first 100 updates' mean, the value loss falls), and the score stays within 10 points of BC's
     (measured gap 6.6)."""
     from offbench.data.datamodule import OfflineDataModule
@@ -175,7 +177,7 @@ def test_diffuser_on_shipped_pendulum_medium_replay_against_bc():
     ours, losses = [], []
     for update in range(1, updates + 1):
         metrics = module.run_update(sample())
-        losses.append((float(metrics["loss/diffusion"]), float(metrics["loss/value"])))
+        losses.append((metrics["loss/diffusion"].item(), metrics["loss/value"].item()))
         if update in (2000, 2500):
             module.eval()
             ours.append(evaluate(module.act, dm.info, episodes=10, num_envs=10, seed=100)["score"])
