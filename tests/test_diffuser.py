@@ -177,7 +177,7 @@ What is checked: both networks learn (the diffusion loss falls
     ours, losses = [], []
     for update in range(1, updates + 1):
         metrics = module.run_update(sample())
-        losses.append((metrics["loss/diffusion"].item(), metrics["loss/value"].item()))
+        losses.append((metrics["loss/diffusion"].detach().item(), metrics["loss/value"].detach().item()))
         if update in (2000, 2500):
             module.eval()
             ours.append(evaluate(module.act, dm.info, episodes=10, num_envs=10, seed=100)["score"])
