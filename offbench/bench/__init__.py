@@ -24,6 +24,7 @@ A grid file (YAML; relative paths are relative to the working directory):
         config: configs/algorithms/diffcps.yaml
         overrides:
           hopper-medium-v2: {config: configs/tasks/diffcps/hopper-medium-v2.yaml}
+        datasets: [hopper-medium-v2]   # optional: only these of the grid's datasets for this algorithm
       - name: td3bc                    # `sweep`: one column per combination of values (product over
         config: configs/algorithms/td3bc.yaml  # keys), named by them: td3bc@alpha=1, td3bc@alpha=2.5
         sweep: {model.init_args.alpha: [1, 2.5]}   # (key's last part; passed as --model.init_args.alpha

@@ -25,7 +25,7 @@ SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "blo
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
              *SETTING_KEYS)
 WANDB_KEYS = ("project", "entity", "tags", "mode")  # a grid's `wandb:` options; group and run names come from the grid
-ALGORITHM_KEYS = ("name", "overrides", "sweep", *SETTING_KEYS)
+ALGORITHM_KEYS = ("name", "overrides", "sweep", "datasets", *SETTING_KEYS)  # datasets: a subset of the grid's, for that algorithm
 
 
 class GridError(UserError):
@@ -136,6 +136,11 @@ def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) 
             problems.append(f"{where}: `config` (the algorithm's YAML, e.g. configs/algorithms/bc.yaml) is required")
             continue
         algo_overrides = _overrides(entry.get("overrides"), datasets, f"{where} `overrides`", problems)
+        algo_datasets = entry.get("datasets", datasets)  # e.g. a method without AntMaze settings: locomotion only
+        if not isinstance(algo_datasets, list) or not set(algo_datasets) <= set(datasets):
+            problems.append(f"{where}: `datasets` must be a list of the grid's datasets, got {algo_datasets!r}")
+            algo_datasets = []
+        algo_datasets = [d for d in datasets if d in algo_datasets]
         for column, sweep_args in _sweep(entry.get("sweep"), algo, where, problems):
             if column in names:
                 problems.append(
@@ -143,7 +148,8 @@ def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) 
                 )
             names.append(column)
             cells += _algorithm_cells(
-                raw, entry, column, sweep_args, datasets, seeds, overrides, algo_overrides, output, wandb, where, problems
+                raw, entry, column, sweep_args, algo_datasets, seeds, overrides, algo_overrides, output, wandb, where,
+                problems,
             )
     if problems:
         # Many identical messages come from one bad setting repeated over datasets: report each once.

@@ -29,6 +29,15 @@ UNET_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def sinusoidal_embedding(t: Tensor, half: int, dtype: torch.dtype | None = None) -> Tensor:
+    """[sin(t f), cos(t f)] (B, 2 half) with frequencies f_k = 10000^(-k / (half - 1)), k = 0..half-1
+    (the embedding of both official temporal U-Nets), computed in `dtype` (default: the default dtype)."""
+    dtype = dtype or torch.get_default_dtype()
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    emb = t.to(dtype)[:, None] * freqs[None]
+    return torch.cat([emb.sin(), emb.cos()], dim=-1)
+
+
 class TimeEmbedding(nn.Module):
     def __init__(self, features: int) -> None:
         super().__init__()
@@ -39,10 +48,7 @@ class TimeEmbedding(nn.Module):
         self.dense2 = nn.Linear(features, features)
 
     def forward(self, t: Tensor) -> Tensor:
-        freqs = torch.exp(torch.arange(self.half, device=t.device) * -(math.log(10000.0) / (self.half - 1)))
-        emb = t.float()[:, None] * freqs[None]
-        emb = torch.cat([emb.sin(), emb.cos()], dim=-1)
-        return self.dense2(F.silu(self.dense1(emb)))
+        return self.dense2(F.silu(self.dense1(sinusoidal_embedding(t, self.half, torch.float32))))
 
 
 def _norm(width: int, groups: int) -> nn.GroupNorm:
