@@ -24,7 +24,8 @@ configure_optimizers() -> list[torch.optim.Optimizer]
     attributes; training stops with an error when the two differ.
 update(batch) -> dict[str, Tensor]
     One gradient step on one `offbench.batch.Batch` (obs, act, rew, next_obs, done, idx, next_act; all on the
-    training device; obs normalised when the DataModule normalises), in plain PyTorch: compute the
+    training device; obs normalised when the DataModule normalises; a module that overrides
+    `batch_source` gets its own batches instead, e.g. the trajectory planners' windows), in plain PyTorch: compute the
     losses, then `self.optimize(opt, loss, max_grad_norm)` (zero_grad, backward, optional clipping,
     step) for each optimiser. No `manual_backward`, no LightningOptimizer, and no host
     synchronisation (no `.item()`, `float(tensor)`, `bool(tensor)`, printing, or Python branching on
@@ -135,6 +136,13 @@ class OfflineRLModule(pl.LightningModule):
             "it (the contract in offbench/module.py; docs/pgd.md), or use unguided PGD data (--data.guidance_coeff 0)."
         )
 
+    def batch_source(self, datamodule: Any) -> Callable[[], Any]:
+        """The function each update's batch comes from: the DataModule's transition sampler. The trajectory
+        planners (Diffuser, Decision Diffuser) train on windows of episodes instead: they override this to
+        return a sampler of `offbench.trajectory.padded.WindowBatch` that draws window indices with the
+        DataModule's seeded generator (`OfflineDataModule.sample_indices`), and their `update` takes those."""
+        return datamodule.sample
+
     # --- helpers for update() ---------------------------------------------------------------
     @staticmethod
     def optimize(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float | None = None) -> None:
@@ -218,7 +226,7 @@ class OfflineRLModule(pl.LightningModule):
                         group["lr"] = group["lr"].item()
 
     def training_step(self, n_updates: int, batch_idx: int) -> None:
-        sample = self.trainer.datamodule.sample
+        sample = self.batch_source(self.trainer.datamodule)
         totals: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         for _ in range(n_updates):

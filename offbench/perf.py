@@ -5,7 +5,7 @@ For each algorithm config: one OfflineDataModule and one module at the config's 
 class's default network sizes, set up for the config's whole run (`updates`: what schedules such as
 IQL's cosine learning rate span) and stopped after the epochs measured. Lightning runs two epochs of
 `updates` updates (the first is the warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
-updates in a plain Python loop (`module.update(dm.sample())`), timed the same way. The ratio of the
+updates in a plain Python loop (`module.update(sample())`, the module's `batch_source`), timed the same way. The ratio of the
 two is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches to
 the compiled path (`enable_compile`) and runs the plain loop's update numbers again, twice: the first
 pass compiles every graph those updates need and warms up, the second is timed; the compile time
@@ -264,10 +264,11 @@ def _time_updates(model: OfflineRLModule, dm: OfflineDataModule, updates: int, f
     if first is not None:
         model.step = first
         model.updates.fill_(first)
+    sample = model.batch_source(dm)
     _sync(model.device)
     start = time.perf_counter()
     for _ in range(updates):
-        model.run_update(dm.sample())
+        model.run_update(sample())
     _sync(model.device)
     return time.perf_counter() - start
 

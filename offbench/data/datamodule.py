@@ -166,11 +166,16 @@ class OfflineDataModule(pl.LightningDataModule):
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(torch.initial_seed())
 
+    def sample_indices(self, n: int) -> Tensor:
+        """`batch_size` indices drawn uniformly with replacement from 0..n-1, on the device, with the run's
+        seeded sampler (saved in checkpoints). `sample` draws transitions with it; a module that trains on
+        other items (the trajectory planners' windows, `OfflineRLModule.batch_source`) draws their indices."""
+        return torch.randint(n, (self.batch_size,), device=self._tensors[0].device, generator=self._generator)
+
     def sample(self) -> Batch:
         """A batch of `batch_size` transitions drawn uniformly with replacement, on the device, with the
         dataset's next actions (`Batch.next_act`)."""
-        obs = self._tensors[0]
-        idx = torch.randint(len(obs), (self.batch_size,), device=obs.device, generator=self._generator)
+        idx = self.sample_indices(len(self._tensors[0]))
         return Batch(*(x[idx] for x in self._tensors), idx=idx, next_act=self._next_act[idx])
 
     def train_dataloader(self) -> list[int]:
