@@ -53,7 +53,8 @@ Deviations and choices:
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -61,13 +62,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offbench import settings as check
-from offbench.batch import Batch, Transitions
+from offbench.batch import Transitions
 from offbench.diffusion import cosine_beta_schedule
 from offbench.errors import UserError
 from offbench.module import OfflineRLModule
 from offbench.trajectory.cdf import CDFNormalizer
+from offbench.trajectory.padded import WindowBatch, WindowTable, discounted_values, padded_episodes, sequence_starts
 from offbench.trajectory.planner_nets import PlannerUNet
-from offbench.trajectory.windows import trajectory_runs
 
 
 class DDNet(nn.Module):
@@ -93,7 +94,6 @@ class DDNet(nn.Module):
 class UpdateDraws(NamedTuple):
     """The random draws of one update in the official order; None: drawn on the device (tests inject them)."""
 
-    windows: Tensor | None = None  # (B,) indices into the window table
     t: Tensor | None = None  # (B,) diffusion steps
     noise: Tensor | None = None  # (B, H, obs)
     keep: Tensor | None = None  # (B, 1) condition-dropout mask, 1 = keep
@@ -102,53 +102,8 @@ class UpdateDraws(NamedTuple):
 NO_DRAWS = UpdateDraws()
 
 
-class EpisodeWindows(NamedTuple):
-    """The official SequenceDataset as tensors: episodes zero-padded to `max_len` rows, the window
-    table (episode, start) and each window's returns target."""
-
-    obs: Tensor  # (E, max_len, obs_dim) raw observations, zero after the episode end
-    act: Tensor  # (E, max_len, act_dim)
-    episode: Tensor  # (W,) long
-    start: Tensor  # (W,) long
-    returns: Tensor  # (W, 1) discounted return to the episode end / returns_scale
-
-
-def episode_windows(t: Transitions, horizon: int, max_len: int, discount: float, returns_scale: float,
-                    termination_penalty: float) -> EpisodeWindows:
-    """Padded episodes, windows and returns as the official code builds them (code/diffuser/datasets/
-    sequence.py and buffer.py): windows start at 0 .. min(L - 1, max_len - H) - 1 of an episode of L rows
-    (use_padding), the terminal reward gets `termination_penalty`, returns are discounted to max_len."""
-    starts, lengths = trajectory_runs(t, "Decision Diffuser's dataset")
-    if lengths.max() > max_len:
-        raise UserError(f"an episode has {int(lengths.max())} steps, more than the episode limit {max_len}: "
-                        "set --data.max_episode_steps to the env's limit")
-    n_ep = len(starts)
-    obs = np.zeros((n_ep, max_len, t.obs_dim), np.float32)
-    act = np.zeros((n_ep, max_len, t.act_dim), np.float32)
-    rew = np.zeros((n_ep, max_len), np.float64)
-    for e, (s, n) in enumerate(zip(starts, lengths)):
-        obs[e, :n], act[e, :n], rew[e, :n] = t.obs[s : s + n], t.act[s : s + n], t.rew[s : s + n]
-        if t.done[s + n - 1] > 0.5:
-            rew[e, n - 1] += termination_penalty
-    rew = rew.astype(np.float32).astype(np.float64)  # the official buffer is float32, its sums float64
-    rtg = np.zeros((n_ep, max_len + 1))  # return-to-go from every row, to max_len (the padding adds 0)
-    for k in range(max_len - 1, -1, -1):
-        rtg[:, k] = rew[:, k] + discount * rtg[:, k + 1]
-    ep_idx, st_idx = [], []
-    for e, n in enumerate(lengths):
-        count = max(0, min(n - 1, max_len - horizon))
-        ep_idx.append(np.full(count, e)), st_idx.append(np.arange(count))
-    episode, start = np.concatenate(ep_idx), np.concatenate(st_idx)
-    if len(episode) == 0:
-        raise UserError(f"no window of {horizon} steps fits: episodes have at most {int(lengths.max())} steps and the "
-                        f"episode limit is {max_len}; use a shorter --model.init_args.horizon")
-    returns = (rtg[episode, start] / returns_scale).astype(np.float32)[:, None]
-    as_t = torch.as_tensor
-    return EpisodeWindows(as_t(obs), as_t(act), as_t(episode), as_t(start), as_t(returns))
-
-
 class DecisionDiffuser(OfflineRLModule):
-    needs_dataset_rows = True  # trains on the dataset's episodes (windows), not on the sampled rows
+    needs_dataset_rows = True  # trains on windows of the dataset's episodes (batch_source)
 
     def __init__(
         self,
@@ -170,6 +125,7 @@ class DecisionDiffuser(OfflineRLModule):
         ema_decay: float = 0.995,
         ema_start: int = 2000,
         ema_every: int = 10,
+        max_path_length: int | None = None,
     ) -> None:
         check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("horizon", horizon, low=2)
@@ -187,6 +143,7 @@ class DecisionDiffuser(OfflineRLModule):
         check.interval("ema_decay", ema_decay, "[0, 1)")
         check.integer("ema_start", ema_start, low=0)
         check.integer("ema_every", ema_every)
+        check.integer("max_path_length", max_path_length, or_null="the dataset's episode limit")
         if horizon % 2 ** (len(dim_mults) - 1):
             raise UserError(f"model.init_args.horizon must be a multiple of {2 ** (len(dim_mults) - 1)} with "
                             f"{len(dim_mults)} dim_mults (the U-Net halves it {len(dim_mults) - 1} times), got {horizon}")
@@ -196,7 +153,7 @@ class DecisionDiffuser(OfflineRLModule):
         self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
         self.obs_normalizer = CDFNormalizer(obs_dim)
         self.act_normalizer = CDFNormalizer(act_dim)
-        self.data: EpisodeWindows | None = None
+        self.windows: WindowTable | None = None
         betas = cosine_beta_schedule(n_timesteps)
         abar = torch.cumprod(1 - betas, 0)
         abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
@@ -209,46 +166,43 @@ class DecisionDiffuser(OfflineRLModule):
         }.items():
             self.register_buffer(name, value.to(torch.get_default_dtype()), persistent=False)
 
-    # --- the dataset ---------------------------------------------------------------------------
-    def attach_dataset(self, t: Transitions, max_len: int) -> None:
-        """Fit the CDF normalisers on the dataset's rows and build the normalised episode windows."""
+    # --- the dataset -------------------------------------------------------------------------
+    def attach_dataset(self, t: Transitions, max_path_length: int, name: str = "the dataset") -> None:
+        """Fit the CDF normalisers on the dataset's steps and build the table of normalised windows
+        [actions, states] with their returns targets (offbench/trajectory/padded.py; the official
+        SequenceDataset with include_returns)."""
         hp = self.hparams
         self.obs_normalizer.fit(t.obs)
         self.act_normalizer.fit(t.act)
-        w = episode_windows(t, hp.horizon, max_len, hp.discount, hp.returns_scale, hp.termination_penalty)
-        dtype = self.sqrt_abar.dtype
-        self.data = EpisodeWindows(
-            self.obs_normalizer.normalize(w.obs.to(self.device, dtype)), self.act_normalizer.normalize(w.act.to(self.device, dtype)),
-            w.episode.to(self.device), w.start.to(self.device), w.returns.to(self.device, dtype))
+        ep = padded_episodes(t, max_path_length, hp.termination_penalty, name)
+        episode, start = sequence_starts(ep.lengths, hp.horizon, max_path_length)
+        returns = (discounted_values(ep.rew, hp.discount)[episode, start] / hp.returns_scale).astype(np.float32)
+        normed = torch.cat([self.act_normalizer.normalize(torch.as_tensor(ep.act)),  # float32, as the official arrays
+                            self.obs_normalizer.normalize(torch.as_tensor(ep.obs))], dim=-1)
+        self.windows = WindowTable(normed.to(self.sqrt_abar), episode, start, returns, hp.horizon).to(self.sqrt_abar.device)
 
-    def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        info = datamodule.info
-        if "antmaze" in info.name.lower() or info.success_scored:
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        info = dm.info
+        if "antmaze" in f"{info.name} {info.env_id}".lower() or info.success_scored:
             raise UserError(f"Decision Diffuser does not run on AntMaze ({info.name}): the official code cannot load it "
-                            "and no paper reports it (DiffCPS Table 1 shows no number); use a locomotion dataset")
-        if datamodule.normalize:
+                            "and no paper reports it (DiffCPS Table 1 shows no number); train it on the locomotion tasks")
+        if dm.normalize:
             raise UserError("Decision Diffuser normalises states with its own per-dimension CDF: run it with "
                             "--data.normalize_obs false")
-        if info.max_episode_steps is None:
-            raise UserError(f"{info.name} has no episode limit: set --data.max_episode_steps (Decision Diffuser pads "
-                            "episodes to it, as the official max_path_length)")
-        self.attach_dataset(datamodule.transitions, int(info.max_episode_steps))
+        self.attach_dataset(dm.transitions, self.hparams.max_path_length or info.max_episode_steps, info.name)
+
+    def batch_source(self, datamodule: Any) -> Callable[[], WindowBatch]:
+        if self.windows is None:
+            raise RuntimeError("DecisionDiffuser.batch_source before setup(): the window table is built from the DataModule there")
+        windows = self.windows
+        return lambda: windows.batch(datamodule.sample_indices(len(windows)))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.diffusion_lr)
         return [self.opt]
 
     # --- one update ----------------------------------------------------------------------------
-    def sample_windows(self, batch_size: int, idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(states (B, H, obs), actions (B, H, act), returns (B, 1)) of windows drawn uniformly."""
-        d = self.data
-        if idx is None:
-            idx = torch.randint(len(d.episode), (batch_size,), device=d.episode.device)
-        ep = d.episode[idx, None]
-        rows = d.start[idx, None] + torch.arange(self.hparams.horizon, device=ep.device)
-        return d.obs[ep, rows], d.act[ep, rows], d.returns[idx]
-
     def loss(self, obs: Tensor, act: Tensor, returns: Tensor, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
         """The official GaussianInvDynDiffusion.loss on normalised windows."""
         hp = self.hparams
@@ -264,11 +218,9 @@ class DecisionDiffuser(OfflineRLModule):
         inv_loss = F.mse_loss(self.net.inverse(obs[:, :-1], obs[:, 1:]), act[:, :-1])
         return {"loss/total": 0.5 * (diffusion_loss + inv_loss), "loss/diffusion": diffusion_loss, "loss/inverse": inv_loss}
 
-    def update(self, batch: Batch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
-        if self.data is None:
-            raise RuntimeError("Decision Diffuser trains on episode windows: call attach_dataset(transitions, max_len) first")
-        obs, act, returns = self.sample_windows(batch.obs.shape[0], draws.windows)
-        metrics = self.loss(obs, act, returns, draws)
+    def update(self, batch: WindowBatch, draws: UpdateDraws = NO_DRAWS) -> dict[str, Tensor]:
+        a = self.hparams.act_dim
+        metrics = self.loss(batch.traj[..., a:], batch.traj[..., :a], batch.value[:, None], draws)
         self.optimize(self.opt, metrics["loss/total"])
         self.update_ema()
         return metrics
