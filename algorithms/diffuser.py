@@ -179,8 +179,11 @@ class Diffuser(OfflineRLModule):
 
     # --- data --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """The window table and the normaliser from the DataModule's dataset (offbench/trajectory/padded.py)."""
-        dm = self.trainer.datamodule
+        self.prepare(self.trainer.datamodule)
+
+    def prepare(self, dm: Any) -> None:
+        """The window table and the normaliser from a DataModule's dataset (`dm.transitions`, `dm.info`;
+        offbench/trajectory/padded.py)."""
         info = dm.info
         if "antmaze" in f"{info.name} {info.env_id}".lower():
             raise UserError("Diffuser has no AntMaze setting: the official code cannot load AntMaze and the paper reports "

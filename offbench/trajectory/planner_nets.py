@@ -84,20 +84,31 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of x (B, C, H): biased variance, eps 1e-5, learnable gain and bias."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, c, 1))
+        self.bias = nn.Parameter(torch.zeros(1, c, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        return (x - mean) / (var + 1e-5).sqrt() * self.gain + self.bias
+
+
 class Attention(nn.Module):
-    """x + LinearAttention(LayerNorm over channels(x)), x (B, C, H)."""
+    """x + LinearAttention(ChannelNorm(x)), x (B, C, H)."""
 
     def __init__(self, c: int, heads: int = 4, head_dim: int = 32) -> None:
         super().__init__()
         self.heads, self.scale = heads, head_dim**-0.5
         self.to_qkv = nn.Conv1d(c, 3 * heads * head_dim, 1, bias=False)
         self.to_out = nn.Conv1d(heads * head_dim, c, 1)
-        self.gain = nn.Parameter(torch.ones(1, c, 1))
-        self.bias = nn.Parameter(torch.zeros(1, c, 1))
+        self.norm = ChannelNorm(c)
 
     def forward(self, x: Tensor) -> Tensor:
-        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
-        y = (x - mean) / (var + 1e-5).sqrt() * self.gain + self.bias
+        y = self.norm(x)
         b, _, n = y.shape
         q, k, v = (z.reshape(b, self.heads, -1, n) for z in self.to_qkv(y).chunk(3, dim=1))
         context = torch.einsum("bhdn,bhen->bhde", k.softmax(dim=-1), v)  # (B, heads, head_dim, head_dim)
@@ -126,14 +137,13 @@ class PlannerUNet(nn.Module):
         def attn(c: int) -> nn.Module:
             return Attention(c) if attention else nn.Identity()
 
-        self.downs = nn.ModuleList()
+        self.downs, self.ups = nn.ModuleList(), nn.ModuleList()  # registered before the middle, as the official
         for i, (c_in, c_out) in enumerate(in_out):
             last = i == len(in_out) - 1
             self.downs.append(nn.ModuleList([ResBlock(c_in, c_out, embed), ResBlock(c_out, c_out, embed), attn(c_out),
                                              nn.Identity() if last else nn.Conv1d(c_out, c_out, 3, 2, 1)]))
         mid = in_out[-1][1]
         self.mid1, self.mid_attn, self.mid2 = ResBlock(mid, mid, embed), attn(mid), ResBlock(mid, mid, embed)
-        self.ups = nn.ModuleList()
         for c_in, c_out in reversed(in_out[1:]):
             self.ups.append(nn.ModuleList([ResBlock(2 * c_out, c_in, embed), ResBlock(c_in, c_in, embed), attn(c_in),
                                            nn.ConvTranspose1d(c_in, c_in, 4, 2, 1)]))
