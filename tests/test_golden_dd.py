@@ -35,8 +35,7 @@ def close(ours: torch.Tensor, official: torch.Tensor, rtol: float = RTOL) -> Non
 
 def name_map(module: DecisionDiffuser) -> dict[str, str]:
     """Our parameter name -> the official one: the returns MLP and the inverse model by name, the U-Net by
-    position within the official groups in the order of the forward pass (time MLP, downs, middle, ups, final;
-    the official module registers `ups` before the middle blocks, planner_nets.py after them)."""
+    position (planner_nets.py registers its modules in the official order)."""
     official = list(GOLDEN["weights"])
     out = {}
     for k in official:
@@ -44,8 +43,7 @@ def name_map(module: DecisionDiffuser) -> dict[str, str]:
             out["net.returns_mlp." + k.removeprefix("model.returns_mlp.")] = k
         elif k.startswith("inv_model."):
             out["net." + k] = k
-    groups = ("model.time_mlp.", "model.downs.", "model.mid_block1.", "model.mid_block2.", "model.ups.", "model.final_conv.")
-    unet_official = [k for group in groups for k in official if k.startswith(group)]
+    unet_official = [k for k in official if k.startswith("model.") and not k.startswith("model.returns_mlp.")]
     unet_ours = module.net.unet.state_dict()
     assert len(unet_official) == len(unet_ours)
     for a, b in zip(unet_official, unet_ours):
