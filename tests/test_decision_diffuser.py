@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from algorithms.decision_diffuser import DecisionDiffuser, UpdateDraws
 from offbench.batch import Transitions
 from offbench.cli import main
+from offbench.data.datamodule import OfflineDataModule
 from offbench.errors import UserError
 from offbench.trajectory.cdf import CDFNormalizer
 from tests.test_fit import interrupted_and_resumed
@@ -168,8 +170,14 @@ def test_antmaze_is_refused():
 
 
 @pytest.mark.slow
-def test_learns_on_pendulum_medium_replay(tmp_path):
-    """CPU scale, the quick grid's settings (configs/grids/quick.yaml): see the test's assertion for what it reaches."""
+def test_what_it_reaches_on_pendulum_medium_replay(tmp_path):
+    """The quick grid's cell (configs/grids/quick.yaml: H = 32, N = 20, dim 32, 1000 updates at batch 64) on the
+    suite's pendulum data. At this CPU scale Decision Diffuser does NOT beat BC (9.2 in results/quick): measured
+    (2026-12-07, seed 0) -25 and -32 at updates 500 and 1000 (target return -0.25; -35 at 500 with -0.9), below the
+    random policy's 0. What it does learn: the losses fall about tenfold and the inverse-dynamics model reads the
+    action off true consecutive states (RMSE 0.38 against the actions' std 1.12); but the planned next state misses
+    the true one by more than a whole step (RMS 0.23 against 0.13 in CDF units), so the actions it reads off the
+    plans hardly correlate with the data's (0.04). The test checks the learning, not a score."""
     root = tmp_path / "run"
     main(["fit", "--config", "configs/algorithms/decision_diffuser.yaml", "--data.dataset", "shipped/pendulum-medium-replay-v0",
           "--model.init_args.horizon", "32", "--model.init_args.n_timesteps", "20", "--model.init_args.dim", "32",
@@ -177,7 +185,16 @@ def test_learns_on_pendulum_medium_replay(tmp_path):
           "--updates", "1000", "--data.eval_every", "500", "--data.block_size", "100", "--eval.episodes", "5",
           "--eval.num_envs", "5", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"])
     result = json.loads(Path(root / "result.json").read_text())
-    assert result["scores"]["last"] > LEARNED
-
-
-LEARNED = 0.0  # set from the measured run (README / report)
+    assert np.isfinite(result["scores"]["last"])
+    losses = pd.read_csv(root / "metrics.csv").dropna(subset=["loss/diffusion"])
+    assert losses["loss/diffusion"].iloc[-1] < 0.25 * losses["loss/diffusion"].iloc[0]
+    ckpt = torch.load(root / "checkpoints/last.ckpt", weights_only=False)
+    m = DecisionDiffuser(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+    m.load_state_dict(ckpt["state_dict"])
+    m.attach_dataset(OfflineDataModule("shipped/pendulum-medium-replay-v0").transitions, 200)
+    batch = m.windows.batch(torch.arange(0, len(m.windows), 7))
+    obs, act = batch.traj[..., 1:], batch.traj[:, 0, :1]
+    with torch.no_grad():
+        true = m.act_normalizer.unnormalize(act)
+        read = m.act_normalizer.unnormalize(m.net_ema.inverse(obs[:, 0], obs[:, 1]))
+    assert (read - true).pow(2).mean().sqrt() < 0.5 * true.std()
