@@ -32,8 +32,9 @@ variance (the code scales the std). Our configs use the code's values; configs/a
 decision_diffuser.yaml says which ones apply to the other 8 locomotion tasks (not released).
 
 Verified against the official code: tests/test_golden_dd.py (float64, the official initial weights,
-recorded random draws): the U-Net with returns conditioning, the training loss, one classifier-free
-sampling step and whole plans, the inverse-dynamics model, the CDF normaliser and the acting rule.
+recorded random draws): the dataset's windows with padding and returns, the CDF normaliser, the U-Net with
+returns conditioning, the training loss and its gradients, each classifier-free guided step and whole
+plans, the inverse-dynamics model and the acting rule (tests/data/golden/README.md, with a mutation check).
 
 Deviations and choices:
 - batch 64 without gradient accumulation: the official 2 x 32 with loss / 2 averages two per-element
@@ -46,6 +47,10 @@ Deviations and choices:
 - history conditioning (the paper's K = 20 past states) is not offered: the official code has none
   (anuragajay/decision-diffuser issue 3), and it needs per-episode state in act();
 - the CDF knots are rebuilt from the dataset when training starts, not saved (offbench/trajectory/cdf.py);
+- acting plans in the module's dtype (the official evaluation casts the normalised state to float32) and
+  does not clip the action: the CDF inverse keeps it inside the data's range, which the data checks keep
+  inside the env's bounds; the suite's protocol scores it (normalised score; the official script reports
+  raw returns of 10 episodes);
 - AntMaze is refused: the official code cannot load it (its d4rl.py calls undefined functions) and
   neither the paper nor DiffCPS Table 1 report it.
 """
