@@ -173,8 +173,8 @@ def test_antmaze_is_refused():
 def test_what_it_reaches_on_pendulum_medium_replay(tmp_path):
     """The quick grid's cell (configs/grids/quick.yaml: H = 32, N = 20, dim 32, 1000 updates at batch 64) on the
     suite's pendulum data. At this CPU scale Decision Diffuser does NOT beat BC (9.2 in results/quick): measured
-    (2026-12-07, seed 0) -25 and -32 at updates 500 and 1000 (target return -0.25; -35 at 500 with -0.9), below the
-    random policy's 0. What it does learn: the losses fall about tenfold and the inverse-dynamics model reads the
+    (2026-12-07, seed 0, windows then drawn from torch's global generator) -25 and -32 at updates 500 and 1000
+    (target return -0.25; -35 at 500 with -0.9), below the random policy's 0. What it does learn: the losses fall about tenfold and the inverse-dynamics model reads the
     action off true consecutive states (RMSE 0.38 against the actions' std 1.12); but the planned next state misses
     the true one by more than a whole step (RMS 0.23 against 0.13 in CDF units), so the actions it reads off the
     plans hardly correlate with the data's (0.04). The test checks the learning, not a score."""
