@@ -16,7 +16,9 @@ On CUDA the clock is read after a device synchronisation. A compiled mode that f
 its error (the other measurements stand) and `offbench perf` then exits with status 1.
 `--no-lightning` skips the Lightning timing (Lightning then only sets the module up).
 Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env (and,
-with `--eval-async-envs N`, for N envs stepped in subprocesses).
+with `--eval-async-envs N`, for N envs stepped in subprocesses); for the trajectory planners (Diffuser),
+whose planning at every env step is their cost, also the env steps/s of their `act` at their config's
+settings (`measure_planning`).
 Rows: one per config at its settings, plus the rows of `EXTRA_ROWS` whose config is measured (a config
 with extra init args and a label: EDP with the IQL rule, Diffusion-QL and DiffCPS with EDP's action
 approximation). Beside the rates, the noise model's forward passes per update (calls of every `NoiseMLP`
@@ -300,6 +302,34 @@ def measure_evaluation(
     return result
 
 
+def measure_planning(config: Path, dataset: str, num_envs: list[int], accelerator: str, calls: int = 3) -> dict[str, Any]:
+    """Evaluation env steps/s of a trajectory planner (a module with `plan`, e.g. Diffuser) at its config's
+    settings (the official batch of plans): seconds of `act` on the observations of n envs at once, after one
+    warm-up call, for each n of `num_envs` and 1. The planner's weights are untrained (the cost does not
+    depend on them) and the env stepping is left out (negligible beside the planning: tens of ms per step)."""
+    cls, init_args, data, _ = load_algorithm_config(config)
+    dm = OfflineDataModule(dataset, batch_size=data.get("batch_size", 256), normalize_obs=data.get("normalize_obs", False))
+    device = torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
+    model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **init_args).to(device).eval()
+    if hasattr(model, "attach_dataset"):  # acting reads tables built from the data (Decision Diffuser's CDF normaliser)
+        model.attach_dataset(dm.transitions, dm.info.max_episode_steps)
+    row: dict[str, Any] = {"label": config.stem, "algorithm": f"{cls.__module__}.{cls.__qualname__}", "device": str(device),
+                           "settings": {k: init_args[k] for k in ("horizon", "n_timesteps", "n_plans") if k in init_args},
+                           "runs": []}
+    for n in sorted({*num_envs, 1}, reverse=True):
+        obs = dm.normalize_obs(torch.as_tensor(dm.transitions.obs[:n], device=device))
+        with torch.no_grad():
+            model.act(obs)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                model.act(obs)
+            _sync(device)
+        seconds = (time.perf_counter() - start) / calls
+        row["runs"].append({"envs": n, "calls": calls, "seconds_per_step": seconds, "env_steps_per_s": n / seconds})
+    return row
+
+
 def _seconds_key(name: str) -> str:
     return "compile_seconds" if name == "compiled" else f"{name}_compile_seconds"
 
@@ -389,6 +419,15 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         *evaluation_lines(e),
         "",
     ]
+    if report.get("planning"):
+        lines += ["# Evaluation of the trajectory planners", "",
+                  "Env steps/s of `act` alone (the planning at every env step; untrained weights, env stepping left out), "
+                  "at each config's settings (the official batch of plans), after a warm-up call:", ""]
+        for row in report["planning"]:
+            lines += [f"- {row['label']} ({row['settings']}, {row['device']}): " + ", ".join(
+                f"{r['envs']} env{'s' if r['envs'] > 1 else ''} {r['env_steps_per_s']:.2f} env steps/s "
+                f"({r['seconds_per_step']:.2f} s per step)" for r in row["runs"])]
+        lines.append("")
     write_json_atomic(out_dir / "perf.json", report)
     write_text_atomic(out_dir / "perf.md", "\n".join(lines))
 
@@ -447,7 +486,13 @@ def main(argv: list[str]) -> int:
             print(f"{result['algorithm']}: {mode} failed: {error}", file=sys.stderr, flush=True)
         training.append(result)
     evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.accelerator, args.eval_async_envs)
-    report = {"machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation}
+    planning = [measure_planning(config, args.dataset, args.eval_envs, args.accelerator)
+                for config in args.configs if hasattr(load_algorithm_config(config)[0], "plan")]
+    for row in planning:
+        print(f"{row['label']} planning: " + ", ".join(f"{r['envs']} envs {r['env_steps_per_s']:.2f} env steps/s"
+                                                        for r in row["runs"]), flush=True)
+    report = {"machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation,
+              "planning": planning}
     write_report(report, args.out)
     print(f"wrote {args.out / 'perf.md'} and perf.json")
     return 1 if any(r["errors"] for r in training) else 0

@@ -149,6 +149,8 @@ def test_shipped_grids_expand(monkeypatch):
     assert "configs/tasks/qgpo/antmaze.yaml" in qgpo["D4RL/antmaze/umaze-v1"].args
     assert "configs/tasks/qgpo/hopper-medium-v2.yaml" in qgpo["hopper-medium-v2"].args
     assert table1.references == Path("configs/references/table1.yaml")
+    diffuser = {c.dataset for c in table1.cells if c.algorithm == "diffuser"}  # an algorithm's own `datasets`
+    assert diffuser == set(table1.datasets[:9])  # locomotion only: Diffuser has no AntMaze setting
 
 
 def test_unforged_small_family_is_left_to_the_runner_but_a_large_one_is_an_error(tmp_path, monkeypatch):

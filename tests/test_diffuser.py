@@ -134,3 +134,56 @@ def test_resumed_run_matches_uninterrupted_run(tiny_hopper, tmp_path):
     full, _ = interrupted_and_resumed(args, tmp_path)
     assert {"norm_mean", "norm_std"} <= {k.split(".")[-1] for k in full["state_dict"]}
     assert not any(k.startswith("windows.") for k in full["state_dict"])  # rebuilt from the data, not saved
+
+
+def test_perf_measures_the_planners_evaluation_rate(tiny_hopper, tmp_path):
+    from offbench.perf import measure_planning
+
+    config = tmp_path / "diffuser-small.yaml"
+    config.write_text("model:\n  class_path: algorithms.diffuser.Diffuser\n  init_args:\n    horizon: 8\n    n_timesteps: 2\n"
+                      "    dim: 8\n    dim_mults: [1, 4]\n    n_plans: 3\ndata:\n  batch_size: 8\n")
+    row = measure_planning(config, str(tiny_hopper), [2], "cpu", calls=1)
+    assert [r["envs"] for r in row["runs"]] == [2, 1] and all(r["env_steps_per_s"] > 0 for r in row["runs"])
+    assert row["settings"] == {"horizon": 8, "n_timesteps": 2, "n_plans": 3}
+
+
+# The quick grid's CPU sizes (configs/grids/quick.yaml), NOT the official ones.
+QUICK = {"horizon": 16, "dim": 16, "dim_mults": (1, 2, 4), "n_timesteps": 10, "n_plans": 8}
+
+
+@pytest.mark.slow
+def test_diffuser_on_shipped_pendulum_medium_replay_against_bc():
+    """Diffuser at the quick grid's sizes, 2500 updates, against BC (tests/test_rebrac.py's, same updates): the mean
+    normalized score of Diffuser's last two evaluations (2000, 2500 updates) and BC's last five, 10 episodes each,
+    evaluation seed 100. It does NOT beat BC at this CPU scale. Measured (2026-12-07, seed 0): Diffuser -21.9 and
+    -15.5 (mean -18.7), BC mean -12.1 (-16.0 .. -8.7); the quick grid's one measured cell (1000 updates, 5 episodes,
+    another evaluation seed) scored -6.4 and 24.3. What is checked: both networks learn (the diffusion loss falls
+    below half of its first 100 updates' mean, the value loss falls), and the score stays within 10 points of BC's
+    (measured gap 6.6)."""
+    from offbench.data.datamodule import OfflineDataModule
+    from offbench.evaluation import evaluate
+    from tests.test_rebrac import bc_scores
+
+    dataset, updates = "shipped/pendulum-medium-replay-v0", 2500
+    torch.manual_seed(0)
+    module = Diffuser(3, 1, 2.0, **QUICK)
+    dm = OfflineDataModule(dataset, batch_size=64)
+    dm.setup()
+    module.prepare(dm)
+    module.configure_optimizers()
+    sample = module.batch_source(dm)
+    ours, losses = [], []
+    for update in range(1, updates + 1):
+        metrics = module.run_update(sample())
+        losses.append((float(metrics["loss/diffusion"]), float(metrics["loss/value"])))
+        if update in (2000, 2500):
+            module.eval()
+            ours.append(evaluate(module.act, dm.info, episodes=10, num_envs=10, seed=100)["score"])
+            module.train()
+    bc = bc_scores(dataset, updates)
+    first, last = np.mean(losses[:100], axis=0), np.mean(losses[-100:], axis=0)
+    print(f"diffuser: final scores {np.round(ours, 1).tolist()} (mean {np.mean(ours):.1f}); "
+          f"bc: {np.round(bc, 1).tolist()} (mean {np.mean(bc):.1f}); losses (diffusion, value) first 100 {first}, "
+          f"last 100 {last}")
+    assert last[0] < 0.5 * first[0] and last[1] < first[1], (first, last)
+    assert np.mean(ours) > np.mean(bc) - 10.0, (ours, bc)

@@ -116,7 +116,7 @@ def test_domain_averages_and_the_paper_column(results):
     header = next(line for line in md.splitlines() if line.startswith("| dataset"))
     # the paper column beside ours; every other column of the paper's Table 1 after them (no runs of theirs here)
     assert header == ("| dataset | bc | diffcps | DiffCPS (paper) | CQL (paper) | IDQL-A (paper) | QGPO (paper) | "
-                      "SfBC (paper) | DD (paper) | Diffuser (paper) | Diffusion-QL (paper) | IQL (paper) |")
+                      "SfBC (paper) | DD (paper) | Diffuser (paper) | Diffuser v2 (code) | Diffusion-QL (paper) | IQL (paper) |")
     assert "| walker2d-medium-v2 | 76.0 ± 0.8 | 90.9 ± 0.9 [2/3] | 90.9 ± 1.6 |" in md  # best in md
     assert "| synthetic/pendulum-random-v0 | 20.0 ± 8.2 | failed | — |" in md  # last in md
     assert "| **locomotion average** | 62.00 | 84.50 | 95.50 |" in md  # last in md

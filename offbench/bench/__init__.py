@@ -24,6 +24,7 @@ A grid file (YAML; relative paths are relative to the working directory):
         config: configs/algorithms/diffcps.yaml
         overrides:
           hopper-medium-v2: {config: configs/tasks/diffcps/hopper-medium-v2.yaml}
+        datasets: [hopper-medium-v2]   # optional: only these of the grid's datasets for this algorithm
     datasets: [synthetic/hopper-random-v0, hopper-medium-v2]
     overrides:
       hopper-medium-v2: {updates: 2000000}

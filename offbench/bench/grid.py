@@ -23,7 +23,7 @@ SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "blo
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
              *SETTING_KEYS)
 WANDB_KEYS = ("project", "entity", "tags", "mode")  # a grid's `wandb:` options; group and run names come from the grid
-ALGORITHM_KEYS = ("name", "overrides", *SETTING_KEYS)
+ALGORITHM_KEYS = ("name", "overrides", "datasets", *SETTING_KEYS)  # datasets: a subset of the grid's, for that algorithm
 
 
 class GridError(UserError):
@@ -137,7 +137,11 @@ def load_grid(path: str | os.PathLike, output: str | os.PathLike | None = None) 
             problems.append(f"{where}: `config` (the algorithm's YAML, e.g. configs/algorithms/bc.yaml) is required")
             continue
         algo_overrides = _overrides(entry.get("overrides"), datasets, f"{where} `overrides`", problems)
-        for dataset in datasets:
+        algo_datasets = entry.get("datasets", datasets)  # e.g. a method without AntMaze settings: locomotion only
+        if not isinstance(algo_datasets, list) or not set(algo_datasets) <= set(datasets):
+            problems.append(f"{where}: `datasets` must be a list of the grid's datasets, got {algo_datasets!r}")
+            algo_datasets = []
+        for dataset in [d for d in datasets if d in algo_datasets]:
             # The most specific level wins for scalars; configs and args accumulate in this order.
             levels = [raw, overrides.get(dataset, {}), entry, algo_overrides.get(dataset, {})]
             settings = _merge(levels, where, problems)
