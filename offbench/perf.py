@@ -323,6 +323,8 @@ def measure_planning(config: Path, dataset: str, num_envs: list[int], accelerato
     dm = OfflineDataModule(dataset, batch_size=data.get("batch_size", 256), normalize_obs=data.get("normalize_obs", False))
     device = torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
     model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **init_args).to(device).eval()
+    if hasattr(model, "attach_dataset"):  # acting reads tables built from the data (Decision Diffuser's CDF normaliser)
+        model.attach_dataset(dm.transitions, dm.info.max_episode_steps)
     row: dict[str, Any] = {"label": config.stem, "algorithm": f"{cls.__module__}.{cls.__qualname__}", "device": str(device),
                            "settings": {k: init_args[k] for k in ("horizon", "n_timesteps", "n_plans") if k in init_args},
                            "runs": []}

@@ -18,6 +18,8 @@ CONFIGS = sorted((REPO / "configs/algorithms").glob("*.yaml"))
 SMALL = {
     "diffuser": ["--model.init_args.horizon", "8", "--model.init_args.n_timesteps", "3", "--model.init_args.dim", "8",
                  "--model.init_args.dim_mults", "[1, 4]", "--model.init_args.n_plans", "4"],
+    "decision_diffuser": ["--model.init_args.horizon", "8", "--model.init_args.n_timesteps", "3", "--model.init_args.dim", "8",
+                          "--model.init_args.dim_mults", "[1, 4]", "--model.init_args.inv_hidden", "16"],
 }
 
 
