@@ -132,6 +132,34 @@ class DecisionDiffuser(OfflineRLModule):
         ema_every: int = 10,
         max_path_length: int | None = None,
     ) -> None:
+        """Decision Diffuser: a return-conditioned diffusion model over future states and an inverse-dynamics
+        model (equations, settings: algorithms/decision_diffuser.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound of the env; `offbench fit` takes it from the data (the action is not clipped:
+                the CDF inverse keeps it inside the data's range).
+            horizon: planning horizon H, the number of diffused future states (official and paper 100); a multiple
+                of 2^(len(dim_mults) - 1).
+            n_timesteps: diffusion steps N of the cosine schedule (official code 200; paper 100).
+            dim: base channel width of the U-Net and width of the returns embedding e(y) (official 128).
+            dim_mults: channel multipliers of dim per U-Net level (official [1, 4, 8]).
+            inv_hidden: hidden width of the inverse-dynamics MLP f, 2 ReLU layers (official code 256; paper 512).
+            guidance_w: classifier-free guidance weight w (official 1.2; paper w in {1.2, 1.4, 1.6, 1.8} per task).
+            target_return: return R that planning conditions on, in units of returns_scale (official 0.9; paper 1).
+            returns_scale: divisor of the training returns y (official 400).
+            condition_dropout: probability p of the null condition per training sample (official 0.25).
+            discount: discount of the training returns y, sum 0.99^j r_{k+j} (official 0.99).
+            termination_penalty: added to the reward of an episode's terminal step (official -100).
+            diffusion_lr: Adam learning rate of the U-Net and the inverse-dynamics model, trained jointly
+                (official 2e-4).
+            ema_decay: decay of the EMA networks that plan (official 0.995).
+            ema_start: update from which the EMA moves; before it the EMA is copied from the network (official 2000).
+            ema_every: the EMA networks move every `ema_every` updates (official 10).
+            max_path_length: episode length of the padded windows and the returns; null: the dataset's episode
+                limit (1000 on D4RL, the official value).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("horizon", horizon, low=2)
         check.integer("n_timesteps", n_timesteps)

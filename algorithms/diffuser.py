@@ -119,6 +119,45 @@ class Diffuser(OfflineRLModule):
         n_plans: int = 64,
         max_path_length: int | None = None,
     ) -> None:
+        """Diffuser: a diffusion model over windows [a_t, s_t], a value of noised windows, value-guided planning
+        (equations, settings: algorithms/diffuser.py).
+
+        Args:
+            obs_dim: observation size; `offbench fit` takes it from the data.
+            act_dim: action size; `offbench fit` takes it from the data.
+            max_action: action bound, the executed action is clipped to [-max_action, max_action]; `offbench fit`
+                takes it from the data.
+            horizon: planning horizon H, the length of the diffused windows (official 32; halfcheetah 4); a multiple
+                of 2^(len(dim_mults) - 1).
+            n_timesteps: diffusion steps N of the cosine schedule (official code and arXiv v2 20; the paper's first
+                version 100).
+            dim: base channel width of the U-Net and the value network (official 32).
+            dim_mults: channel multipliers of dim per U-Net level (official [1, 2, 4, 8]; halfcheetah [1, 4, 8]).
+            attention: attention blocks in the diffusion U-Net, not in the value network (official on halfcheetah
+                only).
+            action_weight: loss weight w[0, actions] of the first action in the diffusion loss (official 10).
+            loss_discount: gamma_l of the diffusion loss's per-step weights gamma_l^h (official 1: equal weights).
+            diffusion_lr: Adam learning rate of the diffusion model (official 2e-4).
+            value_lr: Adam learning rate of the value network V (official 2e-4).
+            value_discount: discount gamma of the value targets R (0.997, what the released planner loaded; the
+                official config says 0.99).
+            termination_penalty: added to the reward of an episode's terminal step (official -100).
+            value_updates: updates after which the value network stops training (official 2e5; 0: never trained).
+            ema_decay: decay of the EMA copies that plan (official 0.995).
+            ema_start: update from which the EMA moves; before it the EMA is copied from the network (official 2000).
+            ema_every: the EMA copies move every `ema_every` updates (official 10).
+            guide_scale: step size of the value-gradient guide, x <- x + scale g (official 0.1; hopper-medium-expert
+                1e-4, halfcheetah 0.001; 0: unguided sampling).
+            n_guide_steps: value-gradient guide iterations per reverse step (official 2; 0: unguided, the first plan
+                is taken).
+            t_stopgrad: no guide gradient at reverse steps i < t_stopgrad (official 2; hopper-medium-expert and
+                halfcheetah 4).
+            scale_grad_by_std: scale the guide gradient g by the posterior variance Var_i (official true; a variance
+                despite the name).
+            n_plans: plans sampled per state, the best by V is executed (official 64).
+            max_path_length: episode length of the padded windows and the value targets; null: the dataset's episode
+                limit (1000 on D4RL, the official value).
+        """
         check.env_sizes(obs_dim, act_dim, max_action)
         check.integer("horizon", horizon)
         check.integer("n_timesteps", n_timesteps)
