@@ -2,8 +2,56 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+
+class _MishFunction(torch.autograd.Function):
+    """mish(x) = x tanh(softplus(x)) in the form of `Mish`, with its derivative worked out by hand:
+    mish'(x) = g + x s r^2, r = 2 (1 - s) / (2 - n) (g = n / (2 - n), n = s (2 - s), s = sigmoid(x))."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        s = torch.sigmoid(x)
+        n = s * (2.0 - s)
+        d = 2.0 - n
+        g = n / d
+        r = torch.rsub(s, 2.0, alpha=2.0) / d  # 2 (1 - s) / d
+        # x times s r (at most 1) first: finite for every finite x, never inf * 0
+        ctx.save_for_backward(torch.addcmul(g, x * (s * r), r))
+        return x * g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative
+
+
+def mish(x: Tensor) -> Tensor:
+    """Mish (Misra 2019, arXiv:1908.08681), x tanh(softplus(x)), as x n / (2 - n) with n = s (2 - s),
+    s = sigmoid(x).
+
+    Exact: with u = 1 / (1 + e^x) = 1 - s, tanh(log(1 + e^x)) = (1 - u^2) / (1 + u^2), and 1 - u^2 = s (2 - s),
+    1 + u^2 = 2 - s (2 - s). One sigmoid instead of exp, log1p and tanh, no overflow (s, n in [0, 1]),
+    and no cancellation at either end. Equal to torch's built-in mish to float round-off (a few ulps,
+    tests/test_speed.py) and 3-5x faster on one CPU core (PyTorch's built-in runs tanh and softplus,
+    and a slow backward kernel). With gradients, the derivative is computed in the same pass and saved:
+    one multiplication in backward (second derivatives are not offered: nothing in the suite takes them)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MishFunction.apply(x)
+    s = torch.sigmoid(x)
+    n = s * (2.0 - s)
+    return x * (n / (2.0 - n))
+
+
+class Mish(nn.Module):
+    """nn.Mish computed by the faster exact `mish` (no parameters: checkpoints are the same)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mish(x)
 
 
 def mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...] = (256, 256), activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -70,7 +118,8 @@ class EnsembleLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+        # bias + normalised * weight in one kernel (addcmul), not two
+        return torch.addcmul(self.bias, torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps), self.weight)
 
 
 class CriticEnsemble(nn.Module):
