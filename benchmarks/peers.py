@@ -138,11 +138,9 @@ def jax_corl_worker(algo: str, checkout: str, block: int):
     sys.path.insert(0, str(Path(checkout) / "algos"))
     peer = __import__(algo)  # algos/iql.py or algos/td3bc.py of the checkout
     arrays = dataset_arrays()
-    data = peer.Transition(
-        observations=jnp.asarray(arrays["obs"]), actions=jnp.asarray(arrays["act"]), rewards=jnp.asarray(arrays["rew"]),
-        next_observations=jnp.asarray(arrays["next_obs"]), dones=jnp.asarray(arrays["done"]),
-        dones_float=jnp.asarray(arrays["done"]),
-    )
+    fields = {"observations": "obs", "actions": "act", "rewards": "rew", "next_observations": "next_obs",
+              "dones": "done", "dones_float": "done"}  # the fields of the peer's Transition (they differ by file)
+    data = peer.Transition(**{f: jnp.asarray(arrays[fields[f]]) for f in peer.Transition._fields})
     config = peer.config.model_copy(update={"n_jitted_updates": block})
     rng = jax.random.PRNGKey(SEED)
     if algo == "iql":
@@ -285,8 +283,9 @@ class Worker:
         self.windows.append({"updates": n, **result})
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
 
 
 def rates(windows: list[dict], key: str) -> list[float]:
@@ -298,7 +297,9 @@ def main(argv: list[str]) -> int:
         worker_main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peer", nargs=3, action="append", metavar=("ALGO", "CHECKOUT", "PYTHON"), required=True,
+    parser.add_argument("--from-json", nargs="+", type=Path, default=[],
+                        help="rebuild the table from the raw windows of earlier runs (their .json files) instead of measuring")
+    parser.add_argument("--peer", nargs=3, action="append", metavar=("ALGO", "CHECKOUT", "PYTHON"), default=[],
                         help=f"a pair: ALGO in {sorted(ALGOS)}, the peer's checkout, the python of its JAX environment")
     parser.add_argument("--peer-pythonpath", action="append", default=[], help="extra PYTHONPATH entries for the peers")
     parser.add_argument("--peer-block", type=int, default=0, help="updates per jitted call (0: JAX-CORL's 8, ReBRAC 100)")
@@ -307,13 +308,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--window", type=int, default=0, help="updates per window (0: 200, ReBRAC 100)")
     parser.add_argument("--out", type=Path, default=REPO / "results/perf/peers.md")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        args.windows = max(len(w["windows"]) for run in saved for r in run["results"] for w in r["workers"])
+        write(args, [r for run in saved for r in run["results"]], [line for run in saved for line in run["failed"]])
+        return 0
+    if not args.peer:
+        parser.error("name at least one pair with --peer ALGO CHECKOUT PYTHON (or rebuild a table with --from-json)")
     unknown = [algo for algo, *_ in args.peer if algo not in ALGOS]
     if unknown:
         parser.error(f"--peer: unknown ALGO {unknown}; choose from {sorted(ALGOS)}")
     env = {**os.environ, **ONE_THREAD}
     peer_env = {**env, "PYTHONPATH": os.pathsep.join(args.peer_pythonpath)}
     me = [sys.executable, str(Path(__file__).resolve()), "worker"]
-    results = []
+    results: list[dict] = []
+    failed: list[str] = []
     for algo, checkout, python in args.peer:
         window = args.window or (100 if algo == "rebrac" else 200)
         block = args.peer_block or (100 if algo == "rebrac" else 8)
@@ -322,20 +331,26 @@ def main(argv: list[str]) -> int:
         workers = [Worker(f"offbench {mode}", me + ["offbench", algo, mode], env) for mode in args.modes]
         peer_cmd = [python, str(Path(__file__).resolve()), "worker", "peer", algo, str(Path(checkout).resolve())]
         workers += [Worker(f"{PEER_NAMES[algo]} {b}/call", peer_cmd + [str(b)], peer_env) for b in blocks]
-        for w in workers:
-            w.ready()
-        for i in range(args.windows):
-            order = workers if i % 2 == 0 else workers[::-1]
-            for w in order:
-                w.window(window - window % w.info["block"])
-            print(f"{algo}: window {i + 1}/{args.windows}: "
-                  + ", ".join(f"{w.label} {rates(w.windows, 'cpu')[-1]:.1f}" for w in workers), flush=True)
-        for w in workers:
-            w.close()
+        try:
+            for w in workers:
+                w.ready()
+            for i in range(args.windows):
+                order = workers if i % 2 == 0 else workers[::-1]
+                for w in order:
+                    w.window(window - window % w.info["block"])
+                print(f"{algo}: window {i + 1}/{args.windows}: "
+                      + ", ".join(f"{w.label} {rates(w.windows, 'cpu')[-1]:.1f}" for w in workers), flush=True)
+        except RuntimeError as error:  # one pair's failure is reported; the other pairs still run
+            failed.append(f"{algo}: {error}")
+            print(f"{algo}: {error}", file=sys.stderr, flush=True)
+            continue
+        finally:
+            for w in workers:
+                w.close()
         results.append({"algo": algo, "batch": ALGOS[algo], "checkout": checkout, "peer_python": python,
                         "workers": [{"label": w.label, "block": w.info["block"], "windows": w.windows} for w in workers]})
-    write(args, results)
-    return 0
+    write(args, results, failed)
+    return 1 if failed else 0
 
 
 def commit_of(checkout: str) -> str:
@@ -346,7 +361,7 @@ def commit_of(checkout: str) -> str:
         return "unknown commit"
 
 
-def write(args: argparse.Namespace, results: list[dict]) -> None:
+def write(args: argparse.Namespace, results: list[dict], failed: list[str]) -> None:
     import torch
 
     load = os.getloadavg()
@@ -370,6 +385,7 @@ def write(args: argparse.Namespace, results: list[dict]) -> None:
             ratio = f"{statistics.median(cpu) / best:.2f}" if w["label"].startswith("offbench") else ""
             lines.append(f"| {r['algo']} (batch {r['batch']}) | {w['label']} | {w['block']} | {statistics.median(cpu):.1f} "
                          f"| {min(cpu):.1f}-{max(cpu):.1f} | {statistics.median(wall):.1f} | {ratio} |")
+    lines += [f"- failed: {line}" for line in failed]
     lines += ["", "Peers: " + "; ".join(sorted({f"{PEER_NAMES[r['algo']]} at {commit_of(r['checkout'])}" for r in results})) + "."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(lines) + "\n"
@@ -377,7 +393,7 @@ def write(args: argparse.Namespace, results: list[dict]) -> None:
     if notes.exists():  # what the numbers mean, written by hand, kept beside the table
         body += "\n" + notes.read_text()
     args.out.write_text(body)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"results": results, "failed": failed}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -143,3 +143,53 @@ def test_training_runs_fused_optimizers(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, dm)
     assert all(group["fused"] for opt in model._raw_optimizers() for group in opt.param_groups)
+
+
+def test_perf_previous_paths_swap_and_restore():
+    """`offbench perf`'s "plain before #25" column: nn.Mish and unfused optimiser steps inside, restored after."""
+    from algorithms.edp import EDP
+    from offbench.perf import previous_paths
+
+    model = EDP(obs_dim=5, act_dim=2, hidden=(16, 16, 16))
+    model.configure_optimizers()
+    for opt in model._raw_optimizers():
+        fused_optimizer(opt)
+    count = sum(isinstance(m, Mish) for m in model.modules())
+    assert count > 0
+    with previous_paths(model):
+        assert not any(isinstance(m, Mish) for m in model.modules())
+        assert sum(isinstance(m, torch.nn.Mish) for m in model.modules()) == count
+        assert all(g["fused"] is None for opt in model._raw_optimizers() for g in opt.param_groups)
+    assert sum(isinstance(m, Mish) for m in model.modules()) == count
+    assert all(g["fused"] for opt in model._raw_optimizers() for g in opt.param_groups)
+
+
+def test_onednn_linear_equals_f_linear_to_round_off():
+    """`offbench.nets.linear` (oneDNN for float32 on the CPU) and EnsembleLinear's oneDNN path against F.linear /
+    baddbmm computed in float64: values and the three gradients. Measured: within 4.6e-7 of the largest entry
+    (F.linear in float32: 3.4e-7; sums of 96 to 192 products in different orders); bound 2e-6."""
+    from offbench import nets
+
+    if not nets._ONEDNN:
+        pytest.skip("this torch has no oneDNN")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 96, generator=g, requires_grad=True)
+    layer = nets.Linear(96, 48)
+    ens = nets.EnsembleLinear(2, 96, 48)
+    xe = torch.randn(2, 64, 96, generator=g, requires_grad=True)
+    cases = [
+        (lambda: layer(x), lambda: F.linear(x.double(), layer.weight.double(), layer.bias.double()), [x, layer.weight, layer.bias]),
+        (lambda: ens(xe), lambda: torch.baddbmm(ens.bias.double(), xe.double(), ens.weight.double()), [xe, ens.weight, ens.bias]),
+    ]
+    for fast, exact, inputs in cases:
+        upstream = torch.randn(fast().shape, generator=g)
+        y = fast()
+        got = torch.autograd.grad(y, inputs, upstream)
+        want_y = exact()
+        want = torch.autograd.grad(want_y, inputs, upstream.double())
+        for a, b in [(y, want_y), *zip(got, want)]:
+            assert (a.double() - b).abs().max() <= 2e-6 * b.abs().max()
+    # the dispatch: float32 CPU through oneDNN, float64 (the golden tests) and small layers through F.linear
+    assert nets._use_onednn(x, layer.weight)
+    assert not nets._use_onednn(x.double(), layer.weight.double())
+    assert not nets._use_onednn(x, torch.zeros(1, 96))

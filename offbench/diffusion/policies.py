@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from offbench.diffusion.schedules import BetaSchedule, DiscreteVPSchedule, LinearVPSchedule, make_betas
 from offbench.diffusion.solvers import SolverForm, dpm_solver_sample
-from offbench.nets import Mish
+from offbench.nets import Linear, Mish
 
 
 # --------------------------------------------------------------------------- the noise model
@@ -54,15 +54,15 @@ class NoiseMLP(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), t_dim: int = 16):
         super().__init__()
         self.time_mlp = nn.Sequential(
-            SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), Mish(), nn.Linear(2 * t_dim, t_dim)
+            SinusoidalEmbedding(t_dim), Linear(t_dim, 2 * t_dim), Mish(), Linear(2 * t_dim, t_dim)
         )
         layers: list[nn.Module] = []
         width = act_dim + t_dim + obs_dim
         for size in hidden:
-            layers += [nn.Linear(width, size), Mish()]
+            layers += [Linear(width, size), Mish()]
             width = size
         self.mid = nn.Sequential(*layers)
-        self.final = nn.Linear(width, act_dim)
+        self.final = Linear(width, act_dim)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.final(self.mid(torch.cat([x, self.time_mlp(t), s], dim=-1)))
