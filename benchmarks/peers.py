@@ -365,10 +365,14 @@ def write(args: argparse.Namespace, results: list[dict], failed: list[str]) -> N
     import torch
 
     load = os.getloadavg()
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = models[0] if models else cpu
     lines = [
         "# offbench against the JAX peers, per CPU core",
         "",
-        f"Written by `benchmarks/peers.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): {platform.processor() or platform.machine()}, "
+        f"Written by `benchmarks/peers.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): {cpu}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, one thread per implementation, each a persistent process; "
         f"{args.windows} windows per implementation, alternated A B B A A B; compilation and warm-up not timed. "
         "Rates are updates per CPU second of the worker (all its threads); wall-clock rates beside them. "
