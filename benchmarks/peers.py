@@ -347,7 +347,7 @@ def main(argv: list[str]) -> int:
         finally:
             for w in workers:
                 w.close()
-        results.append({"algo": algo, "batch": ALGOS[algo], "checkout": checkout, "peer_python": python,
+        results.append({"algo": algo, "batch": ALGOS[algo], "peer": f"{PEER_NAMES[algo]} at {commit_of(checkout)}",
                         "workers": [{"label": w.label, "block": w.info["block"], "windows": w.windows} for w in workers]})
     write(args, results, failed)
     return 1 if failed else 0
@@ -376,7 +376,8 @@ def write(args: argparse.Namespace, results: list[dict], failed: list[str]) -> N
         f"{os.cpu_count()} cores, torch {torch.__version__}, one thread per implementation, each a persistent process; "
         f"{args.windows} windows per implementation, alternated A B B A A B; compilation and warm-up not timed. "
         "Rates are updates per CPU second of the worker (all its threads); wall-clock rates beside them. "
-        f"Load average while writing: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}.",
+        + (f"Table rebuilt from the saved windows ({', '.join(p.name for p in args.from_json)}); the machine's load is in the notes."
+         if args.from_json else f"Load average while writing: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}."),
         "",
         "| algorithm | implementation | upd/call | upd/CPU-s median | spread (min-max) | upd/wall-s median | ratio offbench / best peer |",
         "|---|---|---|---|---|---|---|",
@@ -390,7 +391,7 @@ def write(args: argparse.Namespace, results: list[dict], failed: list[str]) -> N
             lines.append(f"| {r['algo']} (batch {r['batch']}) | {w['label']} | {w['block']} | {statistics.median(cpu):.1f} "
                          f"| {min(cpu):.1f}-{max(cpu):.1f} | {statistics.median(wall):.1f} | {ratio} |")
     lines += [f"- failed: {line}" for line in failed]
-    lines += ["", "Peers: " + "; ".join(sorted({f"{PEER_NAMES[r['algo']]} at {commit_of(r['checkout'])}" for r in results})) + "."]
+    lines += ["", "Peers: " + "; ".join(sorted({r["peer"] for r in results})) + "."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(lines) + "\n"
     notes = args.out.with_suffix(".notes.md")

@@ -64,9 +64,15 @@ class _OneDNNEnsembleLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _plain_autograd() -> bool:
+    """Neither compiling nor inside torch.func transforms (vmap, grad), which the hand-written autograd
+    Functions here do not support: there the composite ops run."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def _use_onednn(x: Tensor, weight: Tensor) -> bool:
     return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and min(weight.shape) >= ONEDNN_MIN_WIDTH and not torch.compiler.is_compiling())
+            and min(weight.shape) >= ONEDNN_MIN_WIDTH and _plain_autograd())
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -117,7 +123,7 @@ def mish(x: Tensor) -> Tensor:
     tests/test_speed.py) and 3-5x faster on one CPU core (PyTorch's built-in runs tanh and softplus,
     and a slow backward kernel). With gradients, the derivative is computed in the same pass and saved:
     one multiplication in backward (second derivatives are not offered: nothing in the suite takes them)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and _plain_autograd():
         return _MishFunction.apply(x)
     s = torch.sigmoid(x)
     n = s * (2.0 - s)

@@ -193,3 +193,49 @@ def test_onednn_linear_equals_f_linear_to_round_off():
     assert nets._use_onednn(x, layer.weight)
     assert not nets._use_onednn(x.double(), layer.weight.double())
     assert not nets._use_onednn(x, torch.zeros(1, 96))
+
+
+def test_peers_table_from_saved_windows(tmp_path):
+    """benchmarks/peers.py's table: medians over the windows, spread, and offbench's ratio to the best peer
+    mode (hand-computed), rebuilt from saved windows (no timing here)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("peers", Path(__file__).parents[1] / "benchmarks/peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+
+    def windows(*cpu_seconds):
+        return [{"updates": 100, "cpu": c, "wall": 2 * c} for c in cpu_seconds]
+
+    saved = {"results": [{"algo": "iql", "batch": 256, "peer": "JAX-CORL at abc1234", "workers": [
+        {"label": "offbench eager", "block": 1, "windows": windows(1.0, 0.5, 2.0)},  # medians: 100 upd/CPU-s
+        {"label": "JAX-CORL 8/call", "block": 8, "windows": windows(0.8, 0.8, 0.8)},  # 125
+        {"label": "JAX-CORL 1/call", "block": 1, "windows": windows(1.0, 1.0, 1.0)},  # 100
+    ]}], "failed": []}
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(saved))
+    out = tmp_path / "peers.md"
+    assert peers.main(["--from-json", str(source), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| iql (batch 256) | offbench eager | 1 | 100.0 | 50.0-200.0 | 50.0 | 0.80 |" in table
+    assert "| iql (batch 256) | JAX-CORL 8/call | 8 | 125.0 | 125.0-125.0 | 62.5 |  |" in table
+    assert "JAX-CORL at abc1234" in table
+
+
+def test_fast_paths_step_aside_under_torch_func():
+    """Inside torch.func transforms (vmap, grad) the composite ops run: the same values and gradients."""
+    net = mlp(40, 1, (64,), Mish)
+    x = torch.randn(5, 8, 40)
+    params = dict(net.named_parameters())
+
+    def loss(p, xb):
+        return torch.func.functional_call(net, p, (xb,)).pow(2).mean()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        net.zero_grad()
+        loss(params, x[i]).backward()
+        for name, p in net.named_parameters():
+            assert torch.allclose(grads[name][i], p.grad, rtol=1e-5, atol=1e-6)
