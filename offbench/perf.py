@@ -47,6 +47,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from offbench import nets
 from offbench.data.datamodule import OfflineDataModule
 from offbench.diffusion import NoiseMLP
 from offbench.errors import UserError
@@ -255,7 +256,8 @@ def measure_training(
 @contextlib.contextmanager
 def previous_paths(model: OfflineRLModule) -> Iterator[None]:
     """For the duration: the eager paths before issue 25, torch's default optimiser steps (a per-parameter loop
-    on the CPU) instead of the fused kernels, and torch's nn.Mish instead of offbench.nets.Mish."""
+    on the CPU) instead of the fused kernels, torch's nn.Mish instead of offbench.nets.Mish, and aten's
+    matmuls instead of oneDNN's for the float32 CPU layers (offbench.nets.linear)."""
     groups = [(group, group["fused"], group["foreach"]) for opt in model._raw_optimizers() for group in opt.param_groups
               if "fused" in group and "foreach" in group]
     swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -264,9 +266,11 @@ def previous_paths(model: OfflineRLModule) -> Iterator[None]:
         group["fused"] = group["foreach"] = None
     for parent, name, _ in swapped:
         setattr(parent, name, nn.Mish())
+    onednn, nets._ONEDNN = nets._ONEDNN, False
     try:
         yield
     finally:
+        nets._ONEDNN = onednn
         for group, fused, foreach in groups:
             group["fused"], group["foreach"] = fused, foreach
         for parent, name, child in swapped:
@@ -399,7 +403,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
         "sampler calling update() in a Python loop over the same update numbers (the same phases); plain before #25 = the same "
         "loop on the eager paths before issue 25 (torch's default per-parameter optimiser steps instead of the fused kernels, "
-        "torch's nn.Mish instead of offbench.nets.Mish). One timing "
+        "torch's nn.Mish instead of offbench.nets.Mish, aten's matmuls instead of oneDNN's). One timing "
         "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
         "plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), timed "
         "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "

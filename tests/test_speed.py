@@ -146,7 +146,8 @@ def test_training_runs_fused_optimizers(tmp_path):
 
 
 def test_perf_previous_paths_swap_and_restore():
-    """`offbench perf`'s "plain before #25" column: nn.Mish and unfused optimiser steps inside, restored after."""
+    """`offbench perf`'s "plain before #25" column: nn.Mish, unfused optimiser steps and aten matmuls inside,
+    restored after."""
     from algorithms.edp import EDP
     from offbench.perf import previous_paths
 
@@ -156,12 +157,17 @@ def test_perf_previous_paths_swap_and_restore():
         fused_optimizer(opt)
     count = sum(isinstance(m, Mish) for m in model.modules())
     assert count > 0
+    from offbench import nets
+
+    onednn = nets._ONEDNN
     with previous_paths(model):
+        assert not nets._ONEDNN
         assert not any(isinstance(m, Mish) for m in model.modules())
         assert sum(isinstance(m, torch.nn.Mish) for m in model.modules()) == count
         assert all(g["fused"] is None for opt in model._raw_optimizers() for g in opt.param_groups)
     assert sum(isinstance(m, Mish) for m in model.modules()) == count
     assert all(g["fused"] for opt in model._raw_optimizers() for g in opt.param_groups)
+    assert nets._ONEDNN == onednn
 
 
 def test_onednn_linear_equals_f_linear_to_round_off():
