@@ -21,7 +21,8 @@ with replacement inside each implementation, as each trains):
 Differences in the peers' own settings, kept as the peers run them: JAX-CORL's IQL value network and its
 TD3+BC critics have a LayerNorm (offbench's IQL and TD3+BC, as the papers, do not); JAX-CORL's TD3+BC,
 like its loop, updates the actor on every `policy_freq`-th update *of a jitted call*, so it is run with 2
-or more updates per call (1 would update the actor on every update).
+or more updates per call (1 would update the actor on every update); so is ReBRAC (its `delayed_updates`
+mask restarts with every jitted call).
 
 Modes: offbench `eager` (the default training path) and `compiled` (`enable_compile()`, what
 `offbench fit --compile true` runs); a peer at `--peer-block` updates per jitted call (JAX-CORL's default
@@ -326,7 +327,7 @@ def main(argv: list[str]) -> int:
     for algo, checkout, python in args.peer:
         window = args.window or (100 if algo == "rebrac" else 200)
         block = args.peer_block or (100 if algo == "rebrac" else 8)
-        smallest = 2 if algo == "td3bc" else 1  # JAX-CORL's TD3+BC counts its policy delay within a call
+        smallest = 1 if algo == "iql" else 2  # TD3+BC's and ReBRAC's loops count their policy delay within a call
         blocks = [block] + ([smallest] if smallest != block else [])
         workers = [Worker(f"offbench {mode}", me + ["offbench", algo, mode], env) for mode in args.modes]
         peer_cmd = [python, str(Path(__file__).resolve()), "worker", "peer", algo, str(Path(checkout).resolve())]
