@@ -51,7 +51,7 @@ from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DenoisingTerms, DiffusionPolicy, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
-from offbench.nets import CriticEnsemble
+from offbench.nets import CriticEnsemble, Mish
 
 
 class UpdateDraws(NamedTuple):
@@ -143,7 +143,7 @@ class DiffusionQL(OfflineRLModule):
         self.save_hyperparameters()
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, sampling_variance, hidden=hidden)
         self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, activation=nn.Mish)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, activation=Mish)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -65,14 +65,14 @@ import copy
 from typing import Literal, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from algorithms.iql import expectile_loss
 from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy, Surrogate, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
-from offbench.nets import CriticEnsemble, mlp
+from offbench.nets import CriticEnsemble, Mish, mlp
 
 Rule = Literal["td3", "crr", "iql"]
 
@@ -207,9 +207,9 @@ class EDP(OfflineRLModule):
         self.actor = DiffusionPolicy(obs_dim, act_dim, max_action, n_timesteps, beta_schedule, hidden=hidden,
                                      sampler=sampler, dpm_steps=dpm_steps)
         self.actor_ema = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, activation=nn.Mish)
+        self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=hidden, activation=Mish)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = mlp(obs_dim, 1, hidden, nn.Mish) if rule == "iql" else None
+        self.value = mlp(obs_dim, 1, hidden, Mish) if rule == "iql" else None
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams

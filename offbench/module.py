@@ -271,6 +271,7 @@ class OfflineRLModule(pl.LightningModule):
                 for group in optimizer.param_groups:
                     if torch.is_tensor(group["lr"]):
                         group["lr"] = group["lr"].item()
+                fused_optimizer(optimizer)  # after the checkpoint's param_groups (which may say fused=None) are loaded
 
     def training_step(self, n_updates: int, batch_idx: int) -> None:
         sample = self.batch_source(self.trainer.datamodule)
@@ -323,6 +324,30 @@ class OfflineRLModule(pl.LightningModule):
         random.setstate(states["python"])
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Switch a torch.optim optimiser (Adam, AdamW, SGD, ...) to its fused kernel in place, where it has
+    one for the parameters' device and dtype; returns it.
+
+    The same update to float round-off (one fused pass per tensor instead of a chain of per-tensor ops:
+    measured 1-2 ulps after 50 Adam steps, tests/test_speed.py), about 6x faster for Adam on one CPU core
+    (torch 2.13's default on the CPU is the per-parameter loop). The flags live in the param_groups, so
+    a checkpoint saved before the switch loads as it is (eager training calls this after loading it)."""
+    for group in optimizer.param_groups:
+        params = group["params"]
+        if "fused" not in group or group.get("differentiable") or torch.is_tensor(group["lr"]) or not params:
+            continue
+        if all(p.device.type in FUSED_DEVICES and p.dtype in (torch.float32, torch.float64) for p in params):
+            group["fused"], group["foreach"] = True, False
+            for p in params:  # fused kernels take the step counter on the parameter's device
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device)
+    return optimizer
+
+
 def _compilable_optimizer(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
     """Set up a torch.optim optimiser in place for torch.compile (and, with `capturable`, CUDA graphs):
     tensor learning rates (on the parameters' device, in their dtype) and, where the optimiser has
@@ -330,6 +355,8 @@ def _compilable_optimizer(optimizer: torch.optim.Optimizer, capturable: bool) ->
     for group in optimizer.param_groups:
         device, dtype = group["params"][0].device, group["params"][0].dtype
         group["lr"] = torch.as_tensor(group["lr"], dtype=dtype, device=device)
+        if group.get("fused"):  # set by eager training (fused_optimizer): inductor compiles the unfused form
+            group["fused"] = None
         if capturable and "capturable" in group:
             group["capturable"] = True
             for p in group["params"]:  # counters made before (eager updates, a checkpoint) move to the device

@@ -29,6 +29,7 @@ Results go to results/perf/perf.json and perf.md with the machine they were meas
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,7 +47,9 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
+from offbench import nets
 from offbench.data.datamodule import OfflineDataModule
 from offbench.diffusion import NoiseMLP
 from offbench.errors import UserError
@@ -54,7 +57,7 @@ from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.grammar import DEVICE_HELP, DEVICES, Parser
 from offbench.module import OfflineRLModule
-from offbench.nets import DeterministicActor
+from offbench.nets import DeterministicActor, Mish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,6 +218,7 @@ def measure_training(
         "noise_model_calls_per_update": None,
         "lightning_updates_per_s": updates / lightning_seconds if lightning else None,
         "plain_updates_per_s": None,
+        "plain_previous_updates_per_s": None,
         "lightning_overhead_pct": None,
         **{key: None for name in modes for key in (f"{name}_updates_per_s", _seconds_key(name))},
         "errors": {},
@@ -230,6 +234,8 @@ def measure_training(
     plain_seconds = _time_updates(model, dm, updates, first)
     for hook in hooks:
         hook.remove()
+    with previous_paths(model):  # the same loop on the eager paths before issue 25: what the new ones gained
+        row["plain_previous_updates_per_s"] = updates / _time_updates(model, dm, updates, first)
     if hooks:
         row["noise_model_calls_per_update"] = calls[0] / updates
     row["plain_updates_per_s"] = updates / plain_seconds
@@ -259,6 +265,30 @@ def measure_training(
     if progress is not None:
         progress(row)
     return row
+
+
+@contextlib.contextmanager
+def previous_paths(model: OfflineRLModule) -> Iterator[None]:
+    """For the duration: the eager paths before issue 25, torch's default optimiser steps (a per-parameter loop
+    on the CPU) instead of the fused kernels, torch's nn.Mish instead of offbench.nets.Mish, and aten's
+    matmuls instead of oneDNN's for the float32 CPU layers (offbench.nets.linear)."""
+    groups = [(group, group["fused"], group["foreach"]) for opt in model._raw_optimizers() for group in opt.param_groups
+              if "fused" in group and "foreach" in group]
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, Mish)]
+    for group, _, _ in groups:
+        group["fused"] = group["foreach"] = None
+    for parent, name, _ in swapped:
+        setattr(parent, name, nn.Mish())
+    onednn, nets._ONEDNN = nets._ONEDNN, False
+    try:
+        yield
+    finally:
+        nets._ONEDNN = onednn
+        for group, fused, foreach in groups:
+            group["fused"], group["foreach"] = fused, foreach
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def back_to_device(model: OfflineRLModule, device: torch.device) -> None:
@@ -371,16 +401,17 @@ def _percent(value: float | None) -> str:
 def training_table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of `measure_training` rows (n/a: a mode not run on this machine or failed)."""
     lines = [
-        "| row | algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | eps calls/upd | overhead "
-        "| compiled upd/s | compile s | CUDA graphs upd/s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | plain before #25 upd/s "
+        "| eps calls/upd | overhead | compiled upd/s | compile s | CUDA graphs upd/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         calls, extra = r.get("noise_model_calls_per_update"), r.get("extra_init_args") or {}
         label = r.get("label", "") + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")
         lines.append(
             f"| {label} | {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
-            f"| {_rate(r['lightning_updates_per_s'])} | {r['plain_updates_per_s']:.1f} | {'n/a' if calls is None else f'{calls:g}'} "
+            f"| {_rate(r['lightning_updates_per_s'])} | {r['plain_updates_per_s']:.1f} | {_rate(r.get('plain_previous_updates_per_s'))} "
+            f"| {'n/a' if calls is None else f'{calls:g}'} "
             f"| {_percent(r['lightning_overhead_pct'])} "
             f"| {_rate(r.get('compiled_updates_per_s'))} | {_rate(r.get('compile_seconds'))} "
             f"| {_rate(r.get('cudagraphs_updates_per_s'))} | {_rate(r.get('cudagraphs_compile_seconds'))} |"
@@ -413,7 +444,9 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         f"{m['lightning']}, dataset `{report['dataset']}`. Each algorithm: its config's batch size and "
         "default network sizes; Lightning = second of two epochs of `updates` updates (the first is warm-up), "
         "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
-        "sampler calling update() in a Python loop over the same update numbers (the same phases). One timing "
+        "sampler calling update() in a Python loop over the same update numbers (the same phases); plain before #25 = the same "
+        "loop on the eager paths before issue 25 (torch's default per-parameter optimiser steps instead of the fused kernels, "
+        "torch's nn.Mish instead of offbench.nets.Mish, aten's matmuls instead of oneDNN's). One timing "
         "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
         "plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), timed "
         "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "

@@ -11,7 +11,7 @@ the device and the checkpoint):
   interpolated schedule (`sampler="dpm"`, EDP). `denoise` gives EDP's action approximation and
   `log_prob` its two likelihood surrogates. Settings from the official code
   (github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL, agents/diffusion.py, and its fork
-  github.com/felix-thu/DiffCPS): noise model an MLP on [a, time embedding, s] with 3 x 256 Mish, time
+  github.com/felix-thu/DiffCPS): noise model an MLP on [a, time embedding, s] with 3 x 256 Mish (`offbench.nets.mish`), time
   embedding sinusoidal 16 -> 32 -> 16 (Mish).
 - `ScoreDiffusion`: the continuous-time VP SDE behaviour model of SfBC (Chen et al. 2023,
   github.com/ChenDRAG/SfBC, diffusion_SDE/): alpha_t = exp(-t^2 (b1 - b0)/4 - t b0/2), b0 = 0.1,
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from offbench.diffusion.schedules import BetaSchedule, DiscreteVPSchedule, LinearVPSchedule, make_betas
 from offbench.diffusion.solvers import SolverForm, dpm_solver_sample
+from offbench.nets import Linear, Mish
 
 
 # --------------------------------------------------------------------------- the noise model
@@ -53,15 +54,15 @@ class NoiseMLP(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), t_dim: int = 16):
         super().__init__()
         self.time_mlp = nn.Sequential(
-            SinusoidalEmbedding(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)
+            SinusoidalEmbedding(t_dim), Linear(t_dim, 2 * t_dim), Mish(), Linear(2 * t_dim, t_dim)
         )
         layers: list[nn.Module] = []
         width = act_dim + t_dim + obs_dim
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.Mish()]
+            layers += [Linear(width, size), Mish()]
             width = size
         self.mid = nn.Sequential(*layers)
-        self.final = nn.Linear(width, act_dim)
+        self.final = Linear(width, act_dim)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return self.final(self.mid(torch.cat([x, self.time_mlp(t), s], dim=-1)))
