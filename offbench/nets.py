@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -14,8 +15,10 @@ from torch import Tensor, nn
 # JAX peers use, also takes about 0.2 ms). `linear` sends float32 CPU layers through oneDNN's linear
 # primitive, forward and backward; the same products, summed in another order (float32 round-off:
 # about 1e-6 relative, tests/test_speed.py). Elsewhere (CUDA, float64, compiled graphs, small layers
-# where the call costs more than the product) it is F.linear.
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# where the call costs more than the product) it is F.linear. Only measured on AMD: on a CPU where MKL is
+# the faster (or to rule the path out), OFFBENCH_ONEDNN_LINEAR=0 in the environment keeps every layer on F.linear.
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and os.environ.get("OFFBENCH_ONEDNN_LINEAR", "1") != "0")
 ONEDNN_MIN_WIDTH = 32  # both weight dimensions at least this: smaller layers stay on F.linear
 
 

@@ -245,3 +245,13 @@ def test_fast_paths_step_aside_under_torch_func():
         loss(params, x[i]).backward()
         for name, p in net.named_parameters():
             assert torch.allclose(grads[name][i], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_onednn_layers_can_be_switched_off_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "import offbench.nets as n; print(n._ONEDNN)"
+    env = {**__import__("os").environ, "OFFBENCH_ONEDNN_LINEAR": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
