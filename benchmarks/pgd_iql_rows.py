@@ -76,6 +76,23 @@ def _stats(x: np.ndarray) -> dict:
     return {"mean": x.mean(0).round(4).tolist(), "std": x.std(0).round(4).tolist()}
 
 
+def action_effect(obs, act, next_obs) -> dict:
+    """How a row's next state depends on its action. Pendulum-v1: thdot' = thdot + 0.75 sin(th) + 0.15 a (g 10,
+    l 1, m 1, dt 0.05; before the clip at +-8), and the reward depends on a only through 0.001 a^2, so this slope is
+    the only way an action's advantage can be read off the rows. Least squares of y = thdot' - thdot - 0.75 sin(th)
+    on a over the rows whose thdot' is inside the clip: the slope (0.15 in the simulator), R^2, and the std of the
+    part of y the action does not explain against that of 0.15 a (the signal)."""
+    sin_th = np.sin(np.arctan2(obs[:, 1], obs[:, 0]))  # the angle the simulator reads (dynamics.simulate)
+    y = next_obs[:, 2] - obs[:, 2] - 0.75 * sin_th
+    a = act[:, 0]
+    keep = np.abs(next_obs[:, 2]) < 7.99
+    y, a = y[keep], a[keep]
+    slope, intercept = np.polyfit(a, y, 1)
+    resid = y - (slope * a + intercept)
+    return {"slope": round(float(slope), 4), "r2": round(float(1 - resid.var() / y.var()), 4),
+            "noise_std": round(float((y - 0.15 * a).std()), 4), "signal_std": round(float((0.15 * a).std()), 4)}
+
+
 def data_measurements(env_id: str, obs, act, rew, next_obs, done) -> dict:
     sim_next, sim_rew = simulate(env_id, obs, act)
     circle = np.abs(obs[:, 0] ** 2 + obs[:, 1] ** 2 - 1)
@@ -89,6 +106,7 @@ def data_measurements(env_id: str, obs, act, rew, next_obs, done) -> dict:
         "reward_error": {"mean": float((rew - sim_rew).mean()), "mean_abs": float(np.abs(rew - sim_rew).mean())},
         "dynamics_mse": float(np.mean((sim_next - next_obs) ** 2)),
         "done_share": float(done.mean()),
+        "action_effect": action_effect(obs, act, next_obs),
     }
 
 
