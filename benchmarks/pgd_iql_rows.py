@@ -102,6 +102,8 @@ def data_measurements(env_id: str, obs, act, rew, next_obs, done) -> dict:
         "act_at_bound_share": float((np.abs(act) > 0.99 * 2.0).any(1).mean()),
         "out_of_range_share": float(out_of_range.mean()),
         "reward_out_of_range_share": float(((rew > 0) | (rew < MIN_REWARD)).mean()),
+        "cos_sin_out_of_range_share": float((np.abs(obs[:, :2]) > 1).any(1).mean()),
+        "thdot_out_of_range_share": float((np.abs(obs[:, 2]) > 8).mean()),
         "unit_circle_error": {"mean": float(circle.mean()), "max": float(circle.max())},
         "reward_error": {"mean": float((rew - sim_rew).mean()), "mean_abs": float(np.abs(rew - sim_rew).mean())},
         "dynamics_mse": float(np.mean((sim_next - next_obs) ** 2)),
@@ -113,13 +115,13 @@ def data_measurements(env_id: str, obs, act, rew, next_obs, done) -> dict:
 @torch.no_grad()
 def value_measurements(iql, obs, act, rew, next_obs, done) -> dict:
     h = iql.hparams
-    o, a = torch.as_tensor(obs), torch.as_tensor(act)
+    o, a, rew, next_obs, done = (torch.as_tensor(x, dtype=torch.float32) for x in (obs, act, rew, next_obs, done))
     q_targ = iql.critic_target(o, a).min(0).values
     q = iql.critic(o, a).min(0).values
     v = iql.v(o)
     u = q_targ - v
     w = torch.exp(h.temperature * u).clamp(max=h.weight_clip)
-    td_target = torch.as_tensor(rew) + h.gamma * (1 - torch.as_tensor(done)) * iql.v(torch.as_tensor(next_obs))
+    td_target = rew + h.gamma * (1 - done) * iql.v(next_obs)
 
     def s(x):
         return {"mean": round(float(x.mean()), 4), "std": round(float(x.std()), 4)}
