@@ -91,6 +91,7 @@ pgd: $(STAMP)  ## PGD: trajectory models, the learning grid and the dynamics/lik
 	for d in $(PGD_DATASETS); do $(BIN)/offbench data pgd train $$d --preset small --steps 20000 || exit 1; done
 	$(BIN)/offbench bench configs/grids/pgd.yaml --workers $(WORKERS)
 	$(BIN)/offbench bench configs/grids/pgd-sweep.yaml --workers $(WORKERS)
+	$(BIN)/offbench data pgd train shipped/pendulum-medium-replay-v0 --preset small --steps 20000 --norm window --name small-window
 	PYTHONPATH=. $(BIN)/offbench bench configs/grids/pgd-iql-causes.yaml --workers $(WORKERS)
 	PYTHONPATH=. $(BIN)/python benchmarks/pgd_iql_rows.py shipped/pendulum-medium-replay-v0 --out results/pgd/iql-causes/rows.json \
 		$(foreach c,iql iql-pgd iql-pgd-sim-both,--run results/pgd/iql-causes/runs/$(c)/shipped-pendulum-medium-replay-v0/seed0)
