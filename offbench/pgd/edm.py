@@ -15,7 +15,9 @@ S_tmin 0.05, S_tmax 50, S_noise 1.003. Two quirks of the official code are kept:
 drawn at every step (also where gamma = 0), and the Euler predictor starts from x_i, not from the
 churned x_hat (EDM's Algorithm 2 uses x_hat; `edm_predictor=True`); the Heun corrector starts from x_hat.
 With data N(0, 1) and its ideal denoiser, the official predictor gives samples of std 2.13 / 1.14 / 1.04
-with 16 / 64 / 256 steps, EDM's 1.15 / 1.03 / 1.02 (tests/test_pgd.py checks this).
+with 16 / 64 / 256 steps, EDM's 1.15 / 1.03 / 1.02 (tests/test_pgd.py checks this). The preconditioning, the
+loss (`loss_at`, its draws given), its gradient and the sampler's steps (`step`) equal the official code's in
+float64 (tests/test_golden_pgd.py).
 """
 
 from __future__ import annotations
