@@ -81,7 +81,8 @@ gpu-check:  ## on a CUDA machine: the cuda tests and perf on CUDA in under 8 min
 	PYTHONPATH="$$path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m offbench.gpu_check $(GPU_CHECK_ARGS)
 
 # `make pgd`: PGD's measurements on the shipped Pendulum data (docs/pgd.md). Each dataset's trajectory model is
-# trained once (cached, resumable), then configs/grids/pgd.yaml runs and writes its tables (re-run to resume), then the reports.
+# trained once (cached, resumable), then configs/grids/pgd.yaml, pgd-sweep.yaml (the guidance coefficients) and
+# pgd-iql-causes.yaml with benchmarks/pgd_iql_rows.py (why IQL loses) run and write their tables (re-run to resume), then the reports.
 PGD_DATASETS := shipped/pendulum-medium-replay-v0 shipped/pendulum-medium-v0
 PGD_RUNS := results/pgd/learning/runs
 
@@ -89,6 +90,11 @@ PGD_RUNS := results/pgd/learning/runs
 pgd: $(STAMP)  ## PGD: trajectory models, the learning grid and the dynamics/likelihood reports -> results/pgd/
 	for d in $(PGD_DATASETS); do $(BIN)/offbench data pgd train $$d --preset small --steps 20000 || exit 1; done
 	$(BIN)/offbench bench configs/grids/pgd.yaml --workers $(WORKERS)
+	$(BIN)/offbench bench configs/grids/pgd-sweep.yaml --workers $(WORKERS)
+	$(BIN)/offbench data pgd train shipped/pendulum-medium-replay-v0 --preset small --steps 20000 --norm window --name small-window
+	PYTHONPATH=. $(BIN)/offbench bench configs/grids/pgd-iql-causes.yaml --workers $(WORKERS)
+	PYTHONPATH=. $(BIN)/python benchmarks/pgd_iql_rows.py shipped/pendulum-medium-replay-v0 --out results/pgd/iql-causes/rows.json \
+		$(foreach c,iql iql-pgd iql-pgd-sim-both,--run results/pgd/iql-causes/runs/$(c)/shipped-pendulum-medium-replay-v0/seed0)
 	for d in $(PGD_DATASETS); do slug=$$(echo $$d | tr / -); for algo in td3bc iql; do \
 		$(BIN)/offbench data pgd report $$d --policy-run $(PGD_RUNS)/$$algo/$$slug/seed0 --trajectories 64 --length 32 \
 			--sampling-steps 64 --edm-predictor --coeffs 0 0.1 1 10 --ensemble-steps 5000 \

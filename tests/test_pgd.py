@@ -505,3 +505,26 @@ def test_pgd_report_arguments_and_policy_run_are_checked(trained, tmp_path, caps
     sizes = fake_run(tmp_path / "sizes", str(tmp_path / "nowhere.hdf5"), 3, 1)  # dataset not resolvable: sizes decide
     assert main(report_args(trained, sizes)) == 2
     assert "takes 3-dim observations and 1-dim actions, the dataset has 11 and 3" in one_line_error(capsys)
+
+
+def test_models_record_their_normalisation_and_old_ones_load_as_window(trained, tmp_path, capsys):
+    """New models use the official per-step GroupNorm and say so in model.pt; a model.pt written before the option
+    existed (no `norm`) loads with the whole-window GroupNorm it was trained with, and a one-line note."""
+    from offbench.data.sources import read_d4rl_hdf5
+    from offbench.pgd.model import load_trajectory_model, model_dir
+    from offbench.trajectory.unet import StepGroupNorm
+
+    t = read_d4rl_hdf5(trained)
+    model, _ = load_trajectory_model(str(trained), "small", t)
+    assert model.edm.net.norm == "per_step" and isinstance(model.edm.net.enc[0]["norm1"], StepGroupNorm)
+    assert "note:" not in capsys.readouterr().err
+    path = model_dir(str(trained), "small") / "model.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["shape"]["norm"]
+    torch.save(saved, path)
+    model, _ = load_trajectory_model(str(trained), "small", t)
+    assert model.edm.net.norm == "window" and type(model.edm.net.enc[0]["norm1"]) is torch.nn.GroupNorm
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predates the official per-step normalisation" in err[0] and "--force" in err[0]
+    assert main(train_args(trained, "--steps", "2", "--norm", "window", "--name", "w")) == 0
+    assert load_trajectory_model(str(trained), "w", t)[0].edm.net.norm == "window"

@@ -43,6 +43,8 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--name", default="", help="cache folder name (default: the preset's name)")
     parser.add_argument("--features", type=int, default=0, help="U-Net base width (default: the preset's)")
     parser.add_argument("--blocks", type=int, default=0, help="U-Net blocks (default: the preset's, 3)")
+    parser.add_argument("--norm", default="per_step", choices=["per_step", "window"], help="U-Net GroupNorm "
+                        "statistics: per time step (the official model's) or over the whole window (models before 2026-12-07)")
     parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: the preset's)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the windows instead of --steps")
     parser.add_argument("--window", type=int, default=32, help="rows per training window (official 32)")

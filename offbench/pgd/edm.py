@@ -15,7 +15,9 @@ S_tmin 0.05, S_tmax 50, S_noise 1.003. Two quirks of the official code are kept:
 drawn at every step (also where gamma = 0), and the Euler predictor starts from x_i, not from the
 churned x_hat (EDM's Algorithm 2 uses x_hat; `edm_predictor=True`); the Heun corrector starts from x_hat.
 With data N(0, 1) and its ideal denoiser, the official predictor gives samples of std 2.13 / 1.14 / 1.04
-with 16 / 64 / 256 steps, EDM's 1.15 / 1.03 / 1.02 (tests/test_pgd.py checks this).
+with 16 / 64 / 256 steps, EDM's 1.15 / 1.03 / 1.02 (tests/test_pgd.py checks this). The preconditioning, the
+loss (`loss_at`, its draws given), its gradient and the sampler's steps (`step`) equal the official code's in
+float64 (tests/test_golden_pgd.py).
 """
 
 from __future__ import annotations
@@ -88,12 +90,31 @@ class EDM(nn.Module):
 
     def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """EDM's weighted denoising loss on clean windows x0 (B, L, C), one sigma per window."""
-        b = x0.shape[0]
-        sigma = (self.p_mean + self.p_std * torch.randn(b, device=x0.device, generator=generator)).exp()
+        normal = torch.randn(x0.shape[0], device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return self.loss_at(x0, normal, noise)
+
+    def loss_at(self, x0: Tensor, normal: Tensor, noise: Tensor) -> Tensor:
+        """The loss with its draws given: ln sigma = p_mean + p_std normal (B,), the noise (B, L, C)."""
+        sigma = (self.p_mean + self.p_std * normal).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         err = (self.denoise(x0 + sigma[:, None, None] * noise, sigma) - x0).pow(2)
         return (weight[:, None, None] * err).mean()
+
+    def step(self, x: Tensor, sigma: float, next_sigma: float, gamma: float, normal: Tensor,
+             settings: SamplerSettings) -> Tensor:
+        """One step of the sampler from noise level sigma to next_sigma, with its draw `normal` (x's shape;
+        the churn noise is S_noise times it)."""
+        eps = settings.s_noise * normal
+        sigma_hat = sigma + gamma * sigma
+        x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * eps if gamma > 0 else x
+        d = (x_hat - self.denoise(x_hat, sigma_hat)) / sigma_hat
+        # the official predictor starts from x (see the docstring); EDM's from x_hat
+        x_next = (x_hat if settings.edm_predictor else x) + (next_sigma - sigma_hat) * d
+        if not settings.first_order and next_sigma != 0:
+            d_next = (x_next - self.denoise(x_next, next_sigma)) / (next_sigma + 1e-9)
+            x_next = x_hat + 0.5 * (next_sigma - sigma_hat) * (d + d_next)
+        return x_next
 
     @torch.no_grad()
     def sample(
@@ -107,17 +128,8 @@ class EDM(nn.Module):
         gammas = churn_schedule(settings, sigmas)
         x = torch.randn(shape, device=device, generator=generator) * float(sigmas[0])
         for i in range(settings.steps):
-            sigma, next_sigma, gamma = float(sigmas[i]), float(sigmas[i + 1]), float(gammas[i])
             if guide is not None:
-                x = guide(x, i, sigma, self)
-            eps = settings.s_noise * torch.randn(shape, device=device, generator=generator)
-            sigma_hat = sigma + gamma * sigma
-            x_hat = x + math.sqrt(sigma_hat**2 - sigma**2) * eps if gamma > 0 else x
-            d = (x_hat - self.denoise(x_hat, sigma_hat)) / sigma_hat
-            # the official predictor starts from x (see the docstring); EDM's from x_hat
-            x_next = (x_hat if settings.edm_predictor else x) + (next_sigma - sigma_hat) * d
-            if not settings.first_order and next_sigma != 0:
-                d_next = (x_next - self.denoise(x_next, next_sigma)) / (next_sigma + 1e-9)
-                x_next = x_hat + 0.5 * (next_sigma - sigma_hat) * (d + d_next)
-            x = x_next
+                x = guide(x, i, float(sigmas[i]), self)
+            normal = torch.randn(shape, device=device, generator=generator)
+            x = self.step(x, float(sigmas[i]), float(sigmas[i + 1]), float(gammas[i]), normal, settings)
         return x

@@ -9,6 +9,7 @@ data's fingerprint, losses, timing) and, while training, checkpoint.pt (resume s
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from offbench.data.synthetic import data_root
 from offbench.errors import MissingFileError, UserError, first_line
 from offbench.files import read_json
 from offbench.pgd.edm import EDM, Guide, SamplerSettings
-from offbench.trajectory.unet import UNET_PRESETS, TemporalUNet
+from offbench.trajectory.unet import NORMS, UNET_PRESETS, TemporalUNet
 from offbench.trajectory.windows import TrajectoryNormalizer
 
 # Training budgets of the presets: the official 10,000 epochs over the windows (batch 32), or a
@@ -57,10 +58,13 @@ class TrajectoryModelConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     clip_actions: bool = False  # actions outside the env's bounds clipped (as fit's --data.clip_actions)
+    norm: str = "per_step"  # the U-Net's GroupNorm statistics: per time step (official) or over the window
 
     def __post_init__(self) -> None:
         if self.preset not in UNET_PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; choose one of {sorted(UNET_PRESETS)}")
+        if self.norm not in NORMS:
+            raise UserError(f"unknown --norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         for flag, value, low in (("--steps", self.steps, 1), ("--epochs", self.epochs, 1), ("--window", self.window, 2),
                                  ("--stride", self.stride, 1), ("--batch-size", self.batch_size, 1),
                                  ("--ema-every", self.ema_every, 1), ("--features", self.features, 0),
@@ -100,17 +104,17 @@ class TrajectoryModel(nn.Module):
     """Samples whole trajectories [s, a, r, done] and turns them into transitions."""
 
     def __init__(self, obs_dim: int, act_dim: int, max_action: float, features: int, n_blocks: int,
-                 sigma_data: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+                 sigma_data: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2, norm: str = "per_step") -> None:
         super().__init__()
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.channels = obs_dim + act_dim + 2
         self.normalizer = TrajectoryNormalizer(obs_dim, act_dim, max_action)
-        self.edm = EDM(TemporalUNet(self.channels, features, n_blocks), sigma_data, p_mean, p_std)
+        self.edm = EDM(TemporalUNet(self.channels, features, n_blocks, norm=norm), sigma_data, p_mean, p_std)
 
     @classmethod
     def from_config(cls, config: TrajectoryModelConfig, obs_dim: int, act_dim: int, max_action: float) -> TrajectoryModel:
         return cls(obs_dim, act_dim, max_action, config.features, config.n_blocks, config.sigma_data, config.p_mean,
-                   config.p_std)
+                   config.p_std, config.norm)
 
     def sample(self, n: int, length: int, settings: SamplerSettings | None = None,
                generator: torch.Generator | None = None, guide: Guide | None = None) -> Tensor:
@@ -159,9 +163,12 @@ def load_trajectory_model(dataset: str, name: str, t: Transitions, device: torch
         saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
         s = saved["shape"]
         model = TrajectoryModel(s["obs_dim"], s["act_dim"], s["max_action"], s["features"], s["n_blocks"],
-                                s["sigma_data"], s["p_mean"], s["p_std"])
+                                s["sigma_data"], s["p_mean"], s["p_std"], s.get("norm", "window"))
         model.load_state_dict(saved["state_dict"])
     except Exception as e:  # a damaged file: UnpicklingError, RuntimeError, EOFError, KeyError, a missing file...
         raise UserError(f"the PGD trajectory model {directory / 'model.pt'} is unreadable ({first_line(e)}): it is missing, "
                         f"truncated or damaged; retrain it with {train_command(dataset, name)} --force") from e
+    if "norm" not in s:
+        print(f"note: the PGD trajectory model {directory} predates the official per-step normalisation and uses the "
+              f"whole-window one; retrain it with {train_command(dataset, name)} --force for the official model", file=sys.stderr)
     return model.to(device).eval().requires_grad_(False), manifest

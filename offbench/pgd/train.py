@@ -141,7 +141,8 @@ def train_trajectory_model(config: TrajectoryModelConfig, device: str = "cpu", c
     val_loss = _validation_loss(ema, model, t, val_starts, config, device)
     model.edm.load_state_dict(ema.state_dict())  # the EMA weights are the model, as the official checkpoint
     shape = {"obs_dim": t.obs_dim, "act_dim": t.act_dim, "max_action": max_action, "features": config.features,
-             "n_blocks": config.n_blocks, "sigma_data": config.sigma_data, "p_mean": config.p_mean, "p_std": config.p_std}
+             "n_blocks": config.n_blocks, "sigma_data": config.sigma_data, "p_mean": config.p_mean, "p_std": config.p_std,
+             "norm": config.norm}
     _save({"shape": shape, "state_dict": model.cpu().state_dict()}, directory / "model.pt")
     manifest = {
         "config": settings, "dataset": info.name, "data_fingerprint": fingerprint(t),
@@ -210,7 +211,7 @@ def train_main(args) -> int:
         dataset=args.dataset, preset=args.preset, name=args.name, features=args.features, n_blocks=args.blocks,
         window=args.window, stride=args.stride, batch_size=args.batch_size, lr=args.lr,
         steps=args.steps, epochs=args.epochs, ema_decay=args.ema_decay, ema_every=args.ema_every,
-        val_ratio=args.val_ratio, seed=args.seed, clip_actions=args.clip_actions,
+        val_ratio=args.val_ratio, seed=args.seed, clip_actions=args.clip_actions, norm=args.norm,
     )
     manifest = train_trajectory_model(config, device=args.device, checkpoint_every=args.checkpoint_every,
                                       force=args.force, progress=not args.quiet)

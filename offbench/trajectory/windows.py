@@ -12,6 +12,8 @@ also does explicitly.
 Normalisation (official util/data.py): actions go through arctanh(clip(a / max_action, +-0.999)),
 then every channel is z-scored with the mean and std over all window rows (a std of 0 becomes 1).
 The inverse maps actions back through max_action * tanh and done through 1[done > 0.5].
+Deviation: the division by max_action (the official code has none: D4RL's actions lie in [-1, 1]; for them the
+two agree, as tests/test_golden_pgd.py checks with max_action 1).
 """
 
 from __future__ import annotations
