@@ -207,15 +207,17 @@ def test_typed_count_matches_what_it_counts(doc, line, name, typed):
 
 def test_the_checks_catch_a_wrong_quote():
     # the parsing and comparison fail on a changed number, a changed last digit and a missing number
-    text = (
-        "| x | <!-- from results/quick/table.csv: mean@table=last,row=shipped/pendulum-medium-replay-v0,column=rebrac;"
-        " std@table=last,row=shipped/pendulum-medium-replay-v0,column=rebrac --> 37.4 ± 5.2 |"
-    )
+    # (the quoted numbers are the committed results/quick's, read first, so the test outlives a rerun)
+    source = "results/quick/table.csv"
+    cell = "table=last,row=shipped/pendulum-medium-replay-v0,column=rebrac"
+    mean, std = source_value(source, f"mean@{cell}"), source_value(source, f"std@{cell}")
+    text = f"| x | <!-- from {source}: mean@{cell}; std@{cell} --> {mean:.1f} ± {std:.1f} |"
     (_, file, q1, n1), (_, _, q2, n2) = quotes(text)
     assert shown_matches(n1, source_value(file, q1)) and shown_matches(n2, source_value(file, q2))
-    assert not shown_matches("37.5", source_value(file, q1))
-    assert not shown_matches("37.41", source_value(file, q1))  # 37.416...: more decimals, a stricter check
+    assert not shown_matches(f"{mean + 0.1:.1f}", source_value(file, q1))
+    wrong_last_digit = f"{mean:.2f}"[:-1] + str((int(f"{mean:.2f}"[-1]) + 5) % 10)
+    assert not shown_matches(wrong_last_digit, source_value(file, q1))  # more decimals, a stricter check
     with pytest.raises(AssertionError):
-        quotes(text.replace(" ± 5.2", ""))
+        quotes(text.replace(f" ± {std:.1f}", ""))
     assert [n for *_, n in quotes("<!-- from f.csv: a@b=c; d@e=f --> TD3+BC on v0: 4.5, then 1.2.")] == ["4.5", "1.2"]
     assert shown_matches("-0.0", -0.0337) and shown_matches("0.0", -0.0337)
