@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from offbench import settings as check
 from offbench.batch import Transitions
-from offbench.diffusion import cosine_beta_schedule
+from offbench.diffusion import cosine_beta_schedule, update_ema
 from offbench.errors import UserError
 from offbench.module import OfflineRLModule
 from offbench.trajectory.cdf import CDFNormalizer
@@ -258,17 +258,10 @@ class DecisionDiffuser(OfflineRLModule):
         self.update_ema()
         return metrics
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """The official Trainer.step_ema, every `ema_every` updates: a copy before `ema_start`, then the EMA."""
         hp = self.hparams
-        if self.step % hp.ema_every:
-            return
-        ema, params = list(self.net_ema.parameters()), list(self.net.parameters())
-        if self.step < hp.ema_start:
-            torch._foreach_copy_(ema, params)
-        else:
-            torch._foreach_lerp_(ema, params, 1.0 - hp.ema_decay)
+        update_ema(self.net_ema, self.net, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, warmup="copy_on_cadence")
 
     # --- acting --------------------------------------------------------------------------------
     def guided_step(self, net: DDNet, x: Tensor, i: int, s: Tensor, z: Tensor | None) -> Tensor:

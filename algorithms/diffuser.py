@@ -68,7 +68,7 @@ import torch
 from torch import Tensor
 
 from offbench import settings as check
-from offbench.diffusion import cosine_beta_schedule
+from offbench.diffusion import cosine_beta_schedule, update_ema
 from offbench.errors import UserError
 from offbench.module import OfflineRLModule, compilable
 from offbench.trajectory.padded import (
@@ -297,17 +297,11 @@ class Diffuser(OfflineRLModule):
             self.step_ema(self.value_ema, self.value)
         return metrics
 
-    @torch.no_grad()
     def step_ema(self, ema: torch.nn.Module, model: torch.nn.Module) -> None:
         """The official Trainer's cadence: every `ema_every` updates, a copy before `ema_start`, else
         ema <- decay ema + (1 - decay) model."""
         hp = self.hparams
-        if self.step % hp.ema_every:
-            return
-        if self.step < hp.ema_start:
-            torch._foreach_copy_(list(ema.parameters()), list(model.parameters()))
-        else:
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - hp.ema_decay)
+        update_ema(ema, model, self.step, hp.ema_decay, hp.ema_start, hp.ema_every, warmup="copy_on_cadence")
 
     # --- planning ----------------------------------------------------------------------------
     def guide(self, x: Tensor, s0: Tensor, t: Tensor, i: int) -> tuple[Tensor, Tensor | None]:

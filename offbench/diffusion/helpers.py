@@ -11,17 +11,19 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995, start: int = 1000,
-               every: int = 5, warmup: Literal["hold", "copy"] = "hold") -> None:
-    """The EMA cadence of the official Diffusion-QL/DiffCPS code, on update number `step` (a Python
-    int, so no host sync): from `start` on, every `every` steps, ema <- decay * ema + (1 - decay) *
-    model (one fused foreach lerp). Before `start`: "hold" keeps the EMA at its initial weights (what
-    the official code does), "copy" copies the model's weights at every step."""
+               every: int = 5, warmup: Literal["hold", "copy", "copy_on_cadence"] = "hold") -> None:
+    """The EMA cadence of the official codes, on update number `step` (a Python int, so no host sync):
+    from `start` on, every `every` steps, ema <- decay * ema + (1 - decay) * model (one fused foreach
+    lerp). Before `start`: "hold" keeps the EMA at its initial weights (the official Diffusion-QL/DiffCPS
+    code), "copy" copies the model's weights at every step, "copy_on_cadence" copies them every `every`
+    steps (the Trainer of the official Diffuser and Decision Diffuser code, `step_ema`)."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
+    on_cadence = step % every == 0
     if step < start:
-        if warmup == "copy":
+        if warmup == "copy" or (warmup == "copy_on_cadence" and on_cadence):
             torch._foreach_copy_(ema_params, params)
         return
-    if step % every == 0:
+    if on_cadence:
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
