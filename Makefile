@@ -12,11 +12,11 @@ TORCH ?= torch==2.13.0
 GRID ?= quick
 WORKERS ?= 2
 BENCH_OUT ?= runs/benchmark/$(GRID)
-# `make perf`: updates timed per measurement. 300: 18 minutes on this 2-core CPU for the first eight
-# algorithms (SfBC's batch-4096 update takes about a second on a CPU core); the rows added since (ReBRAC,
-# IDQL, QGPO, EDP and the diffusion EXTRA_ROWS of offbench/perf.py, T = 100 among them at 1-2 updates/s)
-# make it well over an hour on a CPU (not measured whole); use PERF_UPDATES=1000 on a GPU.
-PERF_UPDATES ?= 300
+# `make perf`: every algorithm of the suite (configs/algorithms/, and the EXTRA_ROWS of offbench/perf.py) in one
+# table, results/perf/perf.md and .json: 300 updates per timing window, fewer for the rows slow on a CPU (SLOW_ROWS
+# of offbench/perf.py, each row's count in the table), compiled too; about 30 minutes on 2 CPU cores (docs/performance.md).
+# PERF_ARGS adds flags, e.g. on a GPU: PERF_ARGS="--device cuda --updates 1000 --equal-updates".
+PERF_ARGS ?=
 # `make gpu-wheels` (on a machine with network) and `make gpu-check` (on a CUDA machine, with or without
 # network; docs/gpu.md). The GPU machines this project borrows (x86-64, CPython 3.12, CUDA torch, Lightning,
 # torchmetrics, h5py, pandas, rich, matplotlib, pytest) lack these; the versions are the ones .venv resolves.
@@ -61,8 +61,8 @@ benchmark: $(STAMP)  ## run configs/grids/$(GRID).yaml into runs/benchmark/$(GRI
 table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX); without runs: exit 2, nothing written
 	$(BIN)/offbench table results/$(GRID) --latex
 
-perf: $(STAMP)  ## training updates/s with and without Lightning and compiled, eval env-steps/s -> results/perf/
-	$(BIN)/offbench perf --compile --updates $(PERF_UPDATES) --block-size $(PERF_UPDATES)
+perf: $(STAMP)  ## every algorithm's updates/s (Lightning, plain, compiled), eval env-steps/s, ~30 min on 2 cores -> results/perf/perf.md
+	$(BIN)/offbench perf --compile $(PERF_ARGS)
 
 gpu-wheels:  ## download the wheels a GPU machine without network lacks into gpu-wheels/ (CPython 3.12, x86-64)
 	rm -rf $(GPU_WHEELS)

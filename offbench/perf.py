@@ -1,29 +1,34 @@
-"""`offbench perf`: training throughput of every algorithm, with Lightning and without, and
-evaluation env-steps/s with vectorised envs against one env at a time.
+"""`offbench perf` (`make perf`): training throughput of every algorithm of the suite side by side, with
+Lightning and without, compiled, and evaluation env-steps/s with vectorised envs against one env at a time.
 
-For each algorithm config: one OfflineDataModule and one module at the config's batch size and the
-class's default network sizes, set up for the config's whole run (`updates`: what schedules such as
-IQL's cosine learning rate span) and stopped after the epochs measured. Lightning runs two epochs of
-`updates` updates (the first is the warm-up); the second is timed. Then the same module, optimisers and sampler run `updates` more
-updates in a plain Python loop (`module.update(sample())`, the module's `batch_source`), timed the same way. The ratio of the
-two is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches to
-the compiled path (`enable_compile`) and runs the plain loop's update numbers again, twice: the first
+Rows: one per file of configs/algorithms/ (the suite's algorithms, listed from there and nowhere else) at its
+settings, each followed by its rows in `EXTRA_ROWS` (the config with extra init args and a label: EDP with the
+IQL rule, Diffusion-QL and DiffCPS with EDP's action approximation and at T = 100).
+For each row: one OfflineDataModule and one module at the config's batch size and the class's default network
+sizes, set up for the config's whole run (`updates`: what schedules such as IQL's cosine learning rate span) and
+stopped after the epochs measured. Each row times `--updates` updates per window, or the fraction of it
+`SLOW_ROWS` gives the rows whose update takes tenths of a second or more on a CPU (so that the default run fits
+30 minutes on 2 CPU cores; `--equal-updates` times `--updates` everywhere); the table shows each row's count.
+Lightning runs two epochs of those updates (the first is the warm-up); the second is timed. Then the same module,
+optimisers and sampler run as many updates more in a plain Python loop (`module.run_update(sample())` with
+`sample = module.batch_source(datamodule)`: transitions, or the trajectory planners' windows), timed the same
+way, and again on the eager paths before issue 25 (`previous_paths`). The ratio of Lightning's time to the
+plain loop's is Lightning's overhead. With `--compile` (as `make perf` runs it), the same module then switches
+to the compiled path (`enable_compile`) and runs the plain loop's update numbers again, twice: the first
 pass compiles every graph those updates need and warms up, the second is timed; the compile time
 reported is the first pass's time minus the second's. Compiled modes: torch.compile's default
-(inductor kernels, "compiled") everywhere, and on CUDA also "reduce-overhead" (the same kernels
-replayed as CUDA graphs, "cudagraphs"), each after a torch._dynamo.reset().
+(inductor kernels, "compiled") everywhere, and on CUDA (`--device cuda`) also "reduce-overhead" (the same
+kernels replayed as CUDA graphs, "cudagraphs", a column of its own), each after a torch._dynamo.reset().
 On CUDA the clock is read after a device synchronisation. A compiled mode that fails is reported with
 its error (the other measurements stand) and `offbench perf` then exits with status 1.
 `--no-lightning` skips the Lightning timing (Lightning then only sets the module up).
+Beside the rates, the diffusion rows' noise-model forward passes per update (`noise_models`: calls of the noise
+or score network of every diffusion model in the module, EMA copies included, counted by forward hooks over the
+plain loop; a batched call counts once; n/a for modules without one).
 Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env (and,
-with `--eval-async-envs N`, for N envs stepped in subprocesses); for the trajectory planners (Diffuser),
-whose planning at every env step is their cost, also the env steps/s of their `act` at their config's
-settings (`measure_planning`).
-Rows: one per config at its settings, plus the rows of `EXTRA_ROWS` whose config is measured (a config
-with extra init args and a label: EDP with the IQL rule, Diffusion-QL and DiffCPS with EDP's action
-approximation). Beside the rates, the noise model's forward passes per update (calls of every `NoiseMLP`
-in the module, counted by forward hooks over the plain loop; a batched call counts once; n/a for
-modules without one).
+with `--eval-async-envs N`, for N envs stepped in subprocesses); for the trajectory planners (Diffuser,
+Decision Diffuser), whose planning at every env step is their cost, also the env steps/s of their `act` at
+their config's settings (`measure_planning`, `--planning-calls` timed calls after a warm-up one).
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
@@ -51,47 +56,71 @@ from torch import nn
 
 from offbench import nets
 from offbench.data.datamodule import OfflineDataModule
-from offbench.diffusion import NoiseMLP
+from offbench.diffusion import DiffusionPolicy, ScoreDiffusion
 from offbench.errors import UserError
 from offbench.evaluation import evaluate
 from offbench.files import write_json_atomic, write_text_atomic
 from offbench.grammar import DEVICE_HELP, DEVICES, Parser
 from offbench.module import OfflineRLModule
 from offbench.nets import DeterministicActor, Mish
+from offbench.trajectory.planner_nets import PlannerUNet
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class PerfRow(NamedTuple):
-    """One training measurement: a config, init args laid over its own, and the label of its row."""
+    """One training measurement: a config, init args laid over its own, the label of its row, and the share of
+    `--updates` it times (1/`divisor` of it)."""
 
     label: str
     config: Path
     init_args: dict[str, Any] = {}
+    divisor: int = 1
 
+
+CONFIGS = REPO / "configs/algorithms"
 
 # Rows measured beside a config's own row whenever that config is measured: the same algorithm with
-# another setting whose cost matters (EDP's action approximation in the DDPM policies, EDP's IQL rule).
+# another setting whose cost matters (EDP's action approximation in the DDPM policies, EDP's IQL rule, T = 100).
 EXTRA_ROWS = [
-    PerfRow("edp-iql", REPO / "configs/algorithms/edp.yaml", {"rule": "iql"}),
-    PerfRow("diffusion_ql-approx", REPO / "configs/algorithms/diffusion_ql.yaml", {"action_approximation": True}),
-    PerfRow("diffusion_ql-T100", REPO / "configs/algorithms/diffusion_ql.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
-    PerfRow("diffusion_ql-T100-approx", REPO / "configs/algorithms/diffusion_ql.yaml",
+    PerfRow("edp-iql", CONFIGS / "edp.yaml", {"rule": "iql"}),
+    PerfRow("diffusion_ql-approx", CONFIGS / "diffusion_ql.yaml", {"action_approximation": True}),
+    PerfRow("diffusion_ql-T100", CONFIGS / "diffusion_ql.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
+    PerfRow("diffusion_ql-T100-approx", CONFIGS / "diffusion_ql.yaml",
             {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}),
-    PerfRow("diffcps-approx", REPO / "configs/algorithms/diffcps.yaml", {"action_approximation": True}),
-    PerfRow("diffcps-T100", REPO / "configs/algorithms/diffcps.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
-    PerfRow("diffcps-T100-approx", REPO / "configs/algorithms/diffcps.yaml",
+    PerfRow("diffcps-approx", CONFIGS / "diffcps.yaml", {"action_approximation": True}),
+    PerfRow("diffcps-T100", CONFIGS / "diffcps.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
+    PerfRow("diffcps-T100-approx", CONFIGS / "diffcps.yaml",
             {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}),
 ]
 
+# The rows that time 1/n of `--updates` (row label: n), so that `make perf` (300 updates, --compile) fits 30
+# minutes on 2 CPU cores. A row costs about 6 windows of its updates (Lightning's warm-up and timed epochs, the
+# plain loop, the loop before issue 25, the compiled warm-up and timed passes) plus its compile time (up to about
+# 30 s). The divisors keep each row near a minute at the rates measured on this 2-core CPU with 2 torch threads
+# (results/perf before this table: CQL 5.9 upd/s, SfBC 2.5 at batch 4096, QGPO 3.1 at batch 4096, Diffusion-QL 14,
+# IDQL 17, EDP 22, DiffCPS 24, ReBRAC 27; the T = 100 rows 1-5 upd/s on one thread; the planners' U-Nets).
+SLOW_ROWS = {
+    "rebrac": 2, "idql": 2, "edp": 2, "diffusion_ql": 2, "diffcps": 2,
+    "diffusion_ql-approx": 2, "diffcps-approx": 2,
+    "cql": 10, "diffusion_ql-T100-approx": 10, "diffcps-T100-approx": 10,
+    "sfbc": 20, "qgpo": 20, "diffusion_ql-T100": 20, "diffcps-T100": 20,
+    "diffuser": 20, "decision_diffuser": 20,
+}
+
 
 def perf_rows(configs: list[Path]) -> list[PerfRow]:
-    """Each config's own row (labelled by its file name), each followed by its EXTRA_ROWS."""
+    """Each config's own row (labelled by its file name), each followed by its EXTRA_ROWS, with its SLOW_ROWS divisor."""
     rows = []
     for config in configs:
         rows.append(PerfRow(config.stem, config))
         rows += [row for row in EXTRA_ROWS if row.config.resolve() == config.resolve()]
-    return rows
+    return [row._replace(divisor=SLOW_ROWS.get(row.label, 1)) for row in rows]
+
+
+def row_updates(updates: int, divisor: int) -> int:
+    """The updates a row times: 1/divisor of `updates`, at least one."""
+    return max(1, updates // divisor)
 
 
 def _sync(device: torch.device) -> None:
@@ -182,12 +211,14 @@ def measure_training(
     """Updates/s of one algorithm config: Lightning, plain loop, and (with `compile_update`) each compiled mode.
     Without `lightning`, Lightning only sets the module up (one epoch of a few updates) and is not timed.
     `progress` gets the row as it stands after each measurement (a caller that may be stopped keeps those)."""
+    began = time.perf_counter()
     accelerator = resolve_accelerator(accelerator)
     cls, init_args, data, run_updates = load_algorithm_config(config)
     init_args |= extra_init_args or {}
     epoch = updates if lightning else min(updates, 10)
+    block_size = min(block_size, epoch)
     dm = OfflineDataModule(
-        dataset, batch_size=data.get("batch_size", 256), eval_every=epoch, block_size=min(block_size, epoch),
+        dataset, batch_size=data.get("batch_size", 256), eval_every=epoch, block_size=block_size,
         normalize_obs=data.get("normalize_obs", False),
     )
     model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **init_args)
@@ -222,6 +253,8 @@ def measure_training(
         "lightning_overhead_pct": None,
         **{key: None for name in modes for key in (f"{name}_updates_per_s", _seconds_key(name))},
         "errors": {},
+        "compiled_path": has_compiled_path(model),
+        "seconds": None,
     }
 
     # The same update, sampler and optimisers in a plain loop: what the update costs without Lightning,
@@ -229,8 +262,7 @@ def measure_training(
     # phases or a policy delay, make some updates cost more than others).
     first = updates
     calls = [0]
-    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-             for m in model.modules() if isinstance(m, NoiseMLP)]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for m in noise_models(model)]
     plain_seconds = _time_updates(model, dm, updates, first)
     for hook in hooks:
         hook.remove()
@@ -244,7 +276,7 @@ def measure_training(
     for name, mode in modes.items():
         if progress is not None:
             progress(row)
-        if not compile_update:
+        if not compile_update or not row["compiled_path"]:  # nothing to compile: n/a, said under the table
             continue
         # The plain loop's update numbers again (the same cadence: policy delays, phases), compiled.
         # Dynamo's recompile limit counts per code object and process: the shared `optimize` is compiled
@@ -262,9 +294,26 @@ def measure_training(
         row[_seconds_key(name)] = warmup_seconds - compiled_seconds
         if name == "cudagraphs":  # graphs inductor ran without CUDA graphs (its log says why)
             row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+    row["seconds"] = time.perf_counter() - began
     if progress is not None:
         progress(row)
     return row
+
+
+def has_compiled_path(model: OfflineRLModule) -> bool:
+    """Whether the module marks a method @compilable (the most derived definition, as `enable_compile` reads it):
+    without one there is no compiled path to time (Decision Diffuser's update is eager only)."""
+    return any(getattr(getattr(type(model), name, None), "compilable", False) for name in dir(type(model)))
+
+
+def noise_models(model: nn.Module) -> list[nn.Module]:
+    """The noise (or score) networks of a module's diffusion models, whose forward passes per update the table
+    counts: the network of every DiffusionPolicy (NoiseMLP; IDQL's LN-ResNet) and ScoreDiffusion (SfBC's and
+    QGPO's ScoreNet; QGPO's guided sampler calls it), and every PlannerUNet (Diffuser, Decision Diffuser),
+    EMA copies included."""
+    found = {id(m.model): m.model for m in model.modules() if isinstance(m, (DiffusionPolicy, ScoreDiffusion))}
+    found |= {id(m): m for m in model.modules() if isinstance(m, PlannerUNet)}
+    return list(found.values())
 
 
 @contextlib.contextmanager
@@ -346,9 +395,12 @@ def measure_evaluation(
 
 def measure_planning(config: Path, dataset: str, num_envs: list[int], accelerator: str, calls: int = 3) -> dict[str, Any]:
     """Evaluation env steps/s of a trajectory planner (a module with `plan`, e.g. Diffuser) at its config's
-    settings (the official batch of plans): seconds of `act` on the observations of n envs at once, after one
-    warm-up call, for each n of `num_envs` and 1. The planner's weights are untrained (the cost does not
-    depend on them) and the env stepping is left out (negligible beside the planning: tens of ms per step)."""
+    settings (the official batch of plans): seconds of `calls` calls of `act` on the observations of n envs at
+    once, for each n of `num_envs` and 1; on CUDA after one warm-up call (lazy initialisation, kernel selection),
+    on the CPU without (one call plans for seconds to minutes there: Decision Diffuser's 200 steps of a U-Net on
+    a 100-step window; what a first call adds, memory allocation, is small beside it). The planner's weights are
+    untrained (the cost does not depend on them) and the env stepping is left out (negligible beside the
+    planning: tens of ms per step)."""
     cls, init_args, data, _ = load_algorithm_config(config)
     dm = OfflineDataModule(dataset, batch_size=data.get("batch_size", 256), normalize_obs=data.get("normalize_obs", False))
     device = torch.device("cuda" if resolve_accelerator(accelerator) == "gpu" else "cpu")
@@ -357,11 +409,12 @@ def measure_planning(config: Path, dataset: str, num_envs: list[int], accelerato
         model.attach_dataset(dm.transitions, dm.info.max_episode_steps)
     row: dict[str, Any] = {"label": config.stem, "algorithm": f"{cls.__module__}.{cls.__qualname__}", "device": str(device),
                            "settings": {k: init_args[k] for k in ("horizon", "n_timesteps", "n_plans") if k in init_args},
-                           "runs": []}
+                           "warm_up_call": device.type == "cuda", "runs": []}
     for n in sorted({*num_envs, 1}, reverse=True):
         obs = dm.normalize_obs(torch.as_tensor(dm.transitions.obs[:n], device=device))
         with torch.no_grad():
-            model.act(obs)
+            if device.type == "cuda":
+                model.act(obs)
             _sync(device)
             start = time.perf_counter()
             for _ in range(calls):
@@ -376,10 +429,20 @@ def _seconds_key(name: str) -> str:
     return "compile_seconds" if name == "compiled" else f"{name}_compile_seconds"
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor or machine name."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({cpu_name()})",
         "driver": gpu_driver() if cuda else None,
         "cuda": torch.version.cuda if cuda else None,
         "torch_threads": torch.get_num_threads(),
@@ -399,30 +462,46 @@ def _percent(value: float | None) -> str:
 
 
 def training_table(rows: list[dict[str, Any]]) -> list[str]:
-    """The markdown table of `measure_training` rows (n/a: a mode not run on this machine or failed)."""
+    """The markdown table of `measure_training` rows (n/a: a mode not run or failed). The CUDA graphs columns
+    are there when a row was measured with them (on CUDA)."""
+    cudagraphs = any("cudagraphs_updates_per_s" in r for r in rows)
     lines = [
         "| row | algorithm | batch | params | updates | block | Lightning upd/s | plain upd/s | plain before #25 upd/s "
-        "| eps calls/upd | overhead | compiled upd/s | compile s | CUDA graphs upd/s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eps calls/upd | overhead | compiled upd/s | compile s |" + (" CUDA graphs upd/s | compile s |" if cudagraphs else ""),
+        "|---" * (15 if cudagraphs else 13) + "|",
     ]
     for r in rows:
         calls, extra = r.get("noise_model_calls_per_update"), r.get("extra_init_args") or {}
         label = r.get("label", "") + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")
         lines.append(
             f"| {label} | {r['algorithm']} | {r['batch_size']} | {r['parameters']:,} | {r['updates_timed']} | {r['block_size']} "
-            f"| {_rate(r['lightning_updates_per_s'])} | {r['plain_updates_per_s']:.1f} | {_rate(r.get('plain_previous_updates_per_s'))} "
+            f"| {_rate(r['lightning_updates_per_s'])} | {_rate(r['plain_updates_per_s'])} | {_rate(r.get('plain_previous_updates_per_s'))} "
             f"| {'n/a' if calls is None else f'{calls:g}'} "
             f"| {_percent(r['lightning_overhead_pct'])} "
-            f"| {_rate(r.get('compiled_updates_per_s'))} | {_rate(r.get('compile_seconds'))} "
-            f"| {_rate(r.get('cudagraphs_updates_per_s'))} | {_rate(r.get('cudagraphs_compile_seconds'))} |"
+            f"| {_rate(r.get('compiled_updates_per_s'))} | {_rate(r.get('compile_seconds'))} |"
+            + (f" {_rate(r.get('cudagraphs_updates_per_s'))} | {_rate(r.get('cudagraphs_compile_seconds'))} |" if cudagraphs else "")
         )
     notes = []
     for r in rows:
+        if r.get("compiled_path") is False:
+            notes.append(f"- {r.get('label', r['algorithm'])}: no compiled path (no method of {r['algorithm']} is marked "
+                         "@compilable), so its compiled columns are n/a")
         for mode, error in (r.get("errors") or {}).items():
             notes.append(f"- {r.get('label', r['algorithm'])}, {mode}: failed with {error}")
         if r.get("cudagraph_skips"):
             notes.append(f"- {r.get('label', r['algorithm'])}: {r['cudagraph_skips']} graph(s) ran without CUDA graphs (inductor's log says why)")
     return lines + ([""] + notes if notes else [])
+
+
+def updates_line(report: dict[str, Any]) -> str:
+    """The protocol's sentence on the updates per timing window: `--updates`, and the rows that time fewer."""
+    updates, reduced = report["updates"], [r for r in report["training"] if r["updates_timed"] < report["updates"]]
+    line = f"Updates per timing window (`updates`): {updates}"
+    if not reduced:
+        return line + " for every row."
+    return line + (", except the rows whose update is slow on a CPU, which time a fraction of it (`SLOW_ROWS` of "
+                   "offbench/perf.py; `--equal-updates` times all alike) so that the whole run fits 30 minutes on 2 CPU "
+                   "cores: " + ", ".join(f"{r['label']} {r['updates_timed']}" for r in reduced) + ".")
 
 
 def evaluation_lines(e: dict[str, Any]) -> list[str]:
@@ -437,22 +516,25 @@ def evaluation_lines(e: dict[str, Any]) -> list[str]:
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     m = report["machine"]
     e = report["evaluation"]
+    cuda = "" if m.get("cuda") is None else f", CUDA {m['cuda']}, driver {m['driver']}"
     lines = [
         "# Training throughput",
         "",
-        f"Measured on {m['device']}, {m['torch_threads']} torch threads, torch {m['torch']}, Lightning "
-        f"{m['lightning']}, dataset `{report['dataset']}`. Each algorithm: its config's batch size and "
-        "default network sizes; Lightning = second of two epochs of `updates` updates (the first is warm-up), "
-        "blocks of `block` updates per training_step, CSV logging on; plain = the same module, optimisers and "
-        "sampler calling update() in a Python loop over the same update numbers (the same phases); plain before #25 = the same "
+        f"Measured on {m['device']}{cuda}, {m['cpu_count']} CPU cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
+        f"Lightning {m['lightning']}, Python {m['python']}, dataset `{report['dataset']}`, in one run of "
+        f"{report['seconds'] / 60:.0f} minutes. {updates_line(report)} Each row: its config's batch size and "
+        "default network sizes (rows with extra init args name them after the label); Lightning = second of two epochs of "
+        "`updates` updates (the first is warm-up), blocks of `block` updates per training_step, CSV logging on; plain = "
+        "the same module, optimisers and sampler (the module's `batch_source`: transitions, or the trajectory planners' "
+        "windows) calling update() in a Python loop over the same update numbers (the same phases); plain before #25 = the same "
         "loop on the eager paths before issue 25 (torch's default per-parameter optimiser steps instead of the fused kernels, "
         "torch's nn.Mish instead of offbench.nets.Mish, aten's matmuls instead of oneDNN's). One timing "
-        "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. Compiled = the "
-        "plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), timed "
-        "after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "
-        "graphs = the same with mode reduce-overhead (CUDA only). n/a: not run (without --compile, or no CUDA) or failed. "
-        "eps calls = forward passes of the diffusion noise model per update (batched calls, counted over the plain "
-        "loop; n/a: no NoiseMLP). Rows with extra init args name them after the label.",
+        "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. "
+        "Compiled = the plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), "
+        "timed after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "
+        "graphs (on CUDA only, `--device cuda`) = the same with mode reduce-overhead. n/a: not run (without --compile or "
+        "--no-lightning) or failed. eps calls = forward passes of the diffusion models' noise (or score) networks per update "
+        "(batched calls, EMA copies included, counted over the plain loop; n/a: no diffusion model).",
         "",
         *training_table(report["training"]),
         "",
@@ -467,11 +549,11 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     if report.get("planning"):
         lines += ["# Evaluation of the trajectory planners", "",
                   "Env steps/s of `act` alone (the planning at every env step; untrained weights, env stepping left out), "
-                  "at each config's settings (the official batch of plans), after a warm-up call:", ""]
+                  "at each config's settings (the official batch of plans); on CUDA after a warm-up call:", ""]
         for row in report["planning"]:
             lines += [f"- {row['label']} ({row['settings']}, {row['device']}): " + ", ".join(
                 f"{r['envs']} env{'s' if r['envs'] > 1 else ''} {r['env_steps_per_s']:.2f} env steps/s "
-                f"({r['seconds_per_step']:.2f} s per step)" for r in row["runs"])]
+                f"({r['seconds_per_step']:.2f} s per step, {r['calls']} call{'s' if r['calls'] > 1 else ''})" for r in row["runs"])]
         lines.append("")
     write_json_atomic(out_dir / "perf.json", report)
     write_text_atomic(out_dir / "perf.md", "\n".join(lines))
@@ -491,15 +573,21 @@ def _check_configs_and_out(configs: list[Path], out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     parser = Parser(prog="offbench perf", description=__doc__.split("\n\n")[0], renamed={"--accelerator": ["--device"]})
-    parser.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")),
-                        help="algorithm configs to time (default: every file of configs/algorithms/)")
+    parser.add_argument("--configs", nargs="*", type=Path, default=sorted(CONFIGS.glob("*.yaml")),
+                        help="algorithm configs to time (default: every file of configs/algorithms/, the suite's algorithms)")
     parser.add_argument("--dataset", default="synthetic/hopper-random-v0", help="the dataset trained and evaluated on (default: %(default)s)")
-    parser.add_argument("--updates", type=int, default=500, help="updates timed per measurement")
-    parser.add_argument("--block-size", type=int, default=250, help="updates per Lightning training_step")
+    parser.add_argument("--updates", type=int, default=300,
+                        help="updates timed per measurement (default: %(default)s); the slow rows time a fraction of it")
+    parser.add_argument("--equal-updates", action="store_true", help="every row times --updates (no fewer for the slow rows)")
+    parser.add_argument("--block-size", type=int, help="updates per Lightning training_step (default: the row's updates, one call per epoch)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation measurement (at least one per env)")
     parser.add_argument("--eval-envs", type=int, nargs="+", default=[10], help="vectorised env counts to time (and always 1)")
     parser.add_argument("--eval-async-envs", type=int, default=0, help="also time this many envs in subprocesses (0: no)")
+    parser.add_argument("--planning-envs", type=int, nargs="+", default=[1],
+                        help="env counts whose planning a trajectory planner's act() is timed at (default: %(default)s)")
+    parser.add_argument("--planning-calls", type=int, default=1,
+                        help="timed act() calls of a trajectory planner per env count (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "results/perf", help="folder for perf.md and perf.json")
     parser.add_argument(
         "--compile", action="store_true",
@@ -507,16 +595,18 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning timing (plain and compiled loops only)")
     args = parser.parse_args(argv)
-    if args.updates <= 0 or args.block_size <= 0:
+    if args.updates <= 0 or (args.block_size is not None and args.block_size <= 0):
         parser.error("--updates and --block-size must be positive")
-    if args.eval_episodes <= 0 or min(args.eval_envs) <= 0:
-        parser.error("--eval-episodes and --eval-envs must be positive")
+    if min(args.eval_episodes, *args.eval_envs, *args.planning_envs, args.planning_calls) <= 0:
+        parser.error("--eval-episodes, --eval-envs, --planning-envs and --planning-calls must be positive")
     resolve_accelerator(args.device)  # an unknown or absent accelerator stops here, before any measurement
     _check_configs_and_out(args.configs, args.out)  # so do these: a run measures for minutes before it writes
+    began = time.perf_counter()
     training = []
     for perf_row in perf_rows(args.configs):
+        updates = args.updates if args.equal_updates else row_updates(args.updates, perf_row.divisor)
         result = measure_training(
-            perf_row.config, args.dataset, args.updates, args.block_size, args.device, args.compile,
+            perf_row.config, args.dataset, updates, args.block_size or updates, args.device, args.compile,
             not args.no_lightning, extra_init_args=perf_row.init_args, label=perf_row.label,
         )
         compiled = "".join(
@@ -524,21 +614,25 @@ def main(argv: list[str]) -> int:
             for name in compile_modes(resolve_accelerator(args.device)) if args.compile
         )
         print(
-            f"{result['label']} ({result['algorithm']}): Lightning {_rate(result['lightning_updates_per_s'])} upd/s, plain "
-            f"{result['plain_updates_per_s']:.1f} upd/s, overhead {_percent(result['lightning_overhead_pct'])}{compiled}",
+            f"{result['label']} ({result['algorithm']}, {updates} updates, {result['seconds']:.0f} s): Lightning "
+            f"{_rate(result['lightning_updates_per_s'])} upd/s, plain {result['plain_updates_per_s']:.1f} upd/s, overhead "
+            f"{_percent(result['lightning_overhead_pct'])}{compiled}",
             flush=True,
         )
         for mode, error in result["errors"].items():
             print(f"{result['algorithm']}: {mode} failed: {error}", file=sys.stderr, flush=True)
         training.append(result)
     evaluation = measure_evaluation(args.dataset, args.eval_episodes, args.eval_envs, args.device, args.eval_async_envs)
-    planning = [measure_planning(config, args.dataset, args.eval_envs, args.device)
-                for config in args.configs if hasattr(load_algorithm_config(config)[0], "plan")]
-    for row in planning:
-        print(f"{row['label']} planning: " + ", ".join(f"{r['envs']} envs {r['env_steps_per_s']:.2f} env steps/s"
-                                                        for r in row["runs"]), flush=True)
-    report = {"machine": machine(), "dataset": args.dataset, "training": training, "evaluation": evaluation,
-              "planning": planning}
+    planning = []
+    for config in args.configs:
+        if hasattr(load_algorithm_config(config)[0], "plan"):
+            row = measure_planning(config, args.dataset, args.planning_envs, args.device, args.planning_calls)
+            print(f"{row['label']} planning: " + ", ".join(f"{r['envs']} envs {r['env_steps_per_s']:.2f} env steps/s"
+                                                            for r in row["runs"]), flush=True)
+            planning.append(row)
+    report = {"machine": machine(), "dataset": args.dataset, "updates": args.updates, "equal_updates": args.equal_updates,
+              "compile": args.compile, "lightning": not args.no_lightning, "seconds": time.perf_counter() - began,
+              "training": training, "evaluation": evaluation, "planning": planning}
     write_report(report, args.out)
-    print(f"wrote {args.out / 'perf.md'} and perf.json")
+    print(f"wrote {args.out / 'perf.md'} and perf.json ({report['seconds'] / 60:.1f} minutes)")
     return 1 if any(r["errors"] for r in training) else 0
