@@ -69,12 +69,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class PerfRow(NamedTuple):
-    """One training measurement: a config, init args laid over its own, the label of its row, and the share of
-    `--updates` it times (1/`divisor` of it)."""
+    """One training measurement: a config, init args laid over its own, the label of its row, whether `--compile`
+    compiles it, and the share of `--updates` it times (1/`divisor` of it)."""
 
     label: str
     config: Path
     init_args: dict[str, Any] = {}
+    compile: bool = True
     divisor: int = 1
 
 
@@ -82,30 +83,33 @@ CONFIGS = REPO / "configs/algorithms"
 
 # Rows measured beside a config's own row whenever that config is measured: the same algorithm with
 # another setting whose cost matters (EDP's action approximation in the DDPM policies, EDP's IQL rule, T = 100).
+# The T = 100 rows are timed eager only: their compiled update unrolls the 100-step reverse chain into one graph,
+# whose compilation alone takes NOT_COMPILED minutes on a CPU.
 EXTRA_ROWS = [
     PerfRow("edp-iql", CONFIGS / "edp.yaml", {"rule": "iql"}),
     PerfRow("diffusion_ql-approx", CONFIGS / "diffusion_ql.yaml", {"action_approximation": True}),
-    PerfRow("diffusion_ql-T100", CONFIGS / "diffusion_ql.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
+    PerfRow("diffusion_ql-T100", CONFIGS / "diffusion_ql.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}, False),
     PerfRow("diffusion_ql-T100-approx", CONFIGS / "diffusion_ql.yaml",
-            {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}),
+            {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}, False),
     PerfRow("diffcps-approx", CONFIGS / "diffcps.yaml", {"action_approximation": True}),
-    PerfRow("diffcps-T100", CONFIGS / "diffcps.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}),
+    PerfRow("diffcps-T100", CONFIGS / "diffcps.yaml", {"n_timesteps": 100, "beta_schedule": "linear_scaled"}, False),
     PerfRow("diffcps-T100-approx", CONFIGS / "diffcps.yaml",
-            {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}),
+            {"n_timesteps": 100, "beta_schedule": "linear_scaled", "action_approximation": True}, False),
 ]
 
 # The rows that time 1/n of `--updates` (row label: n), so that `make perf` (300 updates, --compile) fits 30
 # minutes on 2 CPU cores. A row costs about 6 windows of its updates (Lightning's warm-up and timed epochs, the
-# plain loop, the loop before issue 25, the compiled warm-up and timed passes) plus its compile time (up to about
-# 30 s). The divisors keep each row near a minute at the rates measured on this 2-core CPU with 2 torch threads
-# (results/perf before this table: CQL 5.9 upd/s, SfBC 2.5 at batch 4096, QGPO 3.1 at batch 4096, Diffusion-QL 14,
-# IDQL 17, EDP 22, DiffCPS 24, ReBRAC 27; the T = 100 rows 1-5 upd/s on one thread; the planners' U-Nets).
+# plain loop, the loop before issue 25, the compiled warm-up and timed passes; 4 without a compiled path) plus its
+# compile time (up to about 30 s) and a few seconds of set-up. The divisors keep each row near a minute or less at
+# the rates measured on this 2-core CPU with 2 torch threads (results/perf before the one-table run: Diffusion-QL
+# 14 upd/s, IDQL 17, EDP 22, DiffCPS 24, ReBRAC 27, CQL 5.9, QGPO 3.1 and SfBC 2.5 at batch 4096; the T = 100
+# rows 1.2-4.5 on one thread) and the planners' (about 1 s per Diffuser update and 5 s per Decision Diffuser
+# update, from CPU seconds measured on the loaded machine).
 SLOW_ROWS = {
-    "rebrac": 2, "idql": 2, "edp": 2, "diffusion_ql": 2, "diffcps": 2,
-    "diffusion_ql-approx": 2, "diffcps-approx": 2,
+    "rebrac": 2, "idql": 2, "edp": 2, "diffusion_ql": 2, "diffcps": 2, "diffusion_ql-approx": 2, "diffcps-approx": 2,
     "cql": 10, "diffusion_ql-T100-approx": 10, "diffcps-T100-approx": 10,
     "sfbc": 20, "qgpo": 20, "diffusion_ql-T100": 20, "diffcps-T100": 20,
-    "diffuser": 20, "decision_diffuser": 20,
+    "diffuser": 30, "decision_diffuser": 100,
 }
 
 
@@ -483,6 +487,8 @@ def training_table(rows: list[dict[str, Any]]) -> list[str]:
         )
     notes = []
     for r in rows:
+        if r.get("not_compiled"):
+            notes.append(f"- {r['label']}: not compiled by offbench perf ({r['not_compiled']})")
         if r.get("compiled_path") is False:
             notes.append(f"- {r.get('label', r['algorithm'])}: no compiled path (no method of {r['algorithm']} is marked "
                          "@compilable), so its compiled columns are n/a")
@@ -606,9 +612,11 @@ def main(argv: list[str]) -> int:
     for perf_row in perf_rows(args.configs):
         updates = args.updates if args.equal_updates else row_updates(args.updates, perf_row.divisor)
         result = measure_training(
-            perf_row.config, args.dataset, updates, args.block_size or updates, args.device, args.compile,
+            perf_row.config, args.dataset, updates, args.block_size or updates, args.device, args.compile and perf_row.compile,
             not args.no_lightning, extra_init_args=perf_row.init_args, label=perf_row.label,
         )
+        if args.compile and not perf_row.compile:
+            result["not_compiled"] = "its compiled update unrolls the 100-step reverse chain: minutes of compilation on a CPU"
         compiled = "".join(
             f", {name} {_rate(result[f'{name}_updates_per_s'])} upd/s (compile {_rate(result[_seconds_key(name)])} s)"
             for name in compile_modes(resolve_accelerator(args.device)) if args.compile

@@ -74,9 +74,11 @@ def _fake_row(label: str, **extra) -> dict:
 
 
 def test_table_columns_follow_the_modes_measured_and_say_why_a_column_is_na():
-    cpu = training_table([_fake_row("decision_diffuser", compiled_path=False), _fake_row("bc", compiled_path=True)])
+    cpu = training_table([_fake_row("decision_diffuser", compiled_path=False), _fake_row("bc", compiled_path=True),
+                          _fake_row("diffcps-T100", compiled_path=True, not_compiled="minutes of compilation")])
     assert "CUDA graphs" not in cpu[0] and cpu[0].count("|") == cpu[1].count("|") == cpu[2].count("|") == 14
     assert any("decision_diffuser: no compiled path" in line for line in cpu)
+    assert "- diffcps-T100: not compiled by offbench perf (minutes of compilation)" in cpu
     assert not any(line.startswith("- bc") for line in cpu)
     cuda = training_table([_fake_row("bc", cudagraphs_updates_per_s=5.0, cudagraphs_compile_seconds=2.0)])
     assert "CUDA graphs upd/s" in cuda[0] and cuda[0].count("|") == cuda[1].count("|") == cuda[2].count("|") == 16
