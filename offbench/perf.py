@@ -83,8 +83,9 @@ CONFIGS = REPO / "configs/algorithms"
 
 # Rows measured beside a config's own row whenever that config is measured: the same algorithm with
 # another setting whose cost matters (EDP's action approximation in the DDPM policies, EDP's IQL rule, T = 100).
-# The T = 100 rows are timed eager only: their compiled update unrolls the 100-step reverse chain into one graph,
-# whose compilation alone takes NOT_COMPILED minutes on a CPU.
+# The T = 100 rows are timed eager only: their compiled update unrolls the 100-step reverse chain into one graph
+# (diffusion_ql-T100: a generated kernel module of over 13,000 lines), whose compilation had not finished after 15
+# minutes on this 2-core CPU (2026-12-07, shared with other jobs, load average 5-7).
 EXTRA_ROWS = [
     PerfRow("edp-iql", CONFIGS / "edp.yaml", {"rule": "iql"}),
     PerfRow("diffusion_ql-approx", CONFIGS / "diffusion_ql.yaml", {"action_approximation": True}),
@@ -538,8 +539,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "window each: on a shared or virtual machine expect several percent of noise. Overhead = Lightning time / plain time - 1. "
         "Compiled = the plain loop's update numbers again after `enable_compile()` (torch.compile, inductor's default mode), "
         "timed after a first pass that compiles and warms up; compile s = that pass's time minus the timed one's; CUDA "
-        "graphs (on CUDA only, `--device cuda`) = the same with mode reduce-overhead. n/a: not run (without --compile or "
-        "--no-lightning) or failed. eps calls = forward passes of the diffusion models' noise (or score) networks per update "
+        "graphs (on CUDA only, `--device cuda`) = the same with mode reduce-overhead. n/a: not run (the compiled columns "
+        "without --compile, Lightning's with --no-lightning; the notes under the table say why for a row) or failed. eps calls = forward passes of the diffusion models' noise (or score) networks per update "
         "(batched calls, EMA copies included, counted over the plain loop; n/a: no diffusion model).",
         "",
         *training_table(report["training"]),
