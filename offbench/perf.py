@@ -28,7 +28,8 @@ plain loop; a batched call counts once; n/a for modules without one).
 Evaluation: env steps/s of the evaluation loop for each `--eval-envs` count and for one env (and,
 with `--eval-async-envs N`, for N envs stepped in subprocesses); for the trajectory planners (Diffuser,
 Decision Diffuser), whose planning at every env step is their cost, also the env steps/s of their `act` at
-their config's settings (`measure_planning`, `--planning-calls` timed calls after a warm-up one).
+their config's settings at `--planning-envs` envs (`measure_planning`: `--planning-calls` timed calls, after a
+warm-up call on CUDA only; one env and one call by default, since a call plans for seconds to minutes on a CPU).
 Results go to results/perf/perf.json and perf.md with the machine they were measured on.
 """
 
