@@ -308,17 +308,17 @@ class EDP(OfflineRLModule):
 
     def optimize_critic(self, loss: Tensor) -> None:
         """A critic step with each Q-network's gradient clipped to max_grad_norm on its own (the code gives
-        each its own optax.clip_by_global_norm): the norm of member k is over the k-th slice of every
-        ensemble parameter."""
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.hparams.max_grad_norm is not None:
-            grads = [p.grad for p in self.critic.parameters()]
-            norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (n_members,)
-            scale = (self.hparams.max_grad_norm / norms).clamp(max=1.0)
-            for g in grads:
-                g.mul_(scale.view(-1, *(1,) * (g.dim() - 1)))
-        self.critic_opt.step()
+        each its own optax.clip_by_global_norm)."""
+        clip = None if self.hparams.max_grad_norm is None else self.clip_members
+        self.optimize(self.critic_opt, loss, clip=clip)
+
+    def clip_members(self, grads: list[Tensor]) -> None:
+        """Clip member k of the critic ensemble to max_grad_norm by its own norm, over the k-th slice of every
+        ensemble parameter's gradient (in place)."""
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (n_members,)
+        scale = (self.hparams.max_grad_norm / norms).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *(1,) * (g.dim() - 1)))
 
     @torch.no_grad()
     def act(self, obs: Tensor) -> Tensor:

@@ -65,7 +65,7 @@ from offbench import settings as check
 from offbench.batch import Batch
 from offbench.diffusion import BetaSchedule, DiffusionPolicy, repeat_rows, resample, update_ema
 from offbench.module import OfflineRLModule, compilable, soft_update
-from offbench.nets import CriticEnsemble, LNResNet, mlp
+from offbench.nets import CriticEnsemble, LayerNorm, Linear, LNResNet, mlp
 
 Selection = Literal["greedy", "resample"]
 
@@ -100,8 +100,8 @@ class LNResNetNoise(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256), dropout: float = 0.1,
                  t_dim: int = 128):
         super().__init__()
-        self.time = nn.Sequential(FourierFeatures(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.SiLU(),
-                                  nn.Linear(2 * t_dim, 2 * t_dim))
+        self.time = nn.Sequential(FourierFeatures(t_dim), Linear(t_dim, 2 * t_dim), nn.SiLU(),
+                                  Linear(2 * t_dim, 2 * t_dim))
         self.net = LNResNet(act_dim + obs_dim + 2 * t_dim, act_dim, hidden, dropout)
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ class IDQL(OfflineRLModule):
                 module.p = 0.0
         self.critic = CriticEnsemble(obs_dim, act_dim, n=2, hidden=critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = nn.Sequential(nn.LayerNorm(obs_dim, eps=1e-6), mlp(obs_dim, 1, critic_hidden))
+        self.value = nn.Sequential(LayerNorm(obs_dim, eps=1e-6), mlp(obs_dim, 1, critic_hidden))
 
     def configure_optimizers(self):
         h = self.hparams

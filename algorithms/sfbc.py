@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from offbench import settings as check
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import ScoreDiffusion, repeat_rows, resample
-from offbench.module import OfflineRLModule, compilable
+from offbench.module import OfflineRLModule, compilable, copy_
 from offbench.nets import CriticEnsemble
 
 
@@ -121,6 +121,8 @@ def plan_returns(rew: Tensor, not_done: Tensor, has_next: Tensor, gamma: float, 
 
 class SfBC(OfflineRLModule):
     needs_dataset_rows = True  # reads planned returns per dataset row by Batch.idx
+    unbatchable = ("its planning rounds replace every row's planned return (a plain tensor attribute, one for all "
+                   "copies) and clear the critic optimiser's state")  # --seeds: offbench/seeds.py
 
     def __init__(
         self,
@@ -274,7 +276,7 @@ class SfBC(OfflineRLModule):
             self.returns = self._set_stats(self._plan(value))
             if hp.reset_critic:
                 with torch.no_grad():
-                    torch._foreach_copy_(list(self.critic.parameters()), list(self.critic_init.parameters()))
+                    copy_(list(self.critic.parameters()), list(self.critic_init.parameters()))
                 self.critic_opt.state.clear()
         # 3. critic: regression on the (normalised) returns of rows drawn on the device
         return self.critic_update(batch)

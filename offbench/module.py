@@ -40,6 +40,16 @@ log_prob(obs, act) -> Tensor   (optional)
     log pi(act | obs) (n,) of the current policy, differentiable w.r.t. `act`; only guided PGD data
     (offbench/pgd, docs/pgd.md) calls it. Exact for Gaussian policies, N(act(s), 1) for deterministic ones.
 
+Many seeds as one computation (offbench/seeds.py, `SeedBatch`): N copies of an algorithm train as one
+batched computation through torch.func.vmap over this same `update`, each copy with its own parameters,
+optimiser state, batches and random stream. Nothing extra to write when `update` keeps the rules above
+(no host sync, no Python branching on tensor values, every tensor that changes during training a
+parameter or a buffer), draws its random numbers with torch's random functions (torch.randn, rand,
+randint, their `_like` forms, bernoulli, normal, multinomial, dropout, or in-place ones like
+`Tensor.uniform_`) and steps only through `self.optimize` (its `clip` argument takes an algorithm's own
+gradient clipping). An algorithm that cannot keep them sets the class attribute `unbatchable` to the
+reason (AWR, SfBC and QGPO do): its seeds then train one by one.
+
 Lightning hooks: the base class owns `training_step` (a block of `update` calls per Lightning call,
 batches from the DataModule's device-resident sampler), `on_train_start` (update count, compiled path,
 optimiser checks), `on_save_checkpoint` and `on_load_checkpoint` (RNG states): an override must call
@@ -142,6 +152,7 @@ class OfflineRLModule(pl.LightningModule):
     """Base class of every algorithm: subclasses implement `update`, `act` and `configure_optimizers`."""
 
     needs_dataset_rows = False  # True: update() reads per-row tables by Batch.idx (see the contract above)
+    unbatchable = ""  # why N seeds of it cannot train as one batched computation ('' : they can; offbench/seeds.py)
 
     def __init__(self) -> None:
         super().__init__()
@@ -177,13 +188,18 @@ class OfflineRLModule(pl.LightningModule):
 
     # --- helpers for update() ---------------------------------------------------------------
     @staticmethod
-    def optimize(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float | None = None) -> None:
-        """zero_grad, backward, optional grad-norm clipping of the optimiser's parameters, step."""
+    def optimize(optimizer: torch.optim.Optimizer, loss: Tensor, max_grad_norm: float | None = None,
+                 clip: Callable[[list[Tensor]], None] | None = None) -> None:
+        """zero_grad, backward, optional gradient clipping, step. max_grad_norm: clip the global norm of the
+        optimiser's gradients (nn.utils.clip_grad_norm_); clip: an algorithm's own rule, called with the list
+        of the optimiser's gradients to change in place (EDP clips each Q-network on its own)."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if max_grad_norm is not None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            clip_grad_norm(grads, max_grad_norm)
+        if clip is not None:
+            clip(grads)
         optimizer.step()
 
     # --- the compiled path ------------------------------------------------------------------
@@ -378,6 +394,38 @@ def unit_gaussian_log_prob(act: Tensor, mean: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_ on a list of gradients (foreach): scale them all by
+    min(1, max_norm / (||g||_2 + 1e-6)), ||g||_2 their global norm."""
+    total = nn.utils.get_total_norm(grads, 2.0, False, True)
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+
+
+@torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging target <- (1 - tau) * target + tau * source, one fused op over all params."""
-    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+    lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+@torch.no_grad()
+def lerp_(targets: list[Tensor], sources: list[Tensor], weight: float) -> None:
+    """targets <- targets + weight * (sources - targets), in place: one fused foreach kernel. Inside
+    torch.func.vmap (many seeds as one computation, offbench/seeds.py), where foreach kernels have no batching
+    rule, the same kernel runs on the stacked tensors behind the copies' (the same per-element result)."""
+    if not torch._C._are_functorch_transforms_active():
+        torch._foreach_lerp_(targets, sources, weight)
+        return
+    from offbench.seeds import foreach_stacked  # here: offbench.seeds imports this module
+
+    foreach_stacked(torch._foreach_lerp_, targets, sources, weight)
+
+
+@torch.no_grad()
+def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """targets <- sources, in place (one foreach kernel; inside vmap on the stacked tensors, as `lerp_`)."""
+    if not torch._C._are_functorch_transforms_active():
+        torch._foreach_copy_(targets, sources)
+        return
+    from offbench.seeds import foreach_stacked
+
+    foreach_stacked(torch._foreach_copy_, targets, sources)

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+from offbench import seeds
 
 # --------------------------------------------------------------------------- linear layers on the CPU
 # PyTorch's CPU wheels run float32 matmuls through MKL's sgemm, which takes a generic code path on
@@ -78,8 +81,26 @@ def _use_onednn(x: Tensor, weight: Tensor) -> bool:
             and min(weight.shape) >= ONEDNN_MIN_WIDTH and _plain_autograd())
 
 
+def _per_copy(fn: Any) -> Any:
+    """fn applied copy by copy to stacked (N, ...) tensors (None stays None), the results stacked."""
+    def call(*ts: Tensor | None) -> Tensor:
+        copies = [[None] * len(ts[0]) if t is None else t.unbind(0) for t in ts]  # unbind: one backward node for all copies
+        return torch.stack([fn(*args) for args in zip(*copies)])
+
+    return call
+
+
+def _seed_batch_on_cpu(x: Tensor) -> bool:
+    """Inside a --seeds update (offbench/seeds.py) on the CPU: the layers here run copy by copy on the copies'
+    stacked tensors, with the kernels of a single-seed run (so each copy gets its single-seed run's numbers; on
+    the CPU a batched matmul is no faster than oneDNN's per copy). On a GPU vmap's batched kernels run."""
+    return x.device.type == "cpu" and seeds.in_seed_batch()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias), through oneDNN for float32 on the CPU (see above); x of any leading shape."""
+    if _seed_batch_on_cpu(x):
+        return seeds.stacked_call(_per_copy(linear), x, weight, bias)
     if not _use_onednn(x, weight):
         return torch.nn.functional.linear(x, weight, bias)
     y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
@@ -91,6 +112,17 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (the same parameters and state dict) that a --seeds update on the CPU runs copy by copy,
+    so each copy gets its single-seed run's numbers (vmap's batched affine rounds differently)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _seed_batch_on_cpu(x):
+            norm = lambda x, w, b: F.layer_norm(x, self.normalized_shape, w, b, self.eps)  # noqa: E731
+            return seeds.stacked_call(_per_copy(norm), x, self.weight, self.bias)
+        return super().forward(x)
 
 
 # --------------------------------------------------------------------------- activations
@@ -126,6 +158,8 @@ def mish(x: Tensor) -> Tensor:
     tests/test_speed.py) and 3-5x faster on one CPU core (PyTorch's built-in runs tanh and softplus,
     and a slow backward kernel). With gradients, the derivative is computed in the same pass and saved:
     one multiplication in backward (second derivatives are not offered: nothing in the suite takes them)."""
+    if _seed_batch_on_cpu(x):  # (inside vmap a tensor does not show requires_grad: decide per copy)
+        return seeds.stacked_call(_per_copy(mish), x)
     if torch.is_grad_enabled() and x.requires_grad and _plain_autograd():
         return _MishFunction.apply(x)
     s = torch.sigmoid(x)
@@ -192,9 +226,15 @@ class EnsembleLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_onednn(x, self.weight[0]):  # member by member through oneDNN (see `linear`)
-            return _OneDNNEnsembleLinear.apply(x, self.weight, self.bias)
-        return torch.baddbmm(self.bias, x, self.weight)
+        if _seed_batch_on_cpu(x):
+            return seeds.stacked_call(_per_copy(self._one), x, self.weight, self.bias)
+        return self._one(x, self.weight, self.bias)
+
+    @staticmethod
+    def _one(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        if _use_onednn(x, weight[0]):  # member by member through oneDNN (see `linear`)
+            return _OneDNNEnsembleLinear.apply(x, weight, bias)
+        return torch.baddbmm(bias, x, weight)
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -249,7 +289,7 @@ class LNResNetBlock(nn.Module):
     def __init__(self, dim: int, dropout: float = 0.0, expansion: int = 4, activation: type[nn.Module] = nn.SiLU):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Dropout(dropout), nn.LayerNorm(dim, eps=1e-6),
+            nn.Dropout(dropout), LayerNorm(dim, eps=1e-6),
             Linear(dim, expansion * dim), activation(), Linear(expansion * dim, dim),
         )
 
