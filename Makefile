@@ -71,7 +71,7 @@ gpu-wheels:  ## download the wheels a GPU machine without network lacks into gpu
 	@ls -s1 $(GPU_WHEELS); kib=$$(du -sk $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$((kib / 1024)) MiB"; \
 		test $$kib -le 65536 || { echo "error: $(GPU_WHEELS) is over 64 MiB"; exit 1; }
 
-gpu-check:  ## on a CUDA machine: the cuda tests and perf on CUDA in under 8 min -> results/perf/perf-cuda.md
+gpu-check:  ## on a CUDA machine: the cuda tests, perf and batched seeds on CUDA in under 10 min -> results/perf/perf-cuda.md
 	@set -e; path="$(CURDIR)"; \
 	if [ -d "$(GPU_WHEELS)" ]; then \
 		echo "installing $(GPU_WHEELS)/*.whl into $(GPU_SITE) (no index, no deps: the machine's own torch)"; \

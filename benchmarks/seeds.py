@@ -16,7 +16,9 @@ machinery. Algorithms that cannot be batched (their `unbatchable` reason) are li
 warm-up and compilation are not timed; each measurement is one window, so on a shared machine expect
 noise (the machine's load average is written beside the table).
 
-    python benchmarks/seeds.py                                  # the CPU table (about 15 min on 2 cores)
+    python benchmarks/seeds.py --configs $(ls configs/algorithms/*.yaml | grep -v diffuser)
+                                                                # the CPU table (20 min on 2 cores; the planners'
+                                                                # updates take seconds on a CPU: left out)
     python benchmarks/seeds.py --device cuda --copies 1 8 32    # the GPU rows (make gpu-check runs them)
 """
 
@@ -152,7 +154,7 @@ def main() -> int:
     p.add_argument("--dataset", default=DATASET)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the measurement may use (default: all)")
     p.add_argument("--window", type=float, default=4.0, help="target seconds of a separate single-seed timing window")
-    p.add_argument("--max-updates", type=int, default=200)
+    p.add_argument("--max-updates", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=REPO / "results/perf/seeds.md")
     args = p.parse_args()
@@ -193,7 +195,8 @@ def write(args, rows, skipped, started, torch) -> None:
         "and default networks. *separate*: N single-seed processes started together (plain update loop, "
         "max(1, cores // N) threads each), aggregate = N x updates / (last end - first start); *batched*: one process "
         "with every core, the N copies in one SeedBatch (offbench/seeds.py). One timing window each, after set-up and "
-        f"warm-up; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
+        f"warm-up; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min). "
+        f"Command: `python benchmarks/seeds.py {' '.join(sys.argv[1:])}`.",
         "",
         "| algorithm | N | updates each | separate upd/s (sum) | batched upd/s (sum) | speed-up |",
         "|---|---|---|---|---|---|",

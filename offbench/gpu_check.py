@@ -1,5 +1,6 @@
 """`offbench gpu-check` (`make gpu-check`): every CUDA-specific check and measurement of the suite in one
-go, within a time budget (440 s by default), for GPU machines that are lent for a short while.
+go, within a time budget (440 s by default, then at most 120 s of the seeds part), for GPU machines that
+are lent for a short while.
 
 Parts, each in its own process with its own time limit (a hang costs its limit, not the machine):
 1. environment: GPU, driver, CUDA, torch, and whether the packages the suite imports are there;
@@ -11,11 +12,12 @@ Parts, each in its own process with its own time limit (a hang costs its limit, 
 4. evaluation: env steps/s of batched evaluation, and of one env;
 5. perf: each algorithm's updates/s, eager, compiled and with CUDA graphs (offbench/perf.py, `updates`
    per timing window), the algorithms with a target first; those the budget leaves no time for are
-   reported as not run.
+   reported as not run;
+6. seeds: aggregate updates/s of N copies trained as one batched computation (offbench/seeds.py) against N
+   single-seed processes, N = 1, 8, 32 (benchmarks/seeds.py), on its own limit after the budget's parts.
 The report, results/perf/perf-cuda.md and perf-cuda.json, is rewritten after every part, so a part
 that fails, hangs or is cut short still leaves the others' results; it states each figure beside its
-target. The suite trains one seed per process (there is no batched-seed update), so every figure is
-per seed.
+target. The perf figures are per seed (one process per seed); the seeds part is the batched alternative.
 
 `--device cpu` runs the same orchestration without CUDA (CUDA tests skipped, measurements on the CPU, a few
 updates), which is how the driver itself is tested away from a GPU.
@@ -80,6 +82,7 @@ class Check:
     deviations: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
+    seeds: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def part(self, name: str) -> Part:
@@ -298,6 +301,14 @@ def write_report(check: Check, out_dir: Path) -> None:
                   "(in-process unless said otherwise):", "", *evaluation_lines(e)]
     else:
         lines.append("Not measured (see the evaluation part above).")
+    lines += ["", "## Many seeds as one batched computation (benchmarks/seeds.py)", ""]
+    if check.seeds:
+        lines += ["Aggregate updates/s of N copies in one SeedBatch against N single-seed processes started together.", "",
+                  "| algorithm | N | updates each | separate upd/s (sum) | batched upd/s (sum) | speed-up |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['algorithm']} | {r['copies']} | {r['updates']} | {r['separate_updates_per_s']:.1f} | "
+                  f"{r['batched_updates_per_s']:.1f} | {r['speedup']:.2f}x |" for r in check.seeds]
+    else:
+        lines.append("Not measured (see the seeds part above).")
     report = {**asdict(check), "targets": targets}
     write_json_atomic(out_dir / "perf-cuda.json", report)
     write_text_atomic(out_dir / "perf-cuda.md", "\n".join(lines) + "\n")
@@ -314,7 +325,7 @@ def _perf_args(args: argparse.Namespace) -> list[str]:
     return ["--dataset", args.dataset, "--device", "cpu" if args.cpu else "cuda"]
 
 
-PARTS = ("environment", "data", "tests", "evaluation", "perf")
+PARTS = ("environment", "data", "tests", "evaluation", "perf", "seeds")
 
 
 def run_check(args: argparse.Namespace, check: Check) -> None:
@@ -432,6 +443,18 @@ def run_check(args: argparse.Namespace, check: Check) -> None:
         save(part, seconds=time.perf_counter() - begun, detail="; ".join(problems))
     save(part, "failed" if problems else "passed", time.perf_counter() - begun, "; ".join(problems))
 
+    # 6. many seeds as one batched computation (benchmarks/seeds.py), on its own time limit after the budget's parts
+    part = begin("seeds")
+    out = logs / "seeds-cuda.md"
+    command = [sys.executable, str(REPO / "benchmarks/seeds.py"), "--device", "cpu" if args.cpu else "cuda",
+               "--copies", *map(str, args.seeds_copies), "--window", "2", "--out", str(out), "--dataset", args.dataset,
+               "--configs", *(str(REPO / f"configs/algorithms/{name}.yaml") for name in args.seeds_algorithms)]
+    out.with_suffix(".json").unlink(missing_ok=True)
+    code, seconds = run_process(command, logs / "seeds.log", args.seeds_timeout, cache.env())
+    js = out.with_suffix(".json")
+    check.seeds = json.loads(js.read_text())["rows"] if js.exists() else []  # what it measured, also when stopped
+    save(part, _status(code), seconds, "" if code == 0 else tail(logs / "seeds.log", 5))
+
 
 def _status(code: int | None, ok: tuple[int, ...] = (0,)) -> str:
     return "timed out" if code is None else "passed" if code in ok else "failed"
@@ -488,7 +511,11 @@ def main(argv: list[str]) -> int:
         "of results)",
     )
     parser.add_argument("--logs", type=Path, default=None, help="each part's log (default: a new temporary directory)")
-    parser.add_argument("--budget", type=float, default=440.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=440.0, help="seconds for the parts before the seeds part")
+    parser.add_argument("--seeds-timeout", type=float, default=120.0,
+                        help="seconds of the seeds part (N copies as one SeedBatch against N processes), after the budget")
+    parser.add_argument("--seeds-copies", type=int, nargs="+", default=[1, 8, 32], help="copy counts of the seeds part")
+    parser.add_argument("--seeds-algorithms", nargs="+", default=["bc", "td3bc"], help="configs/algorithms/ names the seeds part times")
     parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "configs/algorithms").glob("*.yaml")),
                         help="algorithm configs timed by the perf part (default: every file of configs/algorithms/)")
     parser.add_argument("--dataset", default=DATASET, help="the dataset of the data, perf and evaluation parts (default: %(default)s)")
