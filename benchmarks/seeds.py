@@ -63,7 +63,8 @@ def _setup(config: str, seeds: list[int], device: str, dataset: str, threads: in
         model.configure_optimizers()
         for optimizer in model._raw_optimizers():
             fused_optimizer(optimizer)
-        built.append((model, model.batch_source(dm), torch.get_rng_state()))
+        cuda = torch.cuda.get_rng_state() if device.startswith("cuda") else None
+        built.append((model, model.batch_source(dm), (torch.get_rng_state(), cuda)))
     return built
 
 
@@ -99,7 +100,8 @@ def _batched_worker(config, n, device, dataset, threads, updates, warmup, out) -
     from offbench.seeds import CopyRNG, SeedBatch
 
     built = _setup(config, list(range(n)), device, dataset, threads)
-    batch = SeedBatch([m for m, _, _ in built], CopyRNG([s for _, _, s in built]))
+    cpu, cuda = zip(*[states for _, _, states in built])
+    batch = SeedBatch([m for m, _, _ in built], CopyRNG(list(cpu), None if cuda[0] is None else list(cuda)))
     samplers = [s for _, s, _ in built]
     for _ in range(warmup):
         batch.run_update([s() for s in samplers])

@@ -282,3 +282,13 @@ def test_fit_evaluates_and_resumes_exactly_on_cuda(tiny_hopper, tmp_path, compil
         assert cudagraph_skips() == skips, "some graphs ran without CUDA graphs (TORCH_LOGS=perf_hints says why)"
     record(test=f"fit_resume[{'cudagraphs' if compile_update else 'eager'}]", evaluations=len(results[0]["history"]),
            score=results[0]["scores"]["last"])
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["bc.BC", "td3bc.TD3BC", "diffusion_ql.DiffusionQL"])
+def test_seed_batch_copies_equal_single_seed_runs_on_cuda(name, tiny_hopper):
+    """Many seeds as one computation (offbench/seeds.py) on CUDA, where vmap's batched kernels run: copy k
+    against the single-seed run of seed k in float64 (device RNG states per copy), as tests/test_seeds.py on the CPU."""
+    from tests.test_seeds import check_copies
+
+    check_copies(name, torch.float64, tiny_hopper, 20, device="cuda")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -50,11 +51,12 @@ def algorithm(name: str) -> type[OfflineRLModule]:
     return getattr(importlib.import_module(f"algorithms.{module}"), cls)
 
 
-def build(cls, kwargs, seed, path, dtype):
-    """Module, sampler and RNG state of seed `seed` as its single-seed run starts training."""
+def build(cls, kwargs, seed, path, dtype, device="cpu"):
+    """Module, sampler and RNG states (CPU, and CUDA's on CUDA) of seed `seed` as its single-seed run starts training."""
     pl.seed_everything(seed, verbose=False)
     dm = OfflineDataModule(str(path), batch_size=32)
-    model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **kwargs)
+    model = cls(obs_dim=dm.obs_dim, act_dim=dm.act_dim, max_action=dm.max_action, **kwargs).to(device)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))  # setup's device
     dm.setup()
     if hasattr(model, "prepare"):  # Diffuser's setup hook
         model.prepare(dm)
@@ -70,7 +72,7 @@ def build(cls, kwargs, seed, path, dtype):
         batch = source()
         return type(batch)(*(x.to(dtype) if torch.is_floating_point(x) else x for x in batch))
 
-    return model, sample, torch.get_rng_state()
+    return model, sample, (torch.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None)
 
 
 def largest_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -100,21 +102,22 @@ def test_copy_k_equals_the_single_seed_run_k_over_300_updates(name, tiny_hopper)
     check_copies(name, torch.float64, tiny_hopper, 300)
 
 
-def check_copies(name, dtype, path, updates):
+def check_copies(name, dtype, path, updates, device="cpu"):
     """Copy k of a SeedBatch of SEEDS against the single-seed run of seed k: parameters after `updates`
     updates, then actions drawn from each run's own RNG stream (diffusion policies sample noise)."""
     tiny_hopper = path
     cls, kwargs = algorithm(name), BATCHABLE[name]
     singles, probes = [], []
     for seed in SEEDS:
-        model, sample, _ = build(cls, kwargs, seed, tiny_hopper, dtype)
+        model, sample, _ = build(cls, kwargs, seed, tiny_hopper, dtype, device)
         for _ in range(updates):
             model.run_update(sample())
-        obs = torch.randn(5, model.hparams.obs_dim, generator=torch.Generator().manual_seed(9), dtype=dtype)
+        obs = torch.randn(5, model.hparams.obs_dim, generator=torch.Generator().manual_seed(9), dtype=dtype).to(device)
         probes.append(model.act(obs))  # drawn from the run's own RNG stream, after its updates
         singles.append(model)
-    built = [build(cls, kwargs, seed, tiny_hopper, dtype) for seed in SEEDS]
-    batch = SeedBatch([m for m, _, _ in built], CopyRNG([state for _, _, state in built]))
+    built = [build(cls, kwargs, seed, tiny_hopper, dtype, device) for seed in SEEDS]
+    cpu, cuda = zip(*[states for _, _, states in built])
+    batch = SeedBatch([m for m, _, _ in built], CopyRNG(list(cpu), None if device == "cpu" else list(cuda)))
     for _ in range(updates):
         metrics = batch.run_update([sample() for _, sample, _ in built])
     assert all(v.shape == (len(SEEDS),) for v in metrics.values())
