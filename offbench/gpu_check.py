@@ -262,7 +262,8 @@ def write_report(check: Check, out_dir: Path) -> None:
         detail = p.detail.replace("\n", " ").replace("|", "/")
         lines.append(f"| {p.name} | {p.status} | {p.seconds:.0f} | {detail[:300]} |")
     lines += ["", "## Targets", "",
-              "Goals for one H100/H200-class GPU at batch 256, not tests; every figure is per seed (one seed per process).",
+              "Goals for one H100/H200-class GPU at batch 256, not tests; every perf figure is per seed (one seed per process; "
+              "the seeds section below measures N seeds as one batched computation).",
               "", "| what | target | measured | |", "|---|---|---|---|"]
     for t in targets:
         lines.append(f"| {t['what']} | {t['target']:,} | {_fmt(t['measured'])} | {verdict[t['met']]} |")
