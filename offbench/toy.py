@@ -311,6 +311,13 @@ def _row(name: str, label: str, steps: int | None, what: str, s: dict[str, float
     return {"method": name, "label": label, "T": steps, "actions": what, **s, "train_seconds": seconds}
 
 
+def _t_meaning(p: dict[str, Any]) -> str:
+    """What T is, per method: the diffusion chain's length (one model per T) or a sampler's steps."""
+    parts = [f"{arg} of {', '.join(labels)} (one model trained per T)" for arg, labels in p["T_trained"].items()]
+    parts += [f"{arg} of {', '.join(labels)} (one model, sampled with each T)" for arg, labels in p["T_sampled"].items()]
+    return "; ".join(parts) or "no method here has one"
+
+
 def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float], out: Path) -> str:
     """table.md and table.json in `out`; returns the markdown."""
     p = protocol
@@ -322,8 +329,7 @@ def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float
         f"method trained for {p['updates']} updates (batch {p['batch_size']}, seed {p['seed']}) through its "
         f"module class and the block loop, settings in configs/toy/; then {p['samples']} actions sampled per "
         f"row (seed {p['seed']}) with the method's act() rule, or, where labelled, from its Gaussian "
-        f"(act() returns its mean). T: n_timesteps of Diffusion-QL and DiffCPS (one model trained per T), "
-        f"DPM-Solver steps of SfBC (one model, sampled with each T). Device: {p['device']}; "
+        f"(act() returns its mean or mode). T: {_t_meaning(p)}. Device: {p['device']}; "
         f"training time of the {p['models']} models together {p['train_seconds_total'] / 60:.1f} min.",
         "",
         f"*on data*: the share of sampled actions whose nearest data point is closer than {p['threshold']} "
@@ -450,6 +456,11 @@ def main(argv: list[str]) -> int:
                 scores.append(s)
                 print(f"  {panel.title}: on data {100 * s['on_data']:.1f}%, mean |a| {s['radius']:.3f}", flush=True)
 
+    for kind, at in (("T_trained", "train"), ("T_sampled", "sample")):
+        protocol[kind] = {}
+        for m in methods:
+            if m.steps_arg and m.steps_at == at:
+                protocol[kind].setdefault(m.steps_arg, []).append(m.label)
     protocol["device"] = _device(args.device)
     protocol["models"] = len(model_seconds)
     protocol["train_seconds_total"] = sum(model_seconds)
