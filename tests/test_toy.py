@@ -128,3 +128,4 @@ def test_default_methods_are_every_config_in_table_order(tmp_path):
     for name in ("zz", "bc", "aa"):
         (tmp_path / f"{name}.yaml").write_text("model:\n  class_path: algorithms.bc.BC\n")
     assert all_methods(tmp_path) == ["bc", "aa", "zz"]  # configs outside ORDER follow alphabetically
+
