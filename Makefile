@@ -101,7 +101,7 @@ pgd: $(STAMP)  ## PGD: trajectory models, the learning grid and the dynamics/lik
 			--out results/pgd/reports/$$algo || exit 1; done; done
 
 .PHONY: toy
-toy: $(STAMP)  ## the DiffCPS toy bandit (20k updates per model, 11 models: ~2 h on one CPU core) -> results/toy/
+toy: $(STAMP)  ## the DiffCPS toy bandit, every config of configs/toy (20k updates per model; CPU hours: docs/toy.md) -> results/toy/
 	$(BIN)/offbench toy
 
 clean-venv:  ## remove the virtualenv

@@ -192,7 +192,7 @@ def distribution_samples(module: OfflineRLModule, obs: Tensor) -> Tensor | None:
     actor = getattr(module, "actor", None)
     if isinstance(actor, GaussianActor):  # BC (gaussian), IQL
         return actor(obs).sample()
-    if isinstance(actor, TanhGaussianActor):  # CQL
+    if isinstance(actor, TanhGaussianActor):  # CQL: act() is its mode, tanh of the Gaussian's mean
         return actor(obs)[0]
     if "action_std" in module.hparams:  # AWR: N(mean, action_std^2), both in units of max_action
         h = module.hparams
@@ -238,14 +238,16 @@ def train_and_sample(method: ToyMethod, steps: int | None, sample_steps: list[in
     with torch.no_grad():
         torch.manual_seed(seed)
         drawn = distribution_samples(module, obs)
-        act_kind = "act()" if drawn is None else "act() (its Gaussian's mean)"
+        tanh = type(getattr(module, "actor", None)).__name__ == "TanhGaussianActor"
+        gaussian = "tanh-Gaussian" if tanh else "Gaussian"
+        act_kind = "act()" if drawn is None else f"act() (its {gaussian}'s {'mode' if tanh else 'mean'})"
         for t in sample_steps:
             if t is not None and method.steps_at == "sample":
                 module.hparams[method.steps_arg] = t  # a sampling setting: the same model, sampled with T steps
             torch.manual_seed(seed)
             panels.append(Panel(method.name, method.label, t, act_kind, module.act(obs).cpu().numpy(), seconds))
         if drawn is not None:
-            panels.append(Panel(method.name, method.label, None, "samples of its Gaussian", drawn.cpu().numpy(), seconds))
+            panels.append(Panel(method.name, method.label, None, f"samples of its {gaussian}", drawn.cpu().numpy(), seconds))
     return panels
 
 
@@ -309,6 +311,13 @@ def _row(name: str, label: str, steps: int | None, what: str, s: dict[str, float
     return {"method": name, "label": label, "T": steps, "actions": what, **s, "train_seconds": seconds}
 
 
+def _t_meaning(p: dict[str, Any]) -> str:
+    """What T is, per method: the diffusion chain's length (one model per T) or a sampler's steps."""
+    parts = [f"{arg} of {', '.join(labels)} (one model trained per T)" for arg, labels in p["T_trained"].items()]
+    parts += [f"{arg} of {', '.join(labels)} (one model, sampled with each T)" for arg, labels in p["T_sampled"].items()]
+    return "; ".join(parts) or "no method here has one"
+
+
 def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float], out: Path) -> str:
     """table.md and table.json in `out`; returns the markdown."""
     p = protocol
@@ -320,8 +329,7 @@ def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float
         f"method trained for {p['updates']} updates (batch {p['batch_size']}, seed {p['seed']}) through its "
         f"module class and the block loop, settings in configs/toy/; then {p['samples']} actions sampled per "
         f"row (seed {p['seed']}) with the method's act() rule, or, where labelled, from its Gaussian "
-        f"(act() returns its mean). T: n_timesteps of Diffusion-QL and DiffCPS (one model trained per T), "
-        f"DPM-Solver steps of SfBC (one model, sampled with each T). Device: {p['device']}; "
+        f"(act() returns its mean or mode). T: {_t_meaning(p)}. Device: {p['device']}; "
         f"training time of the {p['models']} models together {p['train_seconds_total'] / 60:.1f} min.",
         "",
         f"*on data*: the share of sampled actions whose nearest data point is closer than {p['threshold']} "
@@ -351,7 +359,15 @@ def write_table(rows: list[dict], protocol: dict[str, Any], cal: dict[str, float
 
 # --------------------------------------------------------------------------- the command
 CONFIGS = Path(__file__).resolve().parents[1] / "configs/toy"  # the repository's, found from any working directory
-DEFAULT_METHODS = ["awr", "bc", "iql", "td3bc", "rebrac", "diffusion_ql", "sfbc", "idql", "diffcps", "diffcps-approx", "edp", "qgpo"]
+# the table's row order; configs not named here follow in alphabetical order
+ORDER = ["awr", "bc", "iql", "cql", "td3bc", "rebrac", "diffusion_ql", "sfbc", "idql", "qgpo", "edp", "diffcps",
+         "diffcps-approx"]
+
+
+def all_methods(config_dir: Path) -> list[str]:
+    """Every config in `config_dir` (the default of --methods), in table order."""
+    names = sorted(p.stem for p in config_dir.glob("*.yaml"))
+    return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
 
 
 def _parser() -> Parser:
@@ -360,8 +376,8 @@ def _parser() -> Parser:
         description="The DiffCPS toy bandit (paper section 3.1): train each method on a noisy ring of actions, "
         "sample actions with its act() rule, write toy.png, table.md and table.json.",
     )
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                   help="config names in --configs (or paths to toy configs); default: %(default)s")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="config names in --configs (or paths to toy configs); default: every config in --configs")
     p.add_argument("--configs", type=Path, default=CONFIGS,
                    help="directory of toy configs (default: the repository's configs/toy, wherever it is run from)")
     p.add_argument("--updates", type=int, default=20_000, help="gradient updates per model (paper: 20000)")
@@ -388,7 +404,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--updates and --samples must be positive, got {args.updates} and {args.samples}")
     require_device(args.device)
     threshold = args.threshold if args.threshold is not None else args.noise / 2
-    methods = find_methods(args.methods, args.configs)
+    if args.methods is None and not args.configs.is_dir():
+        raise MissingFileError(f"no folder of toy configs at {args.configs}: pass --configs with the repository's configs/toy")
+    methods = find_methods(args.methods or all_methods(args.configs), args.configs)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     start = time.perf_counter()
@@ -417,7 +435,9 @@ def main(argv: list[str]) -> int:
             jobs = [(t, [t]) for t in args.steps]
         for steps, sample_steps in jobs:
             config = {**asdict(method), "train_steps": steps, "sample_steps": sample_steps}
-            key = json.dumps({**protocol, "threshold": None, "config": config}, sort_keys=True)
+            # the key holds what this one model depends on: not the threshold (scoring only) nor the whole
+            # --steps list (its own T are in `config`), so a run of some T reuses and feeds the full run's cache
+            key = json.dumps({**protocol, "threshold": None, "steps": None, "config": config}, sort_keys=True)
             cell = args.cache / f"{method.name}{'' if steps is None or method.steps_at == 'sample' else f'-T{steps}'}.json"
             got = None if args.fresh else _cached(cell, hashlib.sha256(key.encode()).hexdigest())
             what = f"{method.label}" + ("" if steps is None or method.steps_at == "sample" else f" T={steps}")
@@ -436,6 +456,11 @@ def main(argv: list[str]) -> int:
                 scores.append(s)
                 print(f"  {panel.title}: on data {100 * s['on_data']:.1f}%, mean |a| {s['radius']:.3f}", flush=True)
 
+    for kind, at in (("T_trained", "train"), ("T_sampled", "sample")):
+        protocol[kind] = {}
+        for m in methods:
+            if m.steps_arg and m.steps_at == at:
+                protocol[kind].setdefault(m.steps_arg, []).append(m.label)
     protocol["device"] = _device(args.device)
     protocol["models"] = len(model_seconds)
     protocol["train_seconds_total"] = sum(model_seconds)

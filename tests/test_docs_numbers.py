@@ -83,6 +83,8 @@ COUNTS = {
     "perf-added-algorithms": lambda: len(
         {r["algorithm"] for r in json.loads((ROOT / "results/perf/added/perf.json").read_text())["training"]}
     ),
+    # configs/toy/*.yaml: the methods of the toy bandit (`offbench toy` runs every one by default)
+    "toy-configs": lambda: len(list((ROOT / "configs/toy").glob("*.yaml"))),
     # the models results/toy/table.json says it trained
     "toy-models": lambda: json.loads((ROOT / "results/toy/table.json").read_text())["protocol"]["models"],
 }

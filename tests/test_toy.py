@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from offbench.cli import main
-from offbench.toy import BanditDataModule, ToyMethod, distribution_samples, ring_bandit, score
+from offbench.toy import (
+    CONFIGS,
+    ORDER,
+    BanditDataModule,
+    ToyMethod,
+    all_methods,
+    distribution_samples,
+    ring_bandit,
+    score,
+)
 
 
 def test_ring_bandit_is_the_papers_dataset():
@@ -106,3 +115,17 @@ def test_toy_command_diffusion_policy_lands_on_the_ring_and_awr_does_not(tmp_pat
     assert capsys.readouterr().out.count("reusing") == 2
     again = json.loads((out / "table.json").read_text())["rows"]
     assert [r["on_data"] for r in again] == [r["on_data"] for r in result["rows"]]
+
+    capsys.readouterr()  # a model's cache key holds its own T, not the --steps list: other steps reuse AWR
+    assert main([*args[:3], *args[4:8], "--steps", "7", *args[10:]]) == 0  # args without dql and T = 10
+    assert capsys.readouterr().out.count("reusing") == 1
+
+
+def test_default_methods_are_every_config_in_table_order(tmp_path):
+    # ORDER places each of the repository's configs; a new config gets a place there deliberately
+    assert sorted(ORDER) == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert all_methods(CONFIGS) == ORDER
+    for name in ("zz", "bc", "aa"):
+        (tmp_path / f"{name}.yaml").write_text("model:\n  class_path: algorithms.bc.BC\n")
+    assert all_methods(tmp_path) == ["bc", "aa", "zz"]  # configs outside ORDER follow alphabetically
+
