@@ -77,7 +77,7 @@ def advantage_weights(adv: Tensor, temperature: float, weight_clip: float) -> Te
 
 class AWR(OfflineRLModule):
     needs_dataset_rows = True  # reads TD(lambda) returns and weights per dataset row by Batch.idx
-    # --seeds (offbench/seeds.py): refresh() replaces the per-row tables in plain tensor attributes, one for all copies
+    # many seeds as one computation (offbench/seeds.py): refresh() replaces the per-row tables in plain tensor attributes, one for all copies
     unbatchable = ("its refresh() replaces every row's TD(lambda) returns and weights, kept in plain tensor attributes "
                    "(one tensor for all copies)")
 

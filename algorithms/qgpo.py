@@ -152,7 +152,7 @@ NO_DRAWS = QGPODraws()  # training: every draw made on the device
 class QGPO(OfflineRLModule):
     needs_dataset_rows = True  # reads support actions per dataset row by Batch.idx
     unbatchable = ("its support-action stage reads the stored seed on the host (int(tensor)) and draws in a forked "
-                   "RNG, which vmap cannot run")  # --seeds: offbench/seeds.py
+                   "RNG, which vmap cannot run")  # seeds as one computation: offbench/seeds.py
 
     def __init__(
         self,

@@ -122,7 +122,7 @@ def plan_returns(rew: Tensor, not_done: Tensor, has_next: Tensor, gamma: float, 
 class SfBC(OfflineRLModule):
     needs_dataset_rows = True  # reads planned returns per dataset row by Batch.idx
     unbatchable = ("its planning rounds replace every row's planned return (a plain tensor attribute, one for all "
-                   "copies) and clear the critic optimiser's state")  # --seeds: offbench/seeds.py
+                   "copies) and clear the critic optimiser's state")  # seeds as one computation: offbench/seeds.py
 
     def __init__(
         self,

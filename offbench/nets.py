@@ -91,7 +91,7 @@ def _per_copy(fn: Any) -> Any:
 
 
 def _seed_batch_on_cpu(x: Tensor) -> bool:
-    """Inside a --seeds update (offbench/seeds.py) on the CPU: the layers here run copy by copy on the copies'
+    """Inside a SeedBatch update (offbench/seeds.py) on the CPU: the layers here run copy by copy on the copies'
     stacked tensors, with the kernels of a single-seed run (so each copy gets its single-seed run's numbers; on
     the CPU a batched matmul is no faster than oneDNN's per copy). On a GPU vmap's batched kernels run."""
     return x.device.type == "cpu" and seeds.in_seed_batch()
@@ -115,7 +115,7 @@ class Linear(nn.Linear):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (the same parameters and state dict) that a --seeds update on the CPU runs copy by copy,
+    """nn.LayerNorm (the same parameters and state dict) that a SeedBatch update on the CPU runs copy by copy,
     so each copy gets its single-seed run's numbers (vmap's batched affine rounds differently)."""
 
     def forward(self, x: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ no host synchronisation and no Python branching on tensor values in `update`; st
 training is a parameter or a buffer (a plain tensor attribute would be one tensor for all copies:
 `SeedBatch` checks after each update that no attribute holds a vmap-wrapped tensor and stops with an
 error naming it). An algorithm that cannot be batched sets the class attribute `unbatchable` to the
-reason; `offbench fit --seeds` then trains its seeds one by one and says so.
+reason; SeedBatch refuses it with that reason (its seeds train one by one, each its own run).
 
 Numerics: copy k equals the single-seed run of seed k up to float round-off, not bit for bit: a batched
 matmul sums in another order than N separate ones (and the CPU's oneDNN layers and the fused Mish of
@@ -186,7 +186,7 @@ def foreach_stacked(op: Callable[..., Any], targets: list[Tensor], sources: list
     tensors behind the copies' (every copy at once, outside vmap): foreach kernels have no batching rule."""
     level = _ACTIVE[-1][0]
     if not all(functorch.maybe_get_level(t) == level for t in targets):
-        raise ContractError("an in-place foreach update inside a --seeds update must write parameters or buffers of the module")
+        raise ContractError("an in-place foreach update inside a SeedBatch update must write parameters or buffers of the module")
     stacked_targets, stacked_sources = [physical(t) for t in targets], [_stacked(s) for s in sources]
     with outside_vmap():
         op(stacked_targets, stacked_sources, *args)
@@ -281,7 +281,7 @@ class SeedBatch:
         except RuntimeError as e:
             if "randomness error mode" in str(e):
                 raise ContractError(
-                    f"{type(template).__name__}.update() draws random numbers with an operation that --seeds cannot give "
+                    f"{type(template).__name__}.update() draws random numbers with an operation that a SeedBatch cannot give "
                     "each copy its own stream of: use " + ", ".join(sorted(f.__name__ for f in RANDOM_FUNCTIONS))
                     + " (offbench/seeds.py), or set the class attribute `unbatchable` to say why it cannot be batched"
                 ) from e
@@ -336,7 +336,7 @@ class SeedBatch:
             if any(torch.is_tensor(v) and functorch.is_batchedtensor(v) for v in values):
                 raise ContractError(
                     f"{type(self.template).__name__}.update() keeps a tensor in the attribute `{name}`, which holds one tensor "
-                    "for all copies of a --seeds run: register it as a buffer (self.register_buffer), or set the class "
+                    "for all copies of a SeedBatch: register it as a buffer (self.register_buffer), or set the class "
                     "attribute `unbatchable` to say why the algorithm cannot be batched (offbench/seeds.py)"
                 )
 

@@ -202,7 +202,7 @@ def test_a_random_op_it_cannot_split_stops_with_the_rule():
     modules = [_Toy("escape") for _ in range(2)]
     for m in modules:
         m.configure_optimizers()
-    with pytest.raises(ContractError, match="draws random numbers with an operation that --seeds cannot give"):
+    with pytest.raises(ContractError, match="draws random numbers with an operation that a SeedBatch cannot give"):
         SeedBatch(modules).run_update(_toy_batches(2))
 
 
