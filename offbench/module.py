@@ -48,7 +48,7 @@ parameter or a buffer), draws its random numbers with torch's random functions (
 randint, their `_like` forms, bernoulli, normal, multinomial, dropout, or in-place ones like
 `Tensor.uniform_`) and steps only through `self.optimize` (its `clip` argument takes an algorithm's own
 gradient clipping). An algorithm that cannot keep them sets the class attribute `unbatchable` to the
-reason (AWR, SfBC and QGPO do): its seeds then train one by one.
+reason (AWR, SfBC and QGPO do): SeedBatch then refuses it, naming the reason.
 
 Lightning hooks: the base class owns `training_step` (a block of `update` calls per Lightning call,
 batches from the DataModule's device-resident sampler), `on_train_start` (update count, compiled path,
