@@ -129,3 +129,10 @@ def test_default_methods_are_every_config_in_table_order(tmp_path):
         (tmp_path / f"{name}.yaml").write_text("model:\n  class_path: algorithms.bc.BC\n")
     assert all_methods(tmp_path) == ["bc", "aa", "zz"]  # configs outside ORDER follow alphabetically
 
+
+
+def test_shipped_table_has_every_config_of_configs_toy():
+    # results/toy is one `offbench toy` run of every method: a config added later needs a rerun (`make toy`)
+    result = json.loads((CONFIGS.parents[1] / "results/toy/table.json").read_text())
+    assert {r["method"] for r in result["rows"]} - {"data", "gaussian_fit"} == {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert result["protocol"]["updates"] == 20_000 and result["protocol"]["steps"] == [5, 15, 20]
