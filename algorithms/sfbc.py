@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from offbench import settings as check
 from offbench.batch import Batch, Transitions
 from offbench.diffusion import ScoreDiffusion, repeat_rows, resample
-from offbench.module import OfflineRLModule, compilable, copy_
+from offbench.module import OfflineRLModule, compilable
 from offbench.nets import CriticEnsemble
 
 
@@ -276,7 +276,7 @@ class SfBC(OfflineRLModule):
             self.returns = self._set_stats(self._plan(value))
             if hp.reset_critic:
                 with torch.no_grad():
-                    copy_(list(self.critic.parameters()), list(self.critic_init.parameters()))
+                    torch._foreach_copy_(list(self.critic.parameters()), list(self.critic_init.parameters()))
                 self.critic_opt.state.clear()
         # 3. critic: regression on the (normalised) returns of rows drawn on the device
         return self.critic_update(batch)

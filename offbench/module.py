@@ -404,28 +404,4 @@ def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging target <- (1 - tau) * target + tau * source, one fused op over all params."""
-    lerp_(list(target.parameters()), list(source.parameters()), tau)
-
-
-@torch.no_grad()
-def lerp_(targets: list[Tensor], sources: list[Tensor], weight: float) -> None:
-    """targets <- targets + weight * (sources - targets), in place: one fused foreach kernel. Inside
-    torch.func.vmap (many seeds as one computation, offbench/seeds.py), where foreach kernels have no batching
-    rule, the same kernel runs on the stacked tensors behind the copies' (the same per-element result)."""
-    if not torch._C._are_functorch_transforms_active():
-        torch._foreach_lerp_(targets, sources, weight)
-        return
-    from offbench.seeds import foreach_stacked  # here: offbench.seeds imports this module
-
-    foreach_stacked(torch._foreach_lerp_, targets, sources, weight)
-
-
-@torch.no_grad()
-def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """targets <- sources, in place (one foreach kernel; inside vmap on the stacked tensors, as `lerp_`)."""
-    if not torch._C._are_functorch_transforms_active():
-        torch._foreach_copy_(targets, sources)
-        return
-    from offbench.seeds import foreach_stacked
-
-    foreach_stacked(torch._foreach_copy_, targets, sources)
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)

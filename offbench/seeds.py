@@ -23,8 +23,8 @@ What vmap cannot do by itself, and how it is done here (the functorch internals 
   draws exactly the numbers its single-seed run draws. Any other random operation inside `update`
   stops with an error naming the functions that work (vmap runs with randomness="error"): never
   silently correlated or silently different streams.
-- foreach kernels (`torch._foreach_lerp_` and friends) have no batching rule: the suite's in-place
-  helpers (`offbench.module.lerp_`, `copy_`: Polyak targets, EMA) go tensor by tensor under vmap.
+- foreach kernels (`torch._foreach_lerp_` and friends: Polyak targets, EMA) have no batching rule: those in
+  FOREACH_IN_PLACE are intercepted the same way and run on the stacked tensors, every copy at once.
 
 What an algorithm must respect to be batched (the contract in offbench/module.py asks it already):
 no host synchronisation and no Python branching on tensor values in `update`; state that changes during
@@ -68,6 +68,14 @@ RANDOM_FUNCTIONS = {
 RANDOM_IN_PLACE = {
     Tensor.normal_, Tensor.uniform_, Tensor.bernoulli_, Tensor.exponential_, Tensor.random_, Tensor.cauchy_,
     Tensor.log_normal_, Tensor.geometric_,
+}
+
+
+# In-place foreach kernels (Polyak targets, EMA, ...) have no batching rule: inside an update they run on the
+# stacked tensors behind the copies' (every copy at once, the same per-element result).
+FOREACH_IN_PLACE = {
+    torch._foreach_lerp_, torch._foreach_copy_, torch._foreach_mul_, torch._foreach_add_, torch._foreach_addcmul_,
+    torch._foreach_zero_,
 }
 
 
@@ -152,7 +160,8 @@ class CopyRNG:
 
 class _PerCopyRandomness(TorchFunctionMode):
     """Inside a SeedBatch update: each random function in RANDOM_FUNCTIONS called once per copy, under that
-    copy's RNG state, with that copy's slice of any batched argument; the results stacked and wrapped back."""
+    copy's RNG state, with that copy's slice of any batched argument; the results stacked and wrapped back.
+    (The in-place foreach kernels of FOREACH_IN_PLACE are run on the stacked tensors here too.)"""
 
     def __init__(self, rng: CopyRNG) -> None:
         super().__init__()
@@ -160,8 +169,10 @@ class _PerCopyRandomness(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if (func not in RANDOM_FUNCTIONS and func not in RANDOM_IN_PLACE) or not in_seed_batch():
+        if (func not in RANDOM_FUNCTIONS and func not in RANDOM_IN_PLACE and func not in FOREACH_IN_PLACE) or not in_seed_batch():
             return func(*args, **kwargs)
+        if func in FOREACH_IN_PLACE:
+            return foreach_stacked(func, *args, **kwargs)
         level, n = _ACTIVE[-1]
         flat, spec = pytree.tree_flatten((args, kwargs))
         batched = [torch.is_tensor(x) and functorch.maybe_get_level(x) == level for x in flat]
@@ -181,15 +192,15 @@ class _PerCopyRandomness(TorchFunctionMode):
         return functorch._add_batch_dim(out, 0, level)
 
 
-def foreach_stacked(op: Callable[..., Any], targets: list[Tensor], sources: list[Tensor], *args: Any) -> None:
-    """An in-place foreach kernel `op(targets, sources, *args)` inside a SeedBatch update, run on the stacked
-    tensors behind the copies' (every copy at once, outside vmap): foreach kernels have no batching rule."""
+def foreach_stacked(op: Callable[..., Any], targets: list[Tensor], *args: Any, **kwargs: Any) -> None:
+    """An in-place foreach kernel `op(targets, *args)` inside a SeedBatch update, run on the stacked tensors
+    behind the copies' (every copy at once, outside vmap): foreach kernels have no batching rule."""
     level = _ACTIVE[-1][0]
     if not all(functorch.maybe_get_level(t) == level for t in targets):
-        raise ContractError("an in-place foreach update inside a SeedBatch update must write parameters or buffers of the module")
-    stacked_targets, stacked_sources = [physical(t) for t in targets], [_stacked(s) for s in sources]
+        raise ContractError(f"{op.__name__} inside a SeedBatch update must write parameters or buffers of the module")
+    args = tuple([_stacked(x) for x in a] if isinstance(a, (list, tuple)) and a and torch.is_tensor(a[0]) else a for a in args)
     with outside_vmap():
-        op(stacked_targets, stacked_sources, *args)
+        op([physical(t) for t in targets], *args, **kwargs)
 
 
 def stack_batches(batches: Sequence[Any]) -> Any:

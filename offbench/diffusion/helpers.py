@@ -8,8 +8,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from offbench.module import copy_, lerp_
-
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995, start: int = 1000,
@@ -23,10 +21,10 @@ def update_ema(ema: nn.Module, model: nn.Module, step: int, decay: float = 0.995
     on_cadence = step % every == 0
     if step < start:
         if warmup == "copy" or (warmup == "copy_on_cadence" and on_cadence):
-            copy_(ema_params, params)
+            torch._foreach_copy_(ema_params, params)
         return
     if on_cadence:
-        lerp_(ema_params, params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
 def sample_by_score(scores: Tensor, k: int = 1, u: Tensor | None = None) -> Tensor:
