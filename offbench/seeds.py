@@ -79,6 +79,9 @@ FOREACH_IN_PLACE = {
 }
 
 
+_INTERCEPTED = RANDOM_FUNCTIONS | RANDOM_IN_PLACE | FOREACH_IN_PLACE  # what _PerCopyCalls handles (one lookup per op)
+
+
 class SeedBatchError(UserError):
     """Seeds that cannot be trained as one batched computation (one line saying why and what to do)."""
 
@@ -158,7 +161,7 @@ class CopyRNG:
                 torch.cuda.set_rng_state(saved[1])
 
 
-class _PerCopyRandomness(TorchFunctionMode):
+class _PerCopyCalls(TorchFunctionMode):
     """Inside a SeedBatch update: each random function in RANDOM_FUNCTIONS called once per copy, under that
     copy's RNG state, with that copy's slice of any batched argument; the results stacked and wrapped back.
     (The in-place foreach kernels of FOREACH_IN_PLACE are run on the stacked tensors here too.)"""
@@ -169,7 +172,7 @@ class _PerCopyRandomness(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if (func not in RANDOM_FUNCTIONS and func not in RANDOM_IN_PLACE and func not in FOREACH_IN_PLACE) or not in_seed_batch():
+        if func not in _INTERCEPTED or not in_seed_batch():
             return func(*args, **kwargs)
         if func in FOREACH_IN_PLACE:
             return foreach_stacked(func, *args, **kwargs)
@@ -268,13 +271,12 @@ class SeedBatch:
                         for key, value in states[0].items()
                     }
             stacked[attr] = new
+        replacing = {id(getattr(self.template, attr)): new for attr, new in stacked.items()}
         for value in vars(self.template).values():  # schedulers step the stacked optimiser from now on
-            if isinstance(value, torch.optim.lr_scheduler.LRScheduler):
-                for attr, opt in vars(self.template).items():
-                    if value.optimizer is opt and attr in stacked:
-                        value.optimizer = stacked[attr]
-                        # what the scheduler's own wrapper of optimizer.step() marks (else torch warns at its step())
-                        stacked[attr].step = _mark_stepped(stacked[attr])
+            if isinstance(value, torch.optim.lr_scheduler.LRScheduler) and id(value.optimizer) in replacing:
+                value.optimizer = replacing[id(value.optimizer)]
+                # what the scheduler's own wrapper of optimizer.step() marks (else torch warns at its step())
+                value.optimizer.step = _mark_stepped(value.optimizer)
         return stacked
 
     # --- one update of every copy -----------------------------------------------------------
@@ -287,7 +289,7 @@ class SeedBatch:
         vars(template).update(self._optimizers)
         template.optimize = self._optimize  # type: ignore[method-assign]
         try:
-            with _PerCopyRandomness(self.rng):
+            with _PerCopyCalls(self.rng):
                 metrics = self._vmapped(self.params, self.buffers, stack_batches(batches))
         except RuntimeError as e:
             if "randomness error mode" in str(e):
