@@ -40,7 +40,7 @@ log_prob(obs, act) -> Tensor   (optional)
     log pi(act | obs) (n,) of the current policy, differentiable w.r.t. `act`; only guided PGD data
     (offbench/pgd, docs/pgd.md) calls it. Exact for Gaussian policies, N(act(s), 1) for deterministic ones.
 
-Many seeds as one computation (offbench/seeds.py, `SeedBatch`): N copies of an algorithm train as one
+Many seeds as one computation (`offbench fit --seeds 0,1,2`; offbench/seeds.py, `SeedBatch`): N copies of an algorithm train as one
 batched computation through torch.func.vmap over this same `update`, each copy with its own parameters,
 optimiser state, batches and random stream. Nothing extra to write when `update` keeps the rules above
 (no host sync, no Python branching on tensor values, every tensor that changes during training a

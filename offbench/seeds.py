@@ -354,12 +354,19 @@ class SeedBatch:
                 )
 
     # --- copies as single modules -----------------------------------------------------------
-    def unstack(self) -> list[OfflineRLModule]:
-        """Write each copy's parameters, buffers and optimiser states back into its own module (for its
-        evaluation, checkpoint or a single-seed continuation); returns the modules."""
+    def unstack(self, copies: Sequence[int] | None = None) -> list[OfflineRLModule]:
+        """Write each copy's parameters, buffers, optimiser states and learning-rate schedulers back into its own
+        module (for its evaluation, checkpoint or a single-seed continuation); returns the modules.
+        copies: which (all by default)."""
         names = {id(p): name for name, p in self.template.named_parameters()}
+        schedulers = {attr: value for attr, value in vars(self.template).items()
+                      if isinstance(value, torch.optim.lr_scheduler.LRScheduler)}
         with torch.no_grad():
-            for k, m in enumerate(self.modules):
+            for k in range(self.n) if copies is None else copies:
+                m = self.modules[k]
+                for attr, scheduler in schedulers.items():  # only the template's steps (the stacked optimiser)
+                    if getattr(m, attr) is not scheduler:
+                        getattr(m, attr).load_state_dict(scheduler.state_dict())
                 for name in self._names:
                     _get(m, name).copy_(self.params[name][k])
                 for name in self._buffer_names:

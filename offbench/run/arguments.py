@@ -280,6 +280,8 @@ def algorithms_help() -> str:
         "Shorthands of the grammar shared with the other commands: --dataset (--data.dataset), --env (--data.env_id), "
         "--seed (--seed_everything), --device (--trainer.accelerator), --out (--trainer.default_root_dir); hyphens may "
         "replace underscores (--ckpt-path). An algorithm's settings: offbench fit --model.help CLASS. The algorithms "
-        "own their optimisers: their learning rates are --model.init_args.* settings.", 100)
+        "own their optimisers: their learning rates are --model.init_args.* settings. Several seeds in one process: "
+        "--seeds 0,1,2,3 (or 0-3) in place of --seed trains one run per seed, each in its own run directory as if run "
+        "alone, their updates one batched computation (docs/seeds.md; with --out, put {seed} in it).", 100)
     return ("Train one algorithm on one dataset (LightningCLI; docs/cli.md). The algorithms, by class (--model CLASS)\n"
             "and with the paper's settings (--config FILE):\n\n" + "\n".join(lines) + "\n\n" + notes)

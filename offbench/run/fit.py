@@ -25,6 +25,7 @@ from offbench.grammar import require_device
 from offbench.module import OfflineRLModule
 from offbench.run.arguments import algorithms_help, fit_argv, renamed_message
 from offbench.run.checkpoints import LastCheckpoint, check_networks_fit, last_evaluation, read_checkpoint
+from offbench.run.lockstep import Lockstep, fit_seeds, split_seeds
 from offbench.run.metrics import RunCSVLogger
 from offbench.run.resume import ApplyNewSettings, settings_changes
 from offbench.run.run_dir import (
@@ -105,6 +106,7 @@ class OffbenchCLI(LightningCLI):
         root = Path(trainer.default_root_dir)
         if config.get("ckpt_path") == "last":
             last_checkpoint(root)  # before the lock makes the directory: a mistyped one stays unmade
+        self.claim_run_dir(root)
         HELD_LOCKS.append(lock_run_dir(root))  # one process per run directory, until this one ends
         remove_partial_files(root)  # left by a crash mid-write; nobody else writes here now
         check_writable(root / "checkpoints")  # before training, not at the first checkpoint
@@ -129,6 +131,9 @@ class OffbenchCLI(LightningCLI):
                     + "\nResume with the run's own settings, start a new run in another --trainer.default_root_dir, "
                     "or pass --accept_changes true to continue this run with the new values"
                 )
+
+    def claim_run_dir(self, root: Path) -> None:
+        """Before the run directory's lock is taken: a run of several seeds (SeedCopyCLI) checks that no two share it."""
 
     def _changed_settings(self, root: Path, config: Any, resumed_updates: int) -> list[str]:
         """What differs between the run's config.yaml (the settings it ran with so far) and `config`."""
@@ -216,14 +221,28 @@ def _wandb_logger(config: Any, root: str, resumed: bool) -> Logger:
 
 def fit_main(argv: list[str]) -> None:
     """`offbench fit ARGV`: the checks of offbench/run/arguments.py, then LightningCLI, whose own errors
-    (a value of the wrong type, say) are one line too."""
+    (a value of the wrong type, say) are one line too. With `--seeds 0,1,2`: every seed's run in this
+    process, their updates one batched computation (offbench/run/lockstep.py)."""
     quiet_lightning()
+    argv, seeds = split_seeds(argv)
     argv = fit_argv(argv)
+    try:
+        if seeds is None or "-h" in argv or "--help" in argv:
+            run_cli(argv)
+        else:
+            fit_seeds(argv, seeds, lambda argv_k, lockstep, k: run_cli(argv_k, SeedCopyCLI, lockstep=lockstep, copy=k))
+    finally:
+        while HELD_LOCKS:  # the OS would release them at exit; a caller in the same process may fit again
+            os.close(HELD_LOCKS.pop())
+
+
+def run_cli(argv: list[str], cli: type[OffbenchCLI] | None = None, **kwargs: Any) -> None:
+    """One run: `cli` (OffbenchCLI by default) on fit's arguments `argv`."""
     fit_parser: dict[str, Any] = {"exit_on_error": False}
     if "-h" in argv or "--help" in argv:
         fit_parser["description"] = algorithms_help()
     try:
-        OffbenchCLI(
+        (cli or OffbenchCLI)(
             OfflineRLModule,
             OfflineDataModule,
             subclass_mode_model=True,
@@ -234,12 +253,32 @@ def fit_main(argv: list[str]) -> None:
             parser_kwargs={"prog": "offbench", "exit_on_error": False, "formatter_class": HelpFormatter, "fit": fit_parser},
             auto_configure_optimizers=False,  # no --optimizer/--lr_scheduler: the algorithms own their optimisers
             args=["fit", *argv],
+            **kwargs,
         )
     except argparse.ArgumentError as e:
         raise UserError(one_line(str(e))) from None
-    finally:
-        while HELD_LOCKS:  # the OS would release them at exit; a caller in the same process may fit again
-            os.close(HELD_LOCKS.pop())
+
+
+class SeedCopyCLI(OffbenchCLI):
+    """Copy `copy` of a run of several seeds (`offbench fit --seeds`): the single-seed run, its updates routed
+    through the Lockstep (offbench/run/lockstep.py); only the first copy shows a progress bar and summary."""
+
+    def __init__(self, *args: Any, lockstep: Lockstep, copy: int, **kwargs: Any) -> None:
+        self.lockstep, self.copy = lockstep, copy
+        super().__init__(*args, **kwargs)
+
+    def claim_run_dir(self, root: Path) -> None:
+        self.lockstep.claim(self.copy, root)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        if self.copy > 0:  # one progress bar for all: the runs move in step (config.yaml keeps the settings given)
+            trainer_config = self._get(self.config_init, "trainer")
+            trainer_config["enable_progress_bar"] = trainer_config["enable_model_summary"] = False
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        super().before_fit()
+        self.lockstep.attach(self.copy, self.model)
 
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
