@@ -14,7 +14,7 @@ WORKERS ?= 2
 BENCH_OUT ?= runs/benchmark/$(GRID)
 # `make perf`: every algorithm of the suite (configs/algorithms/, and the EXTRA_ROWS of offbench/perf.py) in one
 # table, results/perf/perf.md and .json: 300 updates per timing window, fewer for the rows slow on a CPU (SLOW_ROWS
-# of offbench/perf.py, each row's count in the table), compiled too; about 30 minutes on 2 CPU cores (docs/performance.md).
+# of offbench/perf.py, each row's count in the table), compiled too; about 10 minutes on 2 idle CPU cores (docs/performance.md).
 # PERF_ARGS adds flags, e.g. on a GPU: PERF_ARGS="--device cuda --updates 1000 --equal-updates".
 PERF_ARGS ?=
 # `make gpu-wheels` (on a machine with network) and `make gpu-check` (on a CUDA machine, with or without
@@ -61,7 +61,7 @@ benchmark: $(STAMP)  ## run configs/grids/$(GRID).yaml into runs/benchmark/$(GRI
 table: $(STAMP)  ## rewrite the tables and curves of results/$(GRID) (with LaTeX); without runs: exit 2, nothing written
 	$(BIN)/offbench table results/$(GRID) --latex
 
-perf: $(STAMP)  ## every algorithm's updates/s (Lightning, plain, compiled), eval env-steps/s, ~30 min on 2 cores -> results/perf/perf.md
+perf: $(STAMP)  ## every algorithm's updates/s (Lightning, plain, compiled), eval env-steps/s, ~10 min on 2 cores -> results/perf/perf.md
 	$(BIN)/offbench perf --compile $(PERF_ARGS)
 
 gpu-wheels:  ## download the wheels a GPU machine without network lacks into gpu-wheels/ (CPython 3.12, x86-64)

@@ -79,10 +79,6 @@ COUNTS = {
     "cuda-cases": _cuda_cases,
     # the rows of results/perf/perf.json
     "perf-rows": lambda: _perf_rows("results/perf/perf.json"),
-    # the distinct algorithms of results/perf/added/perf.json
-    "perf-added-algorithms": lambda: len(
-        {r["algorithm"] for r in json.loads((ROOT / "results/perf/added/perf.json").read_text())["training"]}
-    ),
     # configs/toy/*.yaml: the methods of the toy bandit (`offbench toy` runs every one by default)
     "toy-configs": lambda: len(list((ROOT / "configs/toy").glob("*.yaml"))),
     # the models results/toy/table.json says it trained
