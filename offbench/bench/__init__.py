@@ -72,6 +72,8 @@ from offbench.bench.cells import (
     _updates_done,  # noqa: F401 (imported from here by tests on other branches)
     cell_command,
     cell_state,
+    make_packs,
+    pack_command,
     set_aside,
     stale_arguments,
     start_cell,
@@ -83,5 +85,6 @@ from offbench.bench.runner import GridReport, run_grid
 
 __all__ = [
     "Cell", "CellState", "Grid", "GridError", "GridReport", "RayOptions", "Running", "cell_command", "cell_state",
-    "dataset_slug", "expand_grid", "load_grid", "main", "run_grid", "set_aside", "stale_arguments", "start_cell",
+    "dataset_slug", "expand_grid", "load_grid", "main", "make_packs", "pack_command", "run_grid", "set_aside",
+    "stale_arguments", "start_cell",
 ]
