@@ -98,6 +98,9 @@ def make_packs(pending: Iterable[tuple[Cell, CellState]]) -> list[tuple[list[Cel
     packs: list[tuple[list[Cell], CellState]] = []
     filling: dict[tuple[tuple[str, ...], CellState], list[Cell]] = {}
     for cell, state in pending:
+        if cell.seeds_per_process == 1:
+            packs.append(([cell], state))
+            continue
         key = (tuple(seedless_args(cell)), state)
         pack = filling.get(key)
         if pack is None or len(pack) >= cell.seeds_per_process:
