@@ -113,7 +113,7 @@ def test_cells_share_a_gpu_by_fractions(local_ray, tiny_hopper, tmp_path, monkey
     render = bench.runner._render
 
     def recording_render(g, report, running, *args):
-        seen.append([(r.cell.id, r.gpu) for r in running])
+        seen.append([(cell.id, r.gpu) for r in running for cell in r.cells])
         return render(g, report, running, *args)
 
     monkeypatch.setattr(bench.runner, "_render", recording_render)

@@ -250,10 +250,6 @@ class Running:
     updates: dict[str, int] = field(default_factory=dict)  # cell id: updates done
 
     @property
-    def cell(self) -> Cell:
-        """The first cell: the one whose bench.log has the process's output."""
-        return self.cells[0]
-
-    @property
     def log(self) -> Path:
+        """The process's output: its first cell's bench.log."""
         return self.cells[0].run_dir / "bench.log"

@@ -20,7 +20,8 @@ def _parser() -> Parser:
     parser.add_argument("grid", help="grid file, e.g. configs/grids/quick.yaml")
     parser.add_argument(
         "--workers", type=int, default=None,
-        help="cells run at the same time (default: 1 locally; with Ray, as many as the cluster's resources allow)",
+        help="processes run at the same time, each one cell or a pack of seeds (the grid's seeds_per_process) "
+        "(default: 1 locally; with Ray, as many as the cluster's resources allow)",
     )
     parser.add_argument(
         "--device", choices=DEVICES, default="auto",
