@@ -85,6 +85,25 @@ def test_a_second_run_skips_finished_cells_and_retries_the_failed_one(grid_runs)
     assert (grid.cells[1].run_dir / "result.json").is_file()
 
 
+def test_a_pack_of_seeds_is_one_task(local_ray, tiny_hopper, tmp_path, monkeypatch):
+    """`seeds_per_process: 2`: seeds 0 and 1 run as one Ray task, one `offbench fit --seeds 0,1`, each seed in its
+    own run directory with its own records."""
+    grid = load_grid(write_grid(tmp_path / "g.yaml", name="g", output=str(tmp_path / "out"), datasets=[str(tiny_hopper)],
+                                seeds=[0, 1], seeds_per_process=2, algorithms=[{"name": "bc", "config": BC}], **TINY))
+    tasks = []
+    ray_start = bench.runner._ray_start
+    monkeypatch.setattr(bench.runner, "_ray_start", lambda cluster, cells, state: tasks.append(
+        [c.seed for c in cells]) or ray_start(cluster, cells, state))
+    report = run_grid(grid, devices="cpu", console=quiet(), tables=False, ray_options=RayOptions())
+    assert tasks == [[0, 1]] and sorted(report.finished) == [c.id for c in grid.cells]
+    log = grid.cells[0].run_dir / "bench.log"
+    assert "--seeds 0,1 --trainer.accelerator cpu" in log.read_text()
+    assert f"its output is in {log}" in (grid.cells[1].run_dir / "bench.log").read_text()
+    for cell in grid.cells:
+        assert json.loads((cell.run_dir / "result.json").read_text())["seed"] == cell.seed
+        assert json.loads((cell.run_dir / "cell.json").read_text())["args"] == cell.args
+
+
 def test_cells_share_a_gpu_by_fractions(local_ray, tiny_hopper, tmp_path, monkeypatch):
     """Two cells of half a GPU each run at once on the one (pretend) GPU; they are given it as
     `offbench fit` on a GPU (and fail, this torch has no CUDA)."""
@@ -94,7 +113,7 @@ def test_cells_share_a_gpu_by_fractions(local_ray, tiny_hopper, tmp_path, monkey
     render = bench.runner._render
 
     def recording_render(g, report, running, *args):
-        seen.append([(r.cell.id, r.gpu) for r in running])
+        seen.append([(cell.id, r.gpu) for r in running for cell in r.cells])
         return render(g, report, running, *args)
 
     monkeypatch.setattr(bench.runner, "_render", recording_render)

@@ -1,5 +1,6 @@
 """One cell on disk: its state (finished, resume, fresh, running, stale), its `offbench fit` command,
-its subprocess (`start_cell`, which dies with its runner), its log and progress, and `Running`, a launched cell.
+its subprocess (`start_cell`, which dies with its runner), its log and progress, and `Running`, a launched
+process: one cell, or a pack of one column's seeds (`make_packs`, `pack_command`: `offbench fit --seeds`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,14 +91,69 @@ def cell_command(cell: Cell, state: CellState, devices: str = "cpu") -> list[str
     return command
 
 
+def make_packs(pending: Iterable[tuple[Cell, CellState]]) -> list[tuple[list[Cell], CellState]]:
+    """The processes that run `pending` cells: cells with the same arguments but for their seed (one column, one
+    dataset) and the same state (all fresh or all resumed, never mixed) share one, at most `seeds_per_process` of
+    them, in the grid's order. With seeds_per_process 1 (the default), one process per cell."""
+    packs: list[tuple[list[Cell], CellState]] = []
+    filling: dict[tuple[tuple[str, ...], CellState], list[Cell]] = {}
+    for cell, state in pending:
+        if cell.seeds_per_process == 1:
+            packs.append(([cell], state))
+            continue
+        key = (tuple(seedless_args(cell)), state)
+        pack = filling.get(key)
+        if pack is None or len(pack) >= cell.seeds_per_process:
+            pack = filling[key] = []
+            packs.append((pack, state))
+        pack.append(cell)
+    return packs
+
+
+def seedless_args(cell: Cell) -> list[str]:
+    """The cell's fit arguments without its seed, as `offbench fit --seeds` takes them: no `--seed_everything N`
+    (the grid's, see grid._cell), the run directory `.../seed{seed}` (filled in for each seed)."""
+    args = list(cell.args)
+    i = args.index("--seed_everything")
+    del args[i:i + 2]
+    template = str(cell.run_dir.parent / "seed{seed}")
+    return [template if a == str(cell.run_dir) else a for a in args]
+
+
+def pack_command(cells: list[Cell], state: CellState, devices: str = "cpu") -> list[str]:
+    """The subprocess command of a pack: a pack of one is its cell's own command (cell_command); several
+    seeds run as `offbench fit <their common arguments> --seeds a,b,c`, each seed's run writing the run
+    directory, result.json, metrics.csv and checkpoints its single-seed run writes (docs/seeds.md)."""
+    if len(cells) == 1:
+        return cell_command(cells[0], state, devices)
+    args = [*seedless_args(cells[0]), "--seeds", ",".join(str(c.seed) for c in cells)]
+    return cell_command(replace(cells[0], args=args), state, devices)
+
+
+def write_cell_json(cell: Cell) -> None:
+    """`<run dir>/cell.json`: the cell as its single-seed run has it (its args: what stale_arguments compares)."""
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    record = {**asdict(cell), "run_dir": str(cell.run_dir)}
+    del record["seeds_per_process"]  # how the runner runs the cell, not part of its run
+    write_json_atomic(cell.run_dir / "cell.json", record, default=str)
+
+
+def note_pack(cell: Cell, log: Path, command: list[str]) -> None:
+    """For a cell that runs in another cell's process (a pack of seeds): its cell.json, and a line in its
+    bench.log saying where the process's output goes (`log`, the first cell's bench.log)."""
+    write_cell_json(cell)
+    with open(cell.run_dir / "bench.log", "a") as f:
+        f.write(f"\n### offbench bench {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n"
+                f"(one process for several seeds: its output is in {log})\n")
+
+
 def start_cell(cell: Cell, command: list[str], env: dict[str, str], die_with_parent: bool = True) -> subprocess.Popen:
-    """Start one cell, its stdout and stderr appended to `<run dir>/bench.log`. With `die_with_parent`
+    """Start one cell (the first of a pack), its stdout and stderr appended to `<run dir>/bench.log`. With `die_with_parent`
     (Linux), the cell is killed when this process dies, however it dies: no cell outlives its runner.
     (Leftover partial files of a crash are removed by the cell's `fit` itself, under its run lock.)
     The cell starts with SIGINT and SIGTERM at their defaults whatever this process inherited (a runner
     started in the background by a script has SIGINT ignored): the runner's stop reaches it at once."""
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cell.run_dir / "cell.json", {**asdict(cell), "run_dir": str(cell.run_dir)}, default=str)
+    write_cell_json(cell)
     preexec = _die_with_parent(os.getpid()) if die_with_parent and _LIBC is not None else _default_signals
     with open(cell.run_dir / "bench.log", "a") as log:
         log.write(f"\n### offbench bench {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
@@ -180,14 +237,19 @@ def _updates_done(run_dir: Path) -> int | None:
 
 
 class Running:
-    """A launched cell: a local subprocess or a Ray task."""
+    """A launched process (a local subprocess or a Ray task) of one cell or of a pack of seeds (make_packs)."""
 
-    cell: Cell
+    cells: list[Cell]
     state: CellState
     process: subprocess.Popen | None = None  # local launcher
     task: Any = None  # Ray launcher: the task's ObjectRefGenerator (see _ray_cell)
     gpu: int | str | None = None
-    node: str | None = None  # Ray: the host the cell runs on
+    node: str | None = None  # Ray: the host the cells run on
     started: float | None = field(default_factory=time.monotonic)  # None: a Ray task waiting for resources
-    first_updates: tuple[float, int] | None = None  # (time, updates) when progress was first seen
-    updates: int | None = None
+    first_updates: dict[str, tuple[float, int]] = field(default_factory=dict)  # cell id: (time, updates) first seen
+    updates: dict[str, int] = field(default_factory=dict)  # cell id: updates done
+
+    @property
+    def log(self) -> Path:
+        """The process's output: its first cell's bench.log."""
+        return self.cells[0].run_dir / "bench.log"

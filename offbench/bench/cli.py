@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from offbench.bench.cells import cell_command, cell_state
+from offbench.bench.cells import cell_state, make_packs, pack_command
 from offbench.bench.grid import load_grid
 from offbench.bench.ray import RayOptions
 from offbench.bench.runner import run_grid
@@ -20,7 +20,8 @@ def _parser() -> Parser:
     parser.add_argument("grid", help="grid file, e.g. configs/grids/quick.yaml")
     parser.add_argument(
         "--workers", type=int, default=None,
-        help="cells run at the same time (default: 1 locally; with Ray, as many as the cluster's resources allow)",
+        help="processes run at the same time, each one cell or a pack of seeds (the grid's seeds_per_process) "
+        "(default: 1 locally; with Ray, as many as the cluster's resources allow)",
     )
     parser.add_argument(
         "--device", choices=DEVICES, default="auto",
@@ -75,8 +76,13 @@ def main(argv: list[str]) -> int:
     grid = load_grid(args.grid, args.out)  # a GridError (a UserError) lists every problem of the grid file
     if args.dry_run:
         states = {c.id: cell_state(c) for c in grid.cells}
+        packs = make_packs((c, states[c.id]) for c in grid.cells if states[c.id] in ("fresh", "resume"))
+        pack_of = {cell.id: cells for cells, _ in packs for cell in cells}
         for cell in grid.cells:
-            print(f"[{states[cell.id]:8}] {cell.id}\n    offbench {shlex.join(cell_command(cell, states[cell.id], 'auto')[3:])}")
+            cells = pack_of.get(cell.id, [cell])  # a pack of seeds is one process, listed at its first cell
+            line = (f"offbench {shlex.join(pack_command(cells, states[cell.id], 'auto')[3:])}" if cell is cells[0]
+                    else f"(in the process of {cells[0].id})")
+            print(f"[{states[cell.id]:8}] {cell.id}\n    {line}")
         counts = {s: list(states.values()).count(s) for s in ("finished", "resume", "fresh", "running", "stale")}
         print(f"grid {grid.name}: {len(grid.cells)} cells: {counts['finished']} finished (skipped), "
               f"{counts['resume']} to resume, {counts['fresh']} to start, {counts['running']} running elsewhere, "

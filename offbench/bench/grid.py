@@ -21,7 +21,7 @@ import yaml
 from offbench.errors import UserError
 from offbench.selection import SWEEP_MARK  # a sweep column's name: `<algorithm>@<key>=<value>,...`
 
-SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size")
+SETTING_KEYS = ("config", "args", "updates", "eval_every", "eval_episodes", "block_size", "seeds_per_process")
 GRID_KEYS = ("name", "description", "output", "seeds", "algorithms", "datasets", "overrides", "references", "wandb",
              *SETTING_KEYS)
 WANDB_KEYS = ("project", "entity", "tags", "mode")  # a grid's `wandb:` options; group and run names come from the grid
@@ -44,6 +44,7 @@ class Cell:
     run_dir: Path
     args: list[str]  # `offbench` argv, starting with "fit"; `--ckpt_path last` is added when resuming
     updates: int
+    seeds_per_process: int = 1  # the runner's packing of a column's seeds (cells.make_packs), not a fit argument
 
     @property
     def id(self) -> str:
@@ -173,6 +174,9 @@ def _algorithm_cells(
         levels = [raw, overrides.get(dataset, {}), entry, algo_overrides.get(dataset, {})]
         settings = _merge(levels, where, problems)
         settings["args"] += sweep_args  # after every level's `args`: a sweep value wins
+        if wandb is not None and settings["seeds_per_process"] > 1:
+            problems.append(f"{where}: `seeds_per_process` {settings['seeds_per_process']} does not combine with `wandb` "
+                            "(one W&B run per process): set it to 1, or drop `wandb`")
         # The algorithm's config first, then the extra configs from general to specific.
         extra_levels = (raw, overrides.get(dataset, {}), algo_overrides.get(dataset, {}))
         configs = [*_list(entry.get("config"))] + [c for level in extra_levels for c in _list(level.get("config"))]
@@ -253,7 +257,7 @@ def _cell(
     args += ["--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
     args += logger  # W&B: before the grid's `args`, which may override it
     args += s["args"]
-    return Cell(algo, dataset, seed, run_dir, args, int(s["updates"]))
+    return Cell(algo, dataset, seed, run_dir, args, int(s["updates"]), s["seeds_per_process"])
 
 
 def _wandb_args(value: Any, grid_name: str, problems: list[str]) -> list[str] | None:
@@ -282,9 +286,9 @@ def _wandb_args(value: Any, grid_name: str, problems: list[str]) -> list[str] | 
 
 
 def _merge(levels: list[dict[str, Any]], where: str, problems: list[str]) -> dict[str, Any]:
-    settings: dict[str, Any] = {"args": []}
+    settings: dict[str, Any] = {"args": [], "seeds_per_process": 1}
     for level in levels:
-        for key in ("updates", "eval_every", "eval_episodes", "block_size"):
+        for key in ("updates", "eval_every", "eval_episodes", "block_size", "seeds_per_process"):
             if key in level:
                 settings[key] = level[key]
         settings["args"] += _args(level.get("args"), where, problems)
@@ -293,6 +297,10 @@ def _merge(levels: list[dict[str, Any]], where: str, problems: list[str]) -> dic
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             problems.append(f"{where}: `{key}` must be a positive integer (set it at the top level), got {value!r}")
             settings[key] = 1
+    value = settings["seeds_per_process"]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        problems.append(f"{where}: `seeds_per_process` must be a positive integer (1: one process per seed), got {value!r}")
+        settings["seeds_per_process"] = 1
     for key in ("eval_episodes", "block_size"):
         value = settings.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

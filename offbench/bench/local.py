@@ -1,4 +1,5 @@
-"""The local launcher: cells as subprocesses of this machine, on the least-loaded GPU when there are GPUs."""
+"""The local launcher: cells (or packs of seeds) as subprocesses of this machine, on the least-loaded GPU when
+there are GPUs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from offbench.bench.cells import Cell, CellState, Running, _log_tail, cell_command, start_cell
+from offbench.bench.cells import Cell, CellState, Running, _log_tail, note_pack, pack_command, start_cell
 from offbench.errors import UserError
 
 
@@ -21,8 +22,10 @@ def _gpu_count(devices: str) -> int:
     return count
 
 
-def _start_local(cell: Cell, state: CellState, mode: str, env: dict[str, str], gpus: int, running: list[Running]) -> Running:
-    """Start a cell as a subprocess here, on the least-loaded GPU when there are GPUs."""
+def _start_local(
+    cells: list[Cell], state: CellState, mode: str, env: dict[str, str], gpus: int, running: list[Running]
+) -> Running:
+    """Start a cell, or a pack of seeds, as one subprocess here, on the least-loaded GPU when there are GPUs."""
     cell_env = dict(env)
     gpu = None
     if gpus:
@@ -31,15 +34,18 @@ def _start_local(cell: Cell, state: CellState, mode: str, env: dict[str, str], g
         cell_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     else:
         cell_env["CUDA_VISIBLE_DEVICES"] = ""
-    return Running(cell, state, process=start_cell(cell, cell_command(cell, state, mode), cell_env), gpu=gpu)
+    command = pack_command(cells, state, mode)
+    for cell in cells[1:]:
+        note_pack(cell, cells[0].run_dir / "bench.log", command)
+    return Running(cells, state, process=start_cell(cells[0], command, cell_env), gpu=gpu)
 
 
 def _poll_local(r: Running) -> tuple[int, float, str] | None:
-    """(exit code, seconds, log tail) once the cell's subprocess has ended, else None."""
+    """(exit code, seconds, log tail) once the subprocess has ended, else None."""
     code = r.process.poll()
     if code is None:
         return None
-    return code, time.monotonic() - r.started, _log_tail(r.cell.run_dir / "bench.log")
+    return code, time.monotonic() - r.started, _log_tail(r.log)
 
 
 def _stop(processes: list[subprocess.Popen], grace: float = 30.0) -> None:

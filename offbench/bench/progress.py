@@ -27,12 +27,14 @@ class GridReport:
 def _poll_progress(r: Running) -> None:
     if r.started is None:
         return
-    updates = _updates_done(r.cell.run_dir)
-    if updates is None:
-        return
-    if r.first_updates is None or updates < r.first_updates[1]:
-        r.first_updates = (time.monotonic(), updates)
-    r.updates = updates
+    for cell in r.cells:
+        updates = _updates_done(cell.run_dir)
+        if updates is None:
+            continue
+        first = r.first_updates.get(cell.id)
+        if first is None or updates < first[1]:
+            r.first_updates[cell.id] = (time.monotonic(), updates)
+        r.updates[cell.id] = updates
 
 
 def _render(grid: Grid, report: GridReport, running: list[Running], waiting: int, elapsed: float) -> Any:
@@ -45,7 +47,7 @@ def _render(grid: Grid, report: GridReport, running: list[Running], waiting: int
         (f"{grid.name} ", "bold"),
         f"{len(report.finished) + len(report.skipped)}/{total} done ",
         (f"({len(report.skipped)} skipped) ", "dim"),
-        (f"{len(running)} running ", "cyan"),
+        (f"{sum(len(r.cells) for r in running)} running ", "cyan"),
         (f"{len(report.failed)} failed ", "red" if report.failed else "dim"),
         f"{waiting} waiting, elapsed {_hms(elapsed)}",
     )
@@ -55,15 +57,16 @@ def _render(grid: Grid, report: GridReport, running: list[Running], waiting: int
     table = Table(box=None, pad_edge=False)
     for column in ("cell", "updates", "updates/s", "elapsed", "ETA", "gpu", *(("node",) if nodes else ())):
         table.add_column(column, justify="left" if column in ("cell", "node") else "right")
-    for r in running:
+    for r, cell in [(process, cell) for process in running for cell in process.cells]:  # a row per cell
         now = time.monotonic()
         rate = eta = None
-        if r.first_updates is not None and r.updates is not None and now > r.first_updates[0] + 1:
-            rate = (r.updates - r.first_updates[1]) / (now - r.first_updates[0])
-            eta = (r.cell.updates - r.updates) / rate if rate > 0 else None
+        first, updates = r.first_updates.get(cell.id), r.updates.get(cell.id)
+        if first is not None and updates is not None and now > first[0] + 1:
+            rate = (updates - first[1]) / (now - first[0])
+            eta = (cell.updates - updates) / rate if rate > 0 else None
         table.add_row(
-            r.cell.id + (" (resumed)" if r.state == "resume" else ""),
-            f"{r.updates or 0}/{r.cell.updates}",
+            cell.id + (" (resumed)" if r.state == "resume" else ""),
+            f"{updates or 0}/{cell.updates}",
             f"{rate:.0f}" if rate else "-",
             _hms(now - r.started),
             _hms(eta) if eta is not None else "-",

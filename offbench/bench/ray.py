@@ -1,5 +1,5 @@
-"""The Ray launcher (`--launcher ray`): each cell is one Ray task running the local launcher's
-`offbench fit` subprocess on whichever node of the cluster has room."""
+"""The Ray launcher (`--launcher ray`): each cell (or pack of seeds, cells.make_packs) is one Ray task running the
+local launcher's `offbench fit` subprocess on whichever node of the cluster has room."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from offbench.bench.cells import LOG_TAIL_LINES, Cell, CellState, Running, _log_tail, cell_command, start_cell
+from offbench.bench.cells import (
+    LOG_TAIL_LINES,
+    Cell,
+    CellState,
+    Running,
+    _log_tail,
+    note_pack,
+    pack_command,
+    start_cell,
+)
 from offbench.bench.local import _stop
 from offbench.errors import UserError
 
@@ -101,14 +110,14 @@ def _ray_connect(options: RayOptions, devices: str) -> RayCluster:
     return RayCluster(task, "cuda" if gpus else "cpu", env, description, disconnect)
 
 
-def _ray_start(cluster: RayCluster, cell: Cell, state: CellState) -> Running:
-    """Submit a cell; it waits in Ray's queue until a node has its resources."""
-    task = cluster.task.remote(cell, state, cluster.mode, os.getcwd(), cluster.env)
-    return Running(cell, state, task=task, started=None)
+def _ray_start(cluster: RayCluster, cells: list[Cell], state: CellState) -> Running:
+    """Submit a cell, or a pack of seeds; it waits in Ray's queue until a node has its resources."""
+    task = cluster.task.remote(cells, state, cluster.mode, os.getcwd(), cluster.env)
+    return Running(cells, state, task=task, started=None)
 
 
-def _ray_cell(cell: Cell, state: CellState, mode: str, cwd: str, env: dict[str, str]) -> Iterator[dict[str, Any]]:
-    """A cell as a Ray task, on the node Ray chose: the local launcher's `offbench fit` subprocess, run
+def _ray_cell(cells: list[Cell], state: CellState, mode: str, cwd: str, env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """A cell (or a pack of seeds) as a Ray task, on the node Ray chose: the local launcher's `offbench fit` subprocess, run
     in the driver's working directory (the filesystem is shared, so the grid's relative paths hold).
     A generator, so that the driver learns where and when the cell started before how it ended."""
     import ray
@@ -118,9 +127,12 @@ def _ray_cell(cell: Cell, state: CellState, mode: str, cwd: str, env: dict[str, 
     # Ray has set CUDA_VISIBLE_DEVICES to the GPU it gave this task (others may share it). Its worker
     # processes block SIGINT and a child inherits that: unblock it for the cell, so that the stop below
     # is the local launcher's (SIGINT, Lightning shuts down cleanly) instead of a kill after the grace.
+    command = pack_command(cells, state, mode)
+    for cell in cells[1:]:
+        note_pack(cell, cells[0].run_dir / "bench.log", command)
     blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
-        process = start_cell(cell, cell_command(cell, state, mode), {**os.environ, **env}, die_with_parent=False)
+        process = start_cell(cells[0], command, {**os.environ, **env}, die_with_parent=False)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     started = time.monotonic()
@@ -131,7 +143,7 @@ def _ray_cell(cell: Cell, state: CellState, mode: str, cwd: str, env: dict[str, 
         _stop([process])
         raise
     yield {"returncode": process.returncode, "seconds": time.monotonic() - started,
-           "log_tail": _log_tail(cell.run_dir / "bench.log")}
+           "log_tail": _log_tail(cells[0].run_dir / "bench.log")}
 
 
 def _ray_poll(r: Running) -> tuple[int | None, float, str] | None:

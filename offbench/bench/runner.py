@@ -11,7 +11,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
-from offbench.bench.cells import Cell, CellState, Running, _unreadable_result, cell_state, set_aside, stale_arguments
+from offbench.bench.cells import (
+    Cell,
+    CellState,
+    Running,
+    _unreadable_result,
+    cell_state,
+    make_packs,
+    set_aside,
+    stale_arguments,
+)
 from offbench.bench.grid import Grid
 from offbench.bench.local import _gpu_count, _poll_local, _start_local, _stop
 from offbench.bench.progress import GridReport, _hms, _poll_progress, _render
@@ -67,9 +76,10 @@ def run_grid(
     """Run every unfinished cell of `grid`, then write the tables. A cell whose run another process holds
     is skipped; a stale cell (run with other arguments than the grid file's now) is reported and left
     alone, unless `rerun_stale`: then its run directory is set aside and it runs again. SIGTERM and SIGHUP
-    stop the grid as Ctrl+C does (the running cells are stopped; a rerun resumes them). Locally (no `ray_options`): subprocesses,
-    at most `workers` (None: 1) at a time; GPUs (when used) go to the least-loaded device, so cells
-    spread round-robin and several cells may share one GPU. On Ray: one Ray task per cell, at most
+    stop the grid as Ctrl+C does (the running cells are stopped; a rerun resumes them). A process runs one cell,
+    or up to a column's `seeds_per_process` seeds of one dataset in the same state (make_packs; `offbench fit
+    --seeds`). Locally (no `ray_options`): subprocesses, at most `workers` (None: 1) at a time; GPUs (when used) go to the least-loaded device, so cells
+    spread round-robin and several processes may share one GPU. On Ray: one Ray task per process, at most
     `workers` at a time (None: as many as the cluster's resources allow). `restart_damaged`: a cell whose
     last checkpoint is unreadable continues from the one before it, or starts again (restart_damaged_cell)."""
     from rich.console import Console
@@ -142,6 +152,7 @@ def _run(
     write_json_atomic(failures_path, failures, default=str)
     if pending:
         _prepare_datasets(sorted({c.dataset for c, _ in pending}))
+    packs = deque(make_packs(pending))  # the processes to run
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Unset, every torch process would use all cores: N workers would oversubscribe the CPU N times.
@@ -157,23 +168,26 @@ def _run(
     start = time.monotonic()
     console.print(
         f"grid {grid.name}: {len(grid.cells)} cells, {len(report.skipped)} already finished, "
-        f"{len(pending)} to run on {where}; results in {grid.output}"
+        f"{len(pending)} to run"
+        + (f" in {len(packs)} processes (seeds_per_process)" if len(packs) != len(pending) else "")
+        + f" on {where}; results in {grid.output}"
     )
 
     def render() -> Any:
         started = [r for r in running if r.started is not None]
-        return _render(grid, report, started, len(pending) + len(running) - len(started), time.monotonic() - start)
+        waiting = sum(len(cells) for cells, _ in packs) + sum(len(r.cells) for r in running if r.started is None)
+        return _render(grid, report, started, waiting, time.monotonic() - start)
 
     try:
         with Live(render(), console=console, refresh_per_second=1, transient=False) as live:
-            while pending or running:
-                while pending and len(running) < workers:
-                    cell, state = pending.popleft()
+            while packs or running:
+                while packs and len(running) < workers:
+                    cells, state = packs.popleft()
                     if cluster is not None:
-                        running.append(_ray_start(cluster, cell, state))
+                        running.append(_ray_start(cluster, cells, state))
                     else:
-                        running.append(_start_local(cell, state, mode, env, gpus, running))
-                    report.launched.append(cell.id)
+                        running.append(_start_local(cells, state, mode, env, gpus, running))
+                    report.launched += [cell.id for cell in cells]
                 for r in list(running):
                     _poll_progress(r)
                     outcome = _poll_local(r) if cluster is None else _ray_poll(r)
@@ -182,17 +196,18 @@ def _run(
                     running.remove(r)
                     code, elapsed, log_tail = outcome
                     on = f" on {r.node}" if r.node else ""
-                    if code == 0 and (r.cell.run_dir / "result.json").exists():
-                        report.finished.append(r.cell.id)
-                        failures.pop(r.cell.id, None)
-                        console.print(f"[green]done[/green]   {r.cell.id} ({_hms(elapsed)}{on})")
-                    else:
-                        failures[r.cell.id] = report.failed[r.cell.id] = _failure(r, code, elapsed, log_tail)
-                        console.print(
-                            f"[red]failed[/red] {r.cell.id} ({_exit_text(code)}{on}); log: {r.cell.run_dir / 'bench.log'}"
-                        )
+                    for cell in r.cells:
+                        # In a pack, a seed whose run wrote its result.json is finished even if another seed then
+                        # failed (the seeds of an unbatchable algorithm run one after another).
+                        if (cell.run_dir / "result.json").exists() and (code == 0 or len(r.cells) > 1):
+                            report.finished.append(cell.id)
+                            failures.pop(cell.id, None)
+                            console.print(f"[green]done[/green]   {cell.id} ({_hms(elapsed)}{on})")
+                            continue
+                        failures[cell.id] = report.failed[cell.id] = _failure(r, cell, code, elapsed, log_tail)
+                        console.print(f"[red]failed[/red] {cell.id} ({_exit_text(code)}{on}); log: {r.log}")
                         if DAMAGED in log_tail:  # fit's way out (--ckpt_path) is not the runner's
-                            failures[r.cell.id]["fix"] = fix = f"offbench bench {grid.path} --restart-damaged"
+                            failures[cell.id]["fix"] = fix = f"offbench bench {grid.path} --restart-damaged"
                             console.print(f"       its checkpoint is damaged: {fix} continues it from the checkpoint "
                                           "before, or from the start")
                     write_json_atomic(failures_path, failures, default=str)
@@ -201,7 +216,7 @@ def _run(
                     time.sleep(0.5)
     except KeyboardInterrupt:
         report.interrupted = True
-        stopped = sum(r.started is not None for r in running)
+        stopped = sum(len(r.cells) for r in running if r.started is not None)
         if cluster is not None:
             _ray_stop(running)
         else:
@@ -313,19 +328,21 @@ def _write_tables(grid: Grid, report: GridReport, console: Any) -> None:
             console.print("tables: " + ", ".join(str(p) for p in written))
 
 
-def _failure(r: Running, code: int | None, elapsed: float, log_tail: str) -> dict[str, Any]:
+def _failure(r: Running, cell: Cell, code: int | None, elapsed: float, log_tail: str) -> dict[str, Any]:
+    """A failed cell's entry in failures.json; the exit, log and reason are its process's (a pack's: all its seeds')."""
     return {
-        "algorithm": r.cell.algorithm,
-        "dataset": r.cell.dataset,
-        "seed": r.cell.seed,
-        "run_dir": str(r.cell.run_dir),
+        "algorithm": cell.algorithm,
+        "dataset": cell.dataset,
+        "seed": cell.seed,
+        "run_dir": str(cell.run_dir),
         **({"node": r.node} if r.node else {}),
         "exit": _exit_text(code),
         "returncode": code,
         "resumed": r.state == "resume",
         "seconds": round(elapsed, 1),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "log": str(r.cell.run_dir / "bench.log"),
+        **({"seeds": [c.seed for c in r.cells]} if len(r.cells) > 1 else {}),  # one process ran these seeds
+        "log": str(r.log),
         "reason": log_tail or "the cell exited without output" + ("" if code else " and without a result.json"),
     }
 
