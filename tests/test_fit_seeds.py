@@ -6,6 +6,10 @@ the settings that do not combine with --seeds fail with one message."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -146,6 +150,30 @@ def test_an_interrupted_run_of_seeds_resumes_exactly(tiny_hopper, tmp_path, batc
     assert batched_updates == [2] * 100  # seed 1 caught up alone from 100 to 200, then both together
     for seed in (0, 1):
         assert_same_run(tmp_path / f"resumed/seed{seed}", tmp_path / f"full/seed{seed}", 0.0)
+
+
+@pytest.mark.parametrize(("algorithm", "updates"), [("td3bc", 600), ("awr", 3000)])
+def test_ctrl_c_stops_every_seed_and_the_same_command_resumes(algorithm, updates, tiny_hopper, tmp_path):
+    """Ctrl-C (SIGINT) after the first checkpoint: one message, exit status 1, no result yet; the same command with
+    --ckpt_path last then finishes every seed, and run again trains nothing. TD3+BC's seeds train together, AWR's one
+    after another (the seed running alone must stop too, within a block; the other one had not started)."""
+    argv = args(tiny_hopper, str(tmp_path / "seed{seed}"), algorithm, "--seeds", "0,1", "--updates", str(updates))[1:]
+    process = subprocess.Popen([sys.executable, "-m", "offbench.cli", "fit", *argv], cwd=REPO, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "seed0/checkpoints/last.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 1, err[-2000:]
+    assert "interrupted: each seed's run keeps its last checkpoint" in err and "Traceback" not in err
+    assert not any((tmp_path / f"seed{seed}/result.json").exists() for seed in (0, 1))
+    assert main(["fit", *argv, "--ckpt_path", "last"]) == 0  # a seed without a checkpoint yet starts from the beginning
+    for seed in (0, 1):
+        assert json.loads((tmp_path / f"seed{seed}/result.json").read_text())["updates"] == updates
+    results = [(tmp_path / f"seed{seed}/result.json").read_text() for seed in (0, 1)]
+    assert main(["fit", *argv, "--ckpt_path", "last"]) == 0  # finished seeds are not trained again
+    assert results == [(tmp_path / f"seed{seed}/result.json").read_text() for seed in (0, 1)]
 
 
 class StopInThirdInterval(pl.Callback):

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from offbench.grammar import require_device
 from offbench.module import OfflineRLModule
 from offbench.run.arguments import algorithms_help, fit_argv, renamed_message
 from offbench.run.checkpoints import LastCheckpoint, check_networks_fit, last_evaluation, read_checkpoint
-from offbench.run.lockstep import Lockstep, fit_seeds, split_seeds
+from offbench.run.lockstep import Lockstep, SeedFinished, fit_seeds, split_seeds
 from offbench.run.metrics import RunCSVLogger
 from offbench.run.resume import ApplyNewSettings, settings_changes
 from offbench.run.run_dir import (
@@ -104,9 +105,9 @@ class OffbenchCLI(LightningCLI):
             dataset = config.data.init_args.dataset  # data in subclass mode: --data.class_path picks the DataModule
             trainer.default_root_dir = str(default_run_dir(config.model.class_path, dataset, config.seed_everything))
         root = Path(trainer.default_root_dir)
+        self.claim_run_dir(root)
         if config.get("ckpt_path") == "last":
             last_checkpoint(root)  # before the lock makes the directory: a mistyped one stays unmade
-        self.claim_run_dir(root)
         HELD_LOCKS.append(lock_run_dir(root))  # one process per run directory, until this one ends
         remove_partial_files(root)  # left by a crash mid-write; nobody else writes here now
         check_writable(root / "checkpoints")  # before training, not at the first checkpoint
@@ -133,7 +134,8 @@ class OffbenchCLI(LightningCLI):
                 )
 
     def claim_run_dir(self, root: Path) -> None:
-        """Before the run directory's lock is taken: a run of several seeds (SeedCopyCLI) checks that no two share it."""
+        """Once the run directory is known, before anything reads or makes it: a run of several seeds (SeedCopyCLI)
+        checks that no two share it and resumes each seed as far as it got."""
 
     def _changed_settings(self, root: Path, config: Any, resumed_updates: int) -> list[str]:
         """What differs between the run's config.yaml (the settings it ran with so far) and `config`."""
@@ -268,7 +270,18 @@ class SeedCopyCLI(OffbenchCLI):
         super().__init__(*args, **kwargs)
 
     def claim_run_dir(self, root: Path) -> None:
+        """Also, when resuming (--ckpt_path last): a seed whose run finished is not trained again, and a seed without a
+        checkpoint (it had not started, or not reached its first evaluation) starts from the beginning, each with a line."""
         self.lockstep.claim(self.copy, root)
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        seed = config.seed_everything
+        if (root / "result.json").exists():
+            raise SeedFinished(f"seed {seed}: {root} holds its finished run (result.json): not trained again")
+        if not (root / "checkpoints" / "last.ckpt").exists():
+            print(f"seed {seed}: no checkpoint in {root}: it starts from the beginning", file=sys.stderr)
+            config.ckpt_path = None
 
     def instantiate_trainer(self, **kwargs: Any):
         if self.copy > 0:  # one progress bar for all: the runs move in step (config.yaml keeps the settings given)

@@ -45,6 +45,10 @@ class SeedsStopped(RuntimeError):
     """Raised in a seed's run when another seed's run failed or was interrupted (that one's error is reported)."""
 
 
+class SeedFinished(Exception):
+    """Raised before a resumed seed's run when its run directory already holds its result: nothing to train."""
+
+
 def split_seeds(argv: list[str]) -> tuple[list[str], list[int] | None]:
     """`argv` without `--seeds LIST` (or `--seeds=LIST`), and the seeds it names (None: not given).
     LIST: integers and ranges separated by commas, `0,1,2,3` or `0-3`."""
@@ -110,7 +114,8 @@ class Lockstep:
         self.n = len(seeds)
         self.cond = threading.Condition()
         self.turn = 0  # the copy whose thread runs now
-        self.finished = [False] * self.n
+        self.finished = [False] * self.n  # its thread has ended
+        self.skipped = [False] * self.n  # resumed, and its run had finished already: not trained here
         self.errors: list[tuple[int, BaseException]] = []
         self.interrupted = False
         self.states: list[tuple[Any, ...] | None] = [None] * self.n  # each waiting copy's global random states
@@ -129,6 +134,9 @@ class Lockstep:
         try:
             if not self.errors and not self.interrupted:
                 fit()
+        except SeedFinished as e:
+            self.skipped[k] = True
+            print(e, file=sys.stderr)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread (fit_seeds)
             if not isinstance(e, SeedsStopped):
                 self.errors.append((k, e))
@@ -157,7 +165,7 @@ class Lockstep:
     def _stop_if_failed(self, k: int) -> None:
         if self.errors or self.interrupted:
             raise SeedsStopped(f"seed {self.seeds[k]} stopped with the other seeds")
-        if any(self.finished):
+        if any(f and not skipped for f, skipped in zip(self.finished, self.skipped)):
             raise SeedsStopped(f"seed {self.seeds[k]}: another seed's run ended before this one (their --updates differ?)")
 
     # --- the runs' hooks --------------------------------------------------------------------------
@@ -170,6 +178,17 @@ class Lockstep:
 
     def attach(self, k: int, module: OfflineRLModule) -> None:
         """Called by copy k's run before its fit: route its updates through the lockstep (see the docstring)."""
+        training_step = module.training_step
+
+        def block(*args: Any, **kwargs: Any) -> Any:
+            if self.interrupted:  # Ctrl-C (fit_seeds): also a seed running alone stops within a block
+                raise SeedsStopped(f"seed {self.seeds[k]} interrupted")
+            out = training_step(*args, **kwargs)
+            if self.batch is not None:  # the block's end: the copy's own tensors for its logs, evaluation, checkpoint
+                self.batch.unstack([self._position(k)])
+            return out
+
+        module.training_step = block  # type: ignore[method-assign]
         reason = unbatchable_reason(type(module))
         if reason or self.serial:
             if not self.serial:
@@ -178,16 +197,7 @@ class Lockstep:
                       f"{','.join(map(str, self.seeds))} run one after another in this process", file=sys.stderr)
             return
         self.modules[k] = module
-        training_step = module.training_step
-
-        def block(*args: Any, **kwargs: Any) -> Any:
-            out = training_step(*args, **kwargs)
-            if self.batch is not None:  # the block's end: the copy's own tensors for its logs, evaluation, checkpoint
-                self.batch.unstack([k])
-            return out
-
         module.run_update = lambda batch: self.update(k, batch)  # type: ignore[method-assign]
-        module.training_step = block  # type: ignore[method-assign]
 
     def update(self, k: int, batch: Any) -> dict[str, torch.Tensor]:
         """Copy k's update: its batch waits for the other copies' at the same update count, then all run as one
@@ -202,26 +212,29 @@ class Lockstep:
             if count < max(c for c in self.counts if c is not None):  # behind: catch up alone, as its own run would
                 self.pending[k], self.counts[k] = None, None
                 return OfflineRLModule.run_update(module, batch)
-            if all(c == count for c in self.counts):
+            if all(skipped or c == count for c, skipped in zip(self.counts, self.skipped)):
                 self.states[k] = _global_states()
                 self._batched_update()
                 _set_global_states(self.states[k])
             else:
                 self._pass_turn(k)
-        return {name: value[k] for name, value in self.metrics.items()}
+        return {name: value[self._position(k)] for name, value in self.metrics.items()}
+
+    def _position(self, k: int) -> int:
+        """Copy k's index in the SeedBatch (the copies that train here, in order)."""
+        return sum(m is not None for m in self.modules[:k])
 
     def _batched_update(self) -> None:
-        modules = [m for m in self.modules if m is not None]
+        batched = [j for j, m in enumerate(self.modules) if m is not None]  # the copies that train here, in order
+        states = [self.states[j] for j in batched]
+        rng = CopyRNG([s[0] for s in states], None if any(s[1] is None for s in states) else [s[1] for s in states])
         if self.batch is None:  # every copy at the same count: their states as their runs left them
-            self.batch = SeedBatch(modules, _copy_rng(self.states))
-        else:
-            rng = _copy_rng(self.states)
-            self.batch.rng.cpu, self.batch.rng.cuda = rng.cpu, rng.cuda
-        self.metrics = self.batch.run_update(self.pending)
-        for j, state in enumerate(self.states):  # each copy's random states moved on by its own draws
-            assert state is not None
-            cuda = self.batch.rng.cuda[j] if self.batch.rng.cuda is not None else state[1]
-            self.states[j] = (self.batch.rng.cpu[j], cuda, *state[2:])
+            self.batch = SeedBatch([self.modules[j] for j in batched], rng)
+        self.batch.rng.cpu, self.batch.rng.cuda = rng.cpu, rng.cuda
+        self.metrics = self.batch.run_update([self.pending[j] for j in batched])
+        for i, j in enumerate(batched):  # each copy's random states moved on by its own draws
+            cuda = self.batch.rng.cuda[i] if self.batch.rng.cuda is not None else states[i][1]
+            self.states[j] = (self.batch.rng.cpu[i], cuda, *states[i][2:])
         self.pending = [None] * self.n
         self.counts = [None] * self.n
 
@@ -242,12 +255,6 @@ def _set_global_states(state: tuple[Any, ...]) -> None:
         os.environ.pop("PL_GLOBAL_SEED", None)
     else:
         os.environ["PL_GLOBAL_SEED"] = seed
-
-
-def _copy_rng(states: list[tuple[Any, ...] | None]) -> CopyRNG:
-    cpu = [s[0] for s in states if s is not None]
-    cuda = [s[1] for s in states if s is not None]
-    return CopyRNG(cpu, None if any(c is None for c in cuda) else cuda)
 
 
 def fit_seeds(argv: list[str], seeds: list[int], run_fit: Callable[[list[str], Lockstep, int], None]) -> None:
