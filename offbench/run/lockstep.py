@@ -16,7 +16,9 @@ parallelism: nothing runs concurrently.
 Resuming (`--ckpt_path last`): each seed resumes its own run directory's last checkpoint. An interruption
 between two seeds' checkpoint writes can leave them at different update counts; a seed behind the others then
 trains on alone (its own single-seed updates, evaluations and checkpoints) until it has caught up, and from
-there the seeds train together again: nothing is lost and every seed continues exactly.
+there the seeds train together again: nothing is lost and every seed continues exactly. A seed without a
+checkpoint starts from the beginning; a seed whose run finished (result.json) is not trained again. Ctrl-C
+(in the main thread) stops every seed at its next update or block; the checkpoints written stay.
 
 An algorithm that cannot be batched (its class attribute `unbatchable`) runs its seeds one after another in
 the process, each a plain single-seed run, after a line saying so. Not combined with --seeds (each refused with
