@@ -284,6 +284,9 @@ def fit_seeds(argv: list[str], seeds: list[int], run_fit: Callable[[list[str], L
         raise SystemExit(1) from None
     if lockstep.errors:
         k, error = lockstep.errors[0]
+        others = [str(s) for j, s in enumerate(seeds) if j != k and not lockstep.skipped[j]]
+        stopped = f"; seeds {','.join(others)} stopped with it (their last checkpoints stay)" if others else ""
         if isinstance(error, UserError):
-            raise type(error)(f"seed {seeds[k]}: {error}") from error
+            raise UserError(f"seed {seeds[k]}: {error}{stopped}") from error
+        print(f"offbench: seed {seeds[k]} failed{stopped}:", file=sys.stderr)
         raise error
