@@ -17,6 +17,12 @@ with replacement inside each implementation, as each trains):
   rebrac   offbench algorithms.rebrac.ReBRAC (3x256, LN critics, batch 1024)
                                                              vs DT6A/ReBRAC src/algorithms/rebrac.py (update_td3 /
                                                                 update_td3_no_targets in lax.fori_loop, as its main)
+  idql     offbench algorithms.idql.IDQL (LN-ResNet 3x256, dropout 0.1, batch 512)
+                                                             vs philippe-eecs/IDQL jaxrl5/agents/ddpm_iql_simple
+                                                                (DDPMIQLLearner.update, one jitted update per call)
+  edp      offbench algorithms.edp.EDP at the code's setting (K = 100, DDPM chain for a', clip 9; its default is the
+           paper's K = 1000 with DPM-Solver)                 vs sail-sg/edp diffusion/dql.py (DiffusionQL.train, as
+                                                                its trainer builds it, one jitted step per call)
 
 Differences in the peers' own settings, kept as the peers run them: JAX-CORL's IQL value network and its
 TD3+BC critics have a LayerNorm (offbench's IQL and TD3+BC, as the papers, do not); JAX-CORL's TD3+BC,
@@ -32,10 +38,16 @@ How to run (offbench's venv for this script; the peers' checkouts and JAX enviro
 
     git clone https://github.com/nissymori/JAX-CORL JAXCORL        # measured at d747dd8
     git clone https://github.com/DT6A/ReBRAC REBRAC && git -C REBRAC checkout 694385b
+    git clone https://github.com/philippe-eecs/IDQL IDQL && git -C IDQL checkout 7582571   # jax, flax, optax, distrax,
+    git clone https://github.com/sail-sg/edp EDP && git -C EDP checkout b019648             # ml_collections, tfp (IDQL, EDP)
     # JAX-CORL: jax, flax, optax, distrax, omegaconf, pydantic; ReBRAC: see its requirements (jax 0.4.13, flax 0.6.1)
     OMP_NUM_THREADS=1 python benchmarks/peers.py \\
         --peer iql JAXCORL /path/to/jax-venv/bin/python --peer td3bc JAXCORL /path/to/jax-venv/bin/python \\
         --peer rebrac REBRAC /path/to/rebrac-venv/bin/python --windows 6 --out results/perf/peers.md
+    OMP_NUM_THREADS=1 python benchmarks/peers.py --peer idql IDQL /path/to/jax-venv/bin/python --out /tmp/idql.md
+    OMP_NUM_THREADS=1 python benchmarks/peers.py --peer edp EDP /path/to/jax-venv/bin/python --modes eager \
+        --window 40 --out /tmp/edp.md      # (compiling EDP's 100-step chain takes minutes on a CPU)
+    python benchmarks/peers.py --from-json results/perf/peers.json /tmp/idql.json /tmp/edp.json --out results/perf/peers.md
 
 `--peer-pythonpath DIR` adds DIR to the peers' PYTHONPATH (packages installed with pip --target).
 Writes a markdown table (and the raw windows as JSON beside it). No peer code is copied into the project:
@@ -58,8 +70,12 @@ from pathlib import Path
 
 OBS, ACT, ROWS, SEED = 17, 6, 100_000, 0
 REPO = Path(__file__).resolve().parents[1]
-ALGOS = {"iql": 256, "td3bc": 256, "rebrac": 1024}  # batch sizes (the papers' and the peers' defaults)
-PEER_NAMES = {"iql": "JAX-CORL", "td3bc": "JAX-CORL", "rebrac": "DT6A/ReBRAC"}
+ALGOS = {"iql": 256, "td3bc": 256, "rebrac": 1024, "idql": 512, "edp": 256}  # batch sizes (the papers' and the peers')
+PEER_NAMES = {"iql": "JAX-CORL", "td3bc": "JAX-CORL", "rebrac": "DT6A/ReBRAC", "idql": "philippe-eecs/IDQL",
+              "edp": "sail-sg/edp"}
+# offbench settings for a pair where a peer's defaults differ from offbench's config: EDP's code runs K = 100 with the
+# DDPM chain for a' (its paper: K = 1000, DPM-Solver; offbench's default), gradient norms clipped at 9 (hps.py's gn)
+OFFBENCH_ARGS = {"edp": {"n_timesteps": 100, "sampler": "ddpm", "max_grad_norm": 9.0}}
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
               "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -91,11 +107,12 @@ def offbench_worker(algo: str, mode: str):
     from offbench.batch import Batch
     from offbench.module import fused_optimizer
 
-    cls = {"iql": "algorithms.iql.IQL", "td3bc": "algorithms.td3bc.TD3BC", "rebrac": "algorithms.rebrac.ReBRAC"}[algo]
+    cls = {"iql": "algorithms.iql.IQL", "td3bc": "algorithms.td3bc.TD3BC", "rebrac": "algorithms.rebrac.ReBRAC",
+           "idql": "algorithms.idql.IDQL", "edp": "algorithms.edp.EDP"}[algo]
     module_name, class_name = cls.rsplit(".", 1)
     module_cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
     torch.manual_seed(SEED)
-    model = module_cls(obs_dim=OBS, act_dim=ACT, max_action=1.0)
+    model = module_cls(obs_dim=OBS, act_dim=ACT, max_action=1.0, **OFFBENCH_ARGS.get(algo, {}))
     model.configure_optimizers()
     if mode == "eager":  # as training's on_train_start
         for optimizer in model._raw_optimizers():
@@ -237,6 +254,95 @@ def rebrac_worker(checkout: str, block: int):
     return run, block
 
 
+def idql_worker(checkout: str) -> tuple:
+    """run(n) for philippe-eecs/IDQL's DDPMIQLLearner (jaxrl5/agents/ddpm_iql_simple, its defaults and the D4RL
+    launcher's actor dropout 0.1): its jitted `update` once per update, on a batch drawn on the host each time, as
+    its offline training loop does (jaxrl5's Dataset.sample)."""
+    import jax
+    import numpy as np
+
+    class Box:  # gym.spaces.Box, as far as `create` reads it
+        def __init__(self, low, high, shape):
+            self.low, self.high, self.shape = low, high, shape
+
+        def sample(self):
+            return np.zeros(self.shape, np.float32)
+
+    gym = _stub("gym", Space=Box)
+    gym.spaces = _stub("gym.spaces", Box=Box, Space=Box, Dict=dict)
+    gym.utils = _stub("gym.utils")
+    gym.utils.seeding = _stub("gym.utils.seeding")
+    sys.path.insert(0, checkout)
+    for name, path in [("jaxrl5.agents", "agents"), ("jaxrl5.agents.ddpm_iql_simple", "agents/ddpm_iql_simple"),
+                       ("jaxrl5.data", "data")]:  # package __init__s that import what the learner does not need
+        _stub(name).__path__ = [str(Path(checkout) / "jaxrl5" / path)]
+    import jaxrl5.agents.ddpm_iql_simple.ddpm_iql_learner as learner  # official
+
+    agent = learner.DDPMIQLLearner.create(seed=SEED, observation_space=Box(-1, 1, (OBS,)),
+                                          action_space=Box(-1, 1, (ACT,)), actor_dropout_rate=0.1)
+    arrays = dataset_arrays()
+    data = {"observations": arrays["obs"], "actions": arrays["act"], "rewards": arrays["rew"],
+            "next_observations": arrays["next_obs"], "masks": 1.0 - arrays["done"]}
+    rng = np.random.default_rng(SEED)
+    holder = {"agent": agent}
+
+    def run(n: int) -> None:
+        agent = holder["agent"]
+        for _ in range(n):
+            idx = rng.integers(ROWS, size=ALGOS["idql"])
+            agent, _ = agent.update({k: v[idx] for k, v in data.items()})
+        jax.block_until_ready(agent.score_model.params)
+        holder["agent"] = agent
+
+    return run, 1
+
+
+def edp_worker(checkout: str) -> tuple:
+    """run(n) for sail-sg/edp's DiffusionQL agent (diffusion/dql.py) as its trainer (diffusion/trainer.py) builds it
+    with the code's defaults: TD3 rule, K = 100 linear schedule, the DDPM chain for a' (sample_method ddpm), 3 x 256 Mish
+    networks, gradient norms clipped at 9; `agent.train(batch)` (its jitted step) once per update, on a batch drawn on
+    the host each time (utilities/replay_buffer.subsample_batch)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    class Anything(types.ModuleType):  # stands in for the trainer's logging and data modules
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    jax.tree_multimap = jax.tree_util.tree_map  # removed from JAX; the code still calls it
+    for cls in (type(jnp.zeros(1)), jax.core.Tracer):
+        cls.tile = lambda x, reps: jnp.tile(x, reps)  # a removed array method the DPM-Solver code calls
+    for name in ["gym", "data", "tqdm", "viskit", "viskit.logging", "utilities.replay_buffer", "utilities.sampler",
+                 "utilities.utils"]:
+        sys.modules[name] = Anything(name)
+    sys.path.insert(0, checkout)
+    from diffusion.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType  # official
+    from diffusion.dql import DiffusionQL  # official
+    from diffusion.nets import Critic, DiffusionPolicy, GaussianPolicy, Value  # official
+    from utilities.jax_utils import init_rng  # official
+
+    init_rng(SEED)
+    gd = GaussianDiffusion(num_timesteps=100, schedule_name="linear", model_mean_type=ModelMeanType.EPSILON,
+                           model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE, min_value=-1.0, max_value=1.0)
+    policy = DiffusionPolicy(diffusion=gd, observation_dim=OBS, action_dim=ACT, arch=(256, 256, 256), time_embed_size=16,
+                             sample_method="ddpm")
+    cfg = DiffusionQL.get_default_config({"max_grad_norm": 9.0})
+    agent = DiffusionQL(cfg, policy, Critic(OBS, ACT, (256, 256, 256)), Value(OBS, (256, 256, 256)), GaussianPolicy(ACT))
+    arrays = dataset_arrays()
+    data = {"observations": arrays["obs"], "actions": arrays["act"], "rewards": arrays["rew"],
+            "next_observations": arrays["next_obs"], "dones": arrays["done"]}
+    rng = np.random.default_rng(SEED)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            idx = rng.integers(ROWS, size=ALGOS["edp"])
+            agent.train({k: v[idx] for k, v in data.items()})
+        jax.block_until_ready(agent.train_states["policy"].params)
+
+    return run, 1
+
+
 def worker_main(argv: list[str]) -> None:
     """`peers.py worker offbench ALGO MODE` or `peers.py worker peer ALGO CHECKOUT BLOCK`: set up, warm up,
     then answer `run N` lines on stdin with one JSON line {"cpu": s, "wall": s}."""
@@ -245,6 +351,10 @@ def worker_main(argv: list[str]) -> None:
         run, block = offbench_worker(algo, argv[2])
     elif algo == "rebrac":
         run, block = rebrac_worker(argv[2], int(argv[3]))
+    elif algo == "idql":
+        run, block = idql_worker(argv[2])
+    elif algo == "edp":
+        run, block = edp_worker(argv[2])
     else:
         run, block = jax_corl_worker(algo, argv[2], int(argv[3]))
     start = time.perf_counter()
@@ -326,8 +436,8 @@ def main(argv: list[str]) -> int:
     failed: list[str] = []
     for algo, checkout, python in args.peer:
         window = args.window or (100 if algo == "rebrac" else 200)
-        block = args.peer_block or (100 if algo == "rebrac" else 8)
-        smallest = 1 if algo == "iql" else 2  # TD3+BC's and ReBRAC's loops count their policy delay within a call
+        block = args.peer_block or {"rebrac": 100, "idql": 1, "edp": 1}.get(algo, 8)  # IDQL's, EDP's loops: one per call
+        smallest = 1 if algo in ("iql", "idql", "edp") else 2  # TD3+BC's and ReBRAC's loops count their policy delay within a call
         blocks = [block] + ([smallest] if smallest != block else [])
         workers = [Worker(f"offbench {mode}", me + ["offbench", algo, mode], env) for mode in args.modes]
         peer_cmd = [python, str(Path(__file__).resolve()), "worker", "peer", algo, str(Path(checkout).resolve())]
