@@ -191,6 +191,7 @@ class StopInThirdInterval(pl.Callback):
     (["--seeds", "0,1", "--seed", "2"], "leave out --seed_everything"),
     (["--seeds", "0,1", "--compile"], "--compile true does not combine with --seeds"),
     (["--seeds", "0,1", "--out", "RUN"], "put {seed} in it"),
+    (["--seed", "0,1"], "one run per seed in this process is --seeds 0,1"),
 ])
 def test_settings_that_do_not_combine_with_seeds_fail_with_one_message(extra, message, tiny_hopper, tmp_path, capsys):
     argv = [w.replace("RUN", str(tmp_path / "one")) for w in args(tiny_hopper, str(tmp_path / "r{seed}"), "bc", *extra)]

@@ -70,6 +70,11 @@ def split_seeds(argv: list[str]) -> tuple[list[str], list[int] | None]:
         else:
             out.append(word)
         i += 1
+    for i, word in enumerate(out):  # `--seed 0,1` for `--seeds 0,1`: say so, not "expected type int"
+        key, eq, inline = word.partition("=")
+        value = inline if eq else (out[i + 1] if i + 1 < len(out) else "")
+        if key in ("--seed", "--seed_everything") and "," in value:
+            raise UserError(f"{key} {value} names several seeds: one run per seed in this process is --seeds {value}")
     return out, None if spec is None else parse_seeds(spec)
 
 
