@@ -271,6 +271,22 @@ class NaNLoss(pl.Callback):
             raise FloatingPointError("loss/actor became NaN/inf in the block ending at update 10 (test)")
 
 
+def record_launches(mp: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """For real grid runs in a test: cells that import this test module's callbacks (PYTHONPATH), one thread each,
+    and every process the local launcher starts recorded as (first cell's id, command) in the returned list."""
+    mp.setenv("PYTHONPATH", str(REPO))  # the cells import the callbacks above from tests.test_bench
+    mp.setenv("OMP_NUM_THREADS", "1")
+    real_start = bench.local.start_cell
+    launched: list[tuple[str, list[str]]] = []
+
+    def recording_start(cell, command, env):
+        launched.append((cell.id, command))
+        return real_start(cell, command, env)
+
+    mp.setattr(bench.local, "start_cell", recording_start)
+    return launched
+
+
 @pytest.fixture(scope="module")
 def grid_runs(tiny_hopper, tmp_path_factory):
     """Three runs of one real grid, BC on the tiny Hopper dataset (40 updates, evaluations at 20 and
@@ -289,16 +305,7 @@ def grid_runs(tiny_hopper, tmp_path_factory):
     seed1 = replace(grid, seeds=[1], cells=grid.cells[:1])
     runs: dict[str, dict] = {"grid": grid}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", str(REPO))  # the cells import the callbacks above from tests.test_bench
-        mp.setenv("OMP_NUM_THREADS", "1")
-        real_start = bench.local.start_cell
-        launched: list[tuple[str, list[str]]] = []
-
-        def recording_start(cell, command, env):
-            launched.append((cell.id, command))
-            return real_start(cell, command, env)
-
-        mp.setattr(bench.local, "start_cell", recording_start)
+        launched = record_launches(mp)
         for name, run_grid_, faults in [("first", seed1, {"KILL": "1"}), ("second", grid, {"NAN": "2"}), ("third", seed1, {})]:
             launched.clear()
             for fault in ("KILL", "NAN"):

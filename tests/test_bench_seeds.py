@@ -15,7 +15,7 @@ import torch
 from offbench import bench
 from offbench.bench import GridError, cell_command, load_grid, make_packs, pack_command, run_grid
 from offbench.cli import main as cli_main
-from tests.test_bench import BC, TINY, quiet, write_grid
+from tests.test_bench import BC, TINY, quiet, record_launches, write_grid
 from tests.test_fit_seeds import TOLERANCE, assert_same_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,16 +150,7 @@ def grid_runs(tiny_hopper, tmp_path_factory):
     single = load_grid(write_grid(root / "single.yaml", **spec, output=str(root / "single"), algorithms=algorithms))
     runs: dict[str, dict] = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", str(REPO))  # the cells import the callback from tests.test_bench
-        mp.setenv("OMP_NUM_THREADS", "1")
-        real_start = bench.local.start_cell
-        launched: list[tuple[str, list[str]]] = []
-
-        def recording_start(cell, command, env):
-            launched.append((cell.id, command))
-            return real_start(cell, command, env)
-
-        mp.setattr(bench.local, "start_cell", recording_start)
+        launched = record_launches(mp)
         for name, grid, kill in [("first", packed, "1"), ("second", packed, "none"), ("single", single, "none")]:
             launched.clear()
             mp.setenv("OFFBENCH_TEST_KILL_SEED", kill)
