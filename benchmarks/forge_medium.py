@@ -70,6 +70,7 @@ def summary(label: str, env: str, extra: list[str], manifest: dict) -> dict:
         "medium_env_steps": manifest["medium"]["env_steps"],
         "medium_checkpoint": normalized(manifest["medium"]["eval_return"], lo, hi),
         "medium_data": manifest["datasets"]["medium"]["normalized_mean"],
+        "medium_fingerprint": manifest["datasets"]["medium"]["fingerprint"],  # which bytes (offbench/data/identity.py)
         "last_below": score(last_below),
         "last_below_env_steps": None if last_below is None else last_below["env_steps"],
         "first_above": score(first_above),
@@ -115,13 +116,14 @@ def main() -> None:
         "target and the first at or above it (training order, with their env steps). hopper-30k is a 30k-step SAC "
         "run (the d4rl preset's 1M steps take hours on a CPU): its expert is its best checkpoint, not D4RL's.",
         "",
-        "| run | env | checkpoint every | checkpoints | target | medium checkpoint | medium data | bracket (below -> above) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | env | checkpoint every | checkpoints | target | medium checkpoint | medium data | bracket (below -> above) "
+        "| medium data fingerprint |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         bracket = f"{fmt(r['last_below'])} ({r['last_below_env_steps']}) -> {fmt(r['first_above'])} ({r['first_above_env_steps']})"
         lines.append(f"| {r['label']} | {r['env']} | {r['checkpoint_every']} | {r['checkpoints']} | {fmt(r['target'])} | "
-                     f"{fmt(r['medium_checkpoint'])} | {fmt(r['medium_data'])} | {bracket} |")
+                     f"{fmt(r['medium_checkpoint'])} | {fmt(r['medium_data'])} | {bracket} | {r['medium_fingerprint']} |")
     (OUT / "medium.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT / 'medium.md'} and medium.json")
 
