@@ -133,6 +133,7 @@ class Lockstep:
         self.batch: SeedBatch | None = None
         self.metrics: dict[str, torch.Tensor] = {}
         self.serial = ""  # why the seeds run one after another ('' : batched)
+        self.ended = [threading.Event() for _ in seeds]  # copy k's thread has passed the baton for the last time
 
     # --- turns ----------------------------------------------------------------------------------
     def run(self, k: int, fit: Callable[[], None]) -> None:
@@ -150,6 +151,7 @@ class Lockstep:
         finally:
             self.finished[k] = True
             self._pass_turn(k, wait=False)
+            self.ended[k].set()
 
     def _wait_turn(self, k: int) -> None:
         with self.cond:
@@ -276,14 +278,21 @@ def fit_seeds(argv: list[str], seeds: list[int], run_fit: Callable[[list[str], L
                                         name=f"offbench-seed{seed}", daemon=True))
     for thread in threads:
         thread.start()
+    # Waits on the runs' own `ended` events, not Thread.join: a Thread.join that Ctrl-C interrupts while the thread
+    # runs can mark that thread as ended (CPython 3.11's bpo-45274 handler releases the running thread's lock), and
+    # the process would then exit under a training thread (measured: "terminate called without an active exception").
+    interrupted = False
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.5)  # a short wait: Ctrl-C reaches this (main) thread
+        for ended in lockstep.ended:
+            while not ended.wait(timeout=0.5):  # a short wait: Ctrl-C reaches this (main) thread
+                pass
     except KeyboardInterrupt:  # Ctrl-C reaches the main thread only
-        lockstep.interrupted = True  # each run stops at its next update; checkpoints already written stay
-        for thread in threads:
-            thread.join()
+        interrupted = lockstep.interrupted = True  # each run stops at its next update; checkpoints already written stay
+        for ended in lockstep.ended:
+            ended.wait()
+    for thread in threads:
+        thread.join()  # the threads' last steps after their run (a join that nothing interrupted)
+    if interrupted:
         print("interrupted: each seed's run keeps its last checkpoint; continue with the same command and "
               "--ckpt_path last", file=sys.stderr)
         raise SystemExit(1) from None
