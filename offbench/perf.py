@@ -326,7 +326,8 @@ def noise_models(model: nn.Module) -> list[nn.Module]:
 def previous_paths(model: OfflineRLModule) -> Iterator[None]:
     """For the duration: the eager paths before issue 25, torch's default optimiser steps (a per-parameter loop
     on the CPU) instead of the fused kernels, torch's nn.Mish instead of offbench.nets.Mish, and aten's
-    matmuls instead of oneDNN's for the float32 CPU layers (offbench.nets.linear)."""
+    matmuls instead of oneDNN's for the float32 CPU layers (offbench.nets.linear) and of per-member products for
+    the ensembles' small output layers (offbench.nets.SMALL_OUTPUT_LOOP)."""
     groups = [(group, group["fused"], group["foreach"]) for opt in model._raw_optimizers() for group in opt.param_groups
               if "fused" in group and "foreach" in group]
     swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -336,10 +337,11 @@ def previous_paths(model: OfflineRLModule) -> Iterator[None]:
     for parent, name, _ in swapped:
         setattr(parent, name, nn.Mish())
     onednn, nets._ONEDNN = nets._ONEDNN, False
+    loop, nets.SMALL_OUTPUT_LOOP = nets.SMALL_OUTPUT_LOOP, False
     try:
         yield
     finally:
-        nets._ONEDNN = onednn
+        nets._ONEDNN, nets.SMALL_OUTPUT_LOOP = onednn, loop
         for group, fused, foreach in groups:
             group["fused"], group["foreach"] = fused, foreach
         for parent, name, child in swapped:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offbench.module import fused_optimizer
+from offbench.module import fused_adam_step, fused_optimizer
 from offbench.nets import CriticEnsemble, Mish, mish, mlp
 
 # Inputs over the whole float32 range: the tails (exp under/overflow in softplus), 0, the switch of
@@ -105,6 +105,63 @@ def test_fused_optimizer_step_is_unchanged(cls, kwargs, dtype):
     assert diff <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:2])
+def test_fused_adam_step_equals_the_optimizers_step(cls, kwargs, dtype):
+    """fused_adam_step (the kernels without Optimizer.step's Python) against optimizer.step() of the same fused
+    optimiser: bit for bit, over steps whose learning rate a scheduler changes, and the same state dict."""
+    nets = [_net(dtype), _net(dtype)]
+    opts = [fused_optimizer(cls(net.parameters(), **kwargs)) for net in nets]
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7) for opt in opts]
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=g, dtype=dtype) for p in nets[0].parameters()]
+        for net, opt in zip(nets, opts):
+            for p, grad in zip(net.parameters(), grads):
+                p.grad = grad.clone()
+        opts[0].step()
+        assert fused_adam_step(opts[1]) == (step > 0)  # the first step makes the state: optimizer.step() then
+        if step == 0:
+            opts[1].step()
+        for sched in scheds:
+            sched.step()
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    a, b = (opt.state_dict() for opt in opts)
+    assert a["param_groups"] == b["param_groups"]
+    for key in a["state"]:
+        assert a["state"][key].keys() == b["state"][key].keys()
+        assert all(torch.equal(a["state"][key][k], b["state"][key][k]) for k in a["state"][key])
+
+
+def test_fused_adam_step_leaves_other_steps_to_the_optimizer():
+    """Where Optimizer.step does more than the two kernels, fused_adam_step does nothing and says so."""
+    def stepped(make):
+        net = _net(torch.float32)
+        opt = make(net)
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()  # the state exists
+        before = [p.detach().clone() for p in net.parameters()]
+        result = fused_adam_step(opt)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+        return result, changed
+
+    assert stepped(lambda net: fused_optimizer(torch.optim.Adam(net.parameters()))) == (True, True)
+    assert stepped(lambda net: torch.optim.Adam(net.parameters())) == (False, False)  # not fused
+    assert stepped(lambda net: fused_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))) == (False, False)
+    assert stepped(lambda net: fused_optimizer(torch.optim.Adam(net.parameters(), amsgrad=True))) == (False, False)
+    hooked = fused_optimizer(torch.optim.Adam(_net(torch.float32).parameters()))
+    hooked.register_step_post_hook(lambda *args: None)
+    assert stepped(lambda net: hooked) == (False, False)
+    net = _net(torch.float32)  # a parameter without a gradient: Adam skips it, the kernels would not
+    opt = fused_optimizer(torch.optim.Adam(net.parameters()))
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    next(net.parameters()).grad = None
+    assert not fused_adam_step(opt)
+
+
 def test_checkpoint_of_an_unfused_optimizer_loads():
     """An optimiser state saved before the switch (param_groups with fused=None) loads into the module's
     optimiser; eager training then switches it (on_train_start calls fused_optimizer after loading), and
@@ -161,18 +218,18 @@ def test_perf_previous_paths_swap_and_restore():
 
     onednn = nets._ONEDNN
     with previous_paths(model):
-        assert not nets._ONEDNN
+        assert not nets._ONEDNN and not nets.SMALL_OUTPUT_LOOP
         assert not any(isinstance(m, Mish) for m in model.modules())
         assert sum(isinstance(m, torch.nn.Mish) for m in model.modules()) == count
         assert all(g["fused"] is None for opt in model._raw_optimizers() for g in opt.param_groups)
     assert sum(isinstance(m, Mish) for m in model.modules()) == count
     assert all(g["fused"] for opt in model._raw_optimizers() for g in opt.param_groups)
-    assert nets._ONEDNN == onednn
+    assert nets._ONEDNN == onednn and nets.SMALL_OUTPUT_LOOP
 
 
 def test_onednn_linear_equals_f_linear_to_round_off():
-    """`offbench.nets.linear` (oneDNN for float32 on the CPU) and EnsembleLinear's oneDNN path against F.linear /
-    baddbmm computed in float64: values and the three gradients. Measured: within 4.6e-7 of the largest entry
+    """`offbench.nets.linear` (oneDNN for float32 on the CPU), EnsembleLinear's oneDNN path and its per-member path for
+    small outputs against F.linear / baddbmm computed in float64: values and the three gradients. Measured: within 4.6e-7 of the largest entry
     (F.linear in float32: 3.4e-7; sums of 96 to 192 products in different orders); bound 2e-6."""
     from offbench import nets
 
@@ -182,10 +239,12 @@ def test_onednn_linear_equals_f_linear_to_round_off():
     x = torch.randn(64, 3, 96, generator=g, requires_grad=True)
     layer = nets.Linear(96, 48)
     ens = nets.EnsembleLinear(2, 96, 48)
+    head = nets.EnsembleLinear(2, 96, 1)  # a critic's last layer: member by member (nets.SMALL_OUTPUT_LOOP)
     xe = torch.randn(2, 64, 96, generator=g, requires_grad=True)
     cases = [
         (lambda: layer(x), lambda: F.linear(x.double(), layer.weight.double(), layer.bias.double()), [x, layer.weight, layer.bias]),
         (lambda: ens(xe), lambda: torch.baddbmm(ens.bias.double(), xe.double(), ens.weight.double()), [xe, ens.weight, ens.bias]),
+        (lambda: head(xe), lambda: torch.baddbmm(head.bias.double(), xe.double(), head.weight.double()), [xe, head.weight, head.bias]),
     ]
     for fast, exact, inputs in cases:
         upstream = torch.randn(fast().shape, generator=g)
@@ -199,6 +258,8 @@ def test_onednn_linear_equals_f_linear_to_round_off():
     assert nets._use_onednn(x, layer.weight)
     assert not nets._use_onednn(x.double(), layer.weight.double())
     assert not nets._use_onednn(x, torch.zeros(1, 96))
+    assert nets._small_output_on_cpu(xe, head.weight) and not nets._small_output_on_cpu(xe, ens.weight)
+    assert not nets._small_output_on_cpu(xe.double(), head.weight.double())
 
 
 def test_peers_table_from_saved_windows(tmp_path):
