@@ -387,6 +387,8 @@ def fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
         return False
     calls = []
     for group in optimizer.param_groups:
+        if not group["params"]:  # an empty group: Adam.step does nothing with it either
+            continue
         if not group.get("fused") or group["amsgrad"] or group["maximize"] or group["capturable"] \
                 or group["differentiable"] or torch.is_tensor(group["lr"]):
             return False

@@ -147,6 +147,8 @@ def test_fused_adam_step_leaves_other_steps_to_the_optimizer():
         return result, changed
 
     assert stepped(lambda net: fused_optimizer(torch.optim.Adam(net.parameters()))) == (True, True)
+    assert stepped(lambda net: fused_optimizer(torch.optim.Adam([{"params": list(net.parameters())}, {"params": []}]))) \
+        == (True, True)  # an empty group (never switched to fused) has nothing to step
     assert stepped(lambda net: torch.optim.Adam(net.parameters())) == (False, False)  # not fused
     assert stepped(lambda net: fused_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))) == (False, False)
     assert stepped(lambda net: fused_optimizer(torch.optim.Adam(net.parameters(), amsgrad=True))) == (False, False)
