@@ -1,5 +1,5 @@
-"""The committed results are reproducible from what is committed: the quick grid's tables, curves and
-profiles are rewritten byte for byte from the shipped run records (results/quick/runs/*/result.json and
+"""The committed results are reproducible from what is committed: the tables, curves and profiles of the quick grid
+and of the PGD grids are rewritten byte for byte from the shipped run records (results/<grid>/runs/*/result.json and
 metrics.csv), and those runs trained on the shipped dataset they name."""
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ def outputs(results_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(results_dir)): p.read_bytes() for p in files}
 
 
-def test_the_quick_grid_ships_its_run_records_on_the_shipped_data():
-    records = sorted((QUICK / "runs").rglob("result.json"))
-    grid = json.loads((QUICK / "grid.json").read_text())
+# Each committed grid: its results folder and the grid file that wrote it.
+GRIDS = [("results/quick", "quick.yaml"), ("results/pgd/learning", "pgd.yaml"), ("results/pgd/sweep", "pgd-sweep.yaml"),
+         ("results/pgd/iql-causes", "pgd-iql-causes.yaml")]
+
+
+@pytest.mark.parametrize(("results", "grid_file"), GRIDS)
+def test_the_grid_ships_its_run_records_on_the_shipped_data(results, grid_file):
     from offbench.bench.grid import load_grid
 
-    expected = len(load_grid(ROOT / "configs" / "grids" / "quick.yaml").cells)  # every cell of today's grid
+    records = sorted((ROOT / results / "runs").rglob("result.json"))
+    grid = json.loads((ROOT / results / "grid.json").read_text())
+    expected = len(load_grid(ROOT / "configs" / "grids" / grid_file).cells)  # every cell of today's grid
     assert len(records) == len(grid["cells"]) == expected
     for path in records:
         result = json.loads(path.read_text())
@@ -38,21 +44,23 @@ def test_the_quick_grid_ships_its_run_records_on_the_shipped_data():
         assert pinned is not None and result["data"]["fingerprint"] == pinned, path
 
 
-def test_the_committed_quick_tables_regenerate_identically_from_the_records(tmp_path, monkeypatch):
-    copy = tmp_path / "results" / "quick"
-    shutil.copytree(QUICK / "runs", copy / "runs")
+@pytest.mark.parametrize(("results", "grid_file"), GRIDS)
+def test_the_committed_tables_regenerate_identically_from_the_records(results, grid_file, tmp_path, monkeypatch):
+    committed_dir, copy = ROOT / results, tmp_path / results
+    shutil.copytree(committed_dir / "runs", copy / "runs",
+                    ignore=shutil.ignore_patterns("checkpoints", "*.log", "*.lock", "hparams.yaml"))
     for name in ("grid.json", "failures.json"):
-        if (QUICK / name).exists():
-            shutil.copy(QUICK / name, copy / name)
-    monkeypatch.chdir(tmp_path)  # the runner writes `results/quick` relative to the repository, as here
-    write_tables(Path("results/quick"))
-    committed, rewritten = outputs(QUICK), outputs(copy)
+        if (committed_dir / name).exists():
+            shutil.copy(committed_dir / name, copy / name)
+    monkeypatch.chdir(tmp_path)  # the runner writes `results/...` relative to the repository, as here
+    write_tables(Path(results))
+    committed, rewritten = outputs(committed_dir), outputs(copy)
     assert sorted(rewritten) == sorted(committed)
     for name, data in committed.items():
         hint = "" if name.endswith((".md", ".csv")) else (
             f" (matplotlib {matplotlib.__version__} here: if another matplotlib renders the figures differently, "
-            "rewrite them with `offbench table results/quick` and commit them)")
-        assert rewritten[name] == data, f"results/quick/{name} differs when rewritten from the shipped records{hint}"
+            f"rewrite them with `offbench table {results}` and commit them)")
+        assert rewritten[name] == data, f"{results}/{name} differs when rewritten from the shipped records{hint}"
 
 
 @pytest.mark.parametrize("name", ["table.md", "table.csv"])
