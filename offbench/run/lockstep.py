@@ -149,9 +149,11 @@ class Lockstep:
             if not isinstance(e, SeedsStopped):
                 self.errors.append((k, e))
         finally:
-            self.finished[k] = True
-            self._pass_turn(k, wait=False)
-            self.ended[k].set()
+            try:
+                self.finished[k] = True
+                self._pass_turn(k, wait=False)
+            finally:
+                self.ended[k].set()  # whatever happens, fit_seeds must not wait for this copy forever
 
     def _wait_turn(self, k: int) -> None:
         with self.cond:
