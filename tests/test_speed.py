@@ -116,7 +116,7 @@ def test_fused_adam_step_equals_the_optimizers_step(cls, kwargs, dtype):
     g = torch.Generator().manual_seed(1)
     for step in range(6):
         grads = [torch.randn(p.shape, generator=g, dtype=dtype) for p in nets[0].parameters()]
-        for net, opt in zip(nets, opts):
+        for net in nets:
             for p, grad in zip(net.parameters(), grads):
                 p.grad = grad.clone()
         opts[0].step()
@@ -152,9 +152,12 @@ def test_fused_adam_step_leaves_other_steps_to_the_optimizer():
     assert stepped(lambda net: torch.optim.Adam(net.parameters())) == (False, False)  # not fused
     assert stepped(lambda net: fused_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))) == (False, False)
     assert stepped(lambda net: fused_optimizer(torch.optim.Adam(net.parameters(), amsgrad=True))) == (False, False)
-    hooked = fused_optimizer(torch.optim.Adam(_net(torch.float32).parameters()))
-    hooked.register_step_post_hook(lambda *args: None)
-    assert stepped(lambda net: hooked) == (False, False)
+    def hooked(net):
+        opt = fused_optimizer(torch.optim.Adam(net.parameters()))
+        opt.register_step_post_hook(lambda *args: None)
+        return opt
+
+    assert stepped(hooked) == (False, False)
     net = _net(torch.float32)  # a parameter without a gradient: Adam skips it, the kernels would not
     opt = fused_optimizer(torch.optim.Adam(net.parameters()))
     for p in net.parameters():
